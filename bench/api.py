@@ -1,0 +1,178 @@
+"""The typed seams of diffbench: requests, responses, the backend and task protocols.
+
+Data flows one way: a task turns its config into requests, a backend answers them, the task
+scores each answer into a sample record and aggregates records into metric rows, and reports
+read only the store. Nothing here imports torch: tasks never see a tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+import pandas as pd
+
+# One scored sample as stored in samples/<task>/<model>.jsonl: JSON-serialisable values only.
+Sample: TypeAlias = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Greedy generation from a fully rendered prompt until a stop string or a token budget."""
+
+    prompt: str
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """Log-likelihoods of several continuations after one prompt.
+
+    The prompt is `prefix + query`; each choice is scored as a continuation of it. Requests that
+    share `prefix` share its KV cache in backends that support it, so a long prefix (a haystack,
+    a block of demonstrations) is encoded once for every query and every choice that follows it.
+    The three parts are tokenized separately and their ids concatenated, so prefix-shared and
+    full-sequence scoring see exactly the same tokens.
+    """
+
+    prefix: str
+    query: str
+    choices: tuple[str, ...]
+
+
+Request: TypeAlias = GenerateRequest | ChoiceRequest
+
+
+@dataclass(frozen=True)
+class ChoiceScores:
+    """Summed log-probability and token count of each choice, in the request's order."""
+
+    logprobs: tuple[float, ...]
+    n_tokens: tuple[int, ...]
+
+    @property
+    def best(self) -> int:
+        """Index of the most likely choice (first on ties)."""
+        return max(range(len(self.logprobs)), key=lambda i: (self.logprobs[i], -i))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation, cut at the first stop string."""
+
+    text: str
+    n_prompt_tokens: int
+    n_new_tokens: int
+
+
+Response: TypeAlias = Generation | ChoiceScores
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run records about a model: enough to tell two checkpoints apart."""
+
+    label: str
+    spec: str
+    backend: str
+    path: str
+    architecture: str
+    n_parameters: int
+    dtype: str
+    max_context: int
+    has_chat_template: bool
+    fingerprint: str  # sha256 of the weight files, or a hub commit
+
+
+class TokenizerView(Protocol):
+    """The part of a model a task may see: its tokenizer, for budgeting and prompt rendering."""
+
+    @property
+    def max_context(self) -> int: ...
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    def count(self, text: str) -> int:
+        """Number of tokens `text` encodes to, without special tokens."""
+        ...
+
+    def char_offset(self, text: str, n_tokens: int) -> int:
+        """Character index where the first `n_tokens` tokens of `text` end."""
+        ...
+
+    def render(self, user: str, answer_prefix: str = "", chat: bool = True) -> str:
+        """The prompt a model sees: `user` in its chat template (when `chat` and it has one)."""
+        ...
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Token count of a rendered prompt as the backend will encode it (special tokens too)."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model that answers requests; it never knows which task asked."""
+
+    info: ModelInfo
+
+    def tokenizer_view(self) -> TokenizerView: ...
+
+    def generate(
+        self, requests: Sequence[GenerateRequest], progress: Callable[[int], None] | None = None
+    ) -> list[Generation]: ...
+
+    def score_choices(
+        self, requests: Sequence[ChoiceRequest], progress: Callable[[int], None] | None = None
+    ) -> list[ChoiceScores]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work of a task: a stable id, its request, and what scoring needs to know."""
+
+    id: str
+    request: Request
+    # Setting keys (e.g. length, depth) and values; they become metrics.csv columns.
+    setting: Mapping[str, Any]
+    # Target and inputs' identity, kept with the sample record; must be JSON-serialisable.
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """A task option as `diffbench list` shows it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task plugin: config -> items, (item, response) -> sample, samples -> metric rows."""
+
+    name: str
+    description: str
+    config_type: type
+    metrics: tuple[str, ...]
+    # Setting columns this task writes into metrics.csv, in display order.
+    setting_keys: tuple[str, ...]
+    # Metric names where lower is better (all others are higher-is-better).
+    lower_is_better: frozenset[str]
+
+    def items(self, config: Any, tokenizer: TokenizerView, seed: int) -> Iterable[Item]: ...
+
+    def score(self, config: Any, item: Item, response: Response) -> Sample: ...
+
+    def aggregate(self, config: Any, samples: pd.DataFrame) -> pd.DataFrame: ...
+
+    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
+        """Draw this task's figures from stored rows; return the files written."""
+        ...

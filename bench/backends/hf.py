@@ -1,0 +1,416 @@
+"""The transformers backend: any causal LM from a folder, a hub id or a GGUF file.
+
+Scoring shares work the way a long-context harness must: a prefix (haystack, demonstrations) is
+encoded once and kept as a KV cache; each request's query extends it, and all of the request's
+choices are then scored in *one* forward pass as a token tree (each choice attends to the cached
+context and to its own earlier tokens through a 4-D additive mask, with positions restarting
+after the query), after which the cache is cropped back to the prefix. No cache is ever copied,
+and only the positions that are scored reach the LM head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from diffbench.api import (
+    ChoiceRequest,
+    ChoiceScores,
+    GenerateRequest,
+    Generation,
+    ModelInfo,
+)
+from diffbench.errors import DiffbenchError
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class HFOptions:
+    """Model options settable with `--model-args LABEL:KEY=VALUE`."""
+
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    device: str = "cpu"  # cpu | cuda | auto
+    attn_implementation: str = "sdpa"  # sdpa | eager | a name registered in the attention registry
+    batch_size: str = "8"  # an int, or auto: start high and halve on out-of-memory
+    max_length: int = 0  # 0: the model config's max_position_embeddings
+    chat_template: bool = True  # use the model's chat template when it has one
+    trust_remote_code: bool = False
+    prefix_cache: bool = True  # False: score every (prompt, choice) with its own full pass
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Names of the options."""
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """Where the weights are: a folder or hub id, and optionally a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def _fingerprint(target: LoadTarget) -> str:
+    """sha256 over the weight files of a local checkpoint; the commit for a hub snapshot."""
+    root = Path(target.path)
+    if not root.exists():
+        return f"hub:{target.path}"
+    if target.gguf_file:
+        files = [root / target.gguf_file]
+    else:
+        files = sorted(root.glob("*.safetensors")) or sorted(root.glob("*.bin"))
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    if "snapshots" in root.parts:  # a hub cache snapshot: the folder name is the commit
+        return f"commit:{root.name};sha256:{digest.hexdigest()}"
+    return f"sha256:{digest.hexdigest()}"
+
+
+class HFTokenizerView:
+    """A model's tokenizer as tasks see it."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_context: int, chat: bool) -> None:
+        self._tok = tokenizer
+        self._max_context = max_context
+        self._chat = chat and bool(getattr(tokenizer, "chat_template", None))
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat
+
+    def count(self, text: str) -> int:
+        return len(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def char_offset(self, text: str, n_tokens: int) -> int:
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if n_tokens >= len(offsets):
+            return len(text)
+        if n_tokens <= 0:
+            return 0
+        return int(offsets[n_tokens - 1][1])
+
+    def render(self, user: str, answer_prefix: str = "", chat: bool = True) -> str:
+        if chat and self._chat:
+            rendered = self._tok.apply_chat_template(
+                [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            )
+            return str(rendered) + answer_prefix
+        return f"{user}\n{answer_prefix}"
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(encode_prompt(self._tok, prompt))
+
+
+def encode_prompt(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a prompt: BOS once (when the tokenizer uses one), never inside the text."""
+    ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    adds_bos = bos is not None and len(tok("x", add_special_tokens=True)["input_ids"]) > len(
+        tok("x", add_special_tokens=False)["input_ids"]
+    )
+    if adds_bos and not (ids and ids[0] == bos):
+        ids = [int(bos), *ids]
+    return ids
+
+
+def _resolve_dtype(name: str) -> torch.dtype | str:
+    table: dict[str, torch.dtype | str] = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "auto": "auto",
+    }
+    if name not in table:
+        raise DiffbenchError(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffbenchError("device cuda was asked for but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise DiffbenchError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class HFBackend:
+    """A transformers causal LM answering generate and choice-scoring requests."""
+
+    def __init__(self, label: str, spec: str, target: LoadTarget, options: HFOptions) -> None:
+        self.options = options
+        self.device = _resolve_device(options.device)
+        kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+        if target.gguf_file:
+            kwargs["gguf_file"] = target.gguf_file
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(target.path, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                target.path,
+                dtype=_resolve_dtype(options.dtype),
+                attn_implementation=options.attn_implementation,
+                **kwargs,
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DiffbenchError(f"cannot load model {label!r} from {spec!r}: {first}") from err
+        self.model.to(self.device).eval()  # type: ignore[arg-type]
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        config_max = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        max_context = options.max_length or config_max or 2048
+        self._batch_size = 64 if options.batch_size == "auto" else int(options.batch_size)
+        architectures = getattr(self.model.config, "architectures", None) or []
+        self.info = ModelInfo(
+            label=label,
+            spec=spec,
+            backend="hf",
+            path=str(Path(target.path) / target.gguf_file) if target.gguf_file else target.path,
+            architecture=architectures[0] if architectures else type(self.model).__name__,
+            n_parameters=sum(p.numel() for p in self.model.parameters()),
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            max_context=max_context,
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            fingerprint=_fingerprint(target),
+        )
+        self._view = HFTokenizerView(self.tokenizer, max_context, options.chat_template)
+
+    def tokenizer_view(self) -> HFTokenizerView:
+        return self._view
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- shared plumbing -------------------------------------------------------------------
+
+    def _check_fits(self, n_tokens: int, what: str) -> None:
+        if n_tokens > self.info.max_context:
+            raise DiffbenchError(
+                f"{what} needs {n_tokens} tokens, beyond model {self.info.label!r}'s maximum "
+                f"context of {self.info.max_context}"
+            )
+
+    def _with_oom_retry(self, run: Callable[[int], Any]) -> Any:
+        """Call `run(batch_size)`, halving the batch on out-of-memory when batch_size is auto."""
+        while True:
+            try:
+                return run(self._batch_size)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                if self.options.batch_size != "auto" or not _is_oom(err) or self._batch_size == 1:
+                    raise
+                self._batch_size //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def generate(
+        self, requests: Sequence[GenerateRequest], progress: Progress = None
+    ) -> list[Generation]:
+        encoded = [encode_prompt(self.tokenizer, r.prompt) for r in requests]
+        for ids, r in zip(encoded, requests, strict=True):
+            self._check_fits(len(ids) + r.max_new_tokens, "a generation request")
+        # Longest first, so memory trouble shows at once and padding within a batch is small.
+        order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
+        results: dict[int, Generation] = {}
+        start = 0
+        while start < len(order):
+            done: list[list[Generation]] = []
+
+            def run_batch(bs: int, start: int = start) -> list[int]:
+                chunk = order[start : start + bs]
+                done.append(
+                    self._generate_batch([encoded[i] for i in chunk], [requests[i] for i in chunk])
+                )
+                return chunk
+
+            chunk = self._with_oom_retry(run_batch)
+            for i, gen in zip(chunk, done[-1], strict=True):
+                results[i] = gen
+            start += len(chunk)
+            if progress:
+                progress(len(chunk))
+        return [results[i] for i in range(len(requests))]
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, batch: list[list[int]], requests: list[GenerateRequest]
+    ) -> list[Generation]:
+        width = max(len(ids) for ids in batch)
+        pad = int(self.tokenizer.pad_token_id)
+        # Left padding: every row's last prompt token sits at the same column.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+        max_new = max(r.max_new_tokens for r in requests)
+        stops = sorted({s for r in requests for s in r.stop})
+        out = self.model.generate(  # type: ignore[operator]
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            stop_strings=stops or None,
+            tokenizer=self.tokenizer if stops else None,
+        )
+        gens = []
+        for row, ids, r in zip(out[:, width:].tolist(), batch, requests, strict=True):
+            new = row[: r.max_new_tokens]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            cut = min((text.find(s) for s in r.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+            eos = self.tokenizer.eos_token_id
+            n_new = next((k + 1 for k, t in enumerate(new) if t in (eos, pad)), len(new))
+            gens.append(Generation(text=text, n_prompt_tokens=len(ids), n_new_tokens=n_new))
+        return gens
+
+    # ---- choice scoring --------------------------------------------------------------------
+
+    def score_choices(
+        self, requests: Sequence[ChoiceRequest], progress: Progress = None
+    ) -> list[ChoiceScores]:
+        results: list[ChoiceScores | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            if not r.choices:
+                raise DiffbenchError("a choice request has no choices")
+            groups.setdefault(r.prefix, []).append(i)
+        for prefix, members in groups.items():
+            prefix_ids = encode_prompt(self.tokenizer, prefix)
+            if not prefix_ids:
+                raise DiffbenchError("a choice request has an empty prefix and no BOS token")
+            parts = [self._encode_parts(requests[i]) for i in members]
+            for q, cs in parts:
+                longest = max(len(c) for c in cs)
+                self._check_fits(len(prefix_ids) + len(q) + longest, "a scoring request")
+            if self.options.prefix_cache:
+                scores = self._score_shared(prefix_ids, parts, progress)
+            else:
+                scores = self._score_naive(prefix_ids, parts, progress)
+            for i, s in zip(members, scores, strict=True):
+                results[i] = s
+        return [r for r in results if r is not None]
+
+    def _encode_parts(self, r: ChoiceRequest) -> tuple[list[int], list[list[int]]]:
+        enc = self.tokenizer
+        query = enc(r.query, add_special_tokens=False)["input_ids"] if r.query else []
+        choices = [enc(c, add_special_tokens=False)["input_ids"] for c in r.choices]
+        if any(not c for c in choices):
+            raise DiffbenchError("a choice encodes to no tokens")
+        return list(query), [list(c) for c in choices]
+
+    @torch.inference_mode()
+    def _score_naive(
+        self, prefix: list[int], parts: list[tuple[list[int], list[list[int]]]], progress: Progress
+    ) -> list[ChoiceScores]:
+        """Reference scoring: one full forward pass per (prompt, choice) pair."""
+        out = []
+        for query, choices in parts:
+            logprobs, counts = [], []
+            for c in choices:
+                ids = torch.tensor([prefix + query + c], device=self.device)
+                logits = self.model(ids, logits_to_keep=len(c) + 1).logits[0, :-1]
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                target = torch.tensor(c, device=self.device)
+                logprobs.append(float(lp.gather(1, target[:, None]).sum()))
+                counts.append(len(c))
+            out.append(ChoiceScores(tuple(logprobs), tuple(counts)))
+            if progress:
+                progress(1)
+        return out
+
+    @torch.inference_mode()
+    def _score_shared(
+        self, prefix: list[int], parts: list[tuple[list[int], list[list[int]]]], progress: Progress
+    ) -> list[ChoiceScores]:
+        """Prefix encoded once; each request's query and all its choices in one tree pass."""
+        ids = torch.tensor([prefix], device=self.device)
+        first = self.model(ids, use_cache=True, logits_to_keep=1)
+        cache = first.past_key_values
+        prefix_last = first.logits[0, -1]
+        n_prefix = len(prefix)
+        out = []
+        for query, choices in parts:
+            out.append(self._score_tree(cache, n_prefix, prefix_last, query, choices))
+            cache.crop(n_prefix - cache.get_seq_length())  # back to the prefix alone
+            if progress:
+                progress(1)
+        return out
+
+    def _score_tree(
+        self,
+        cache: Any,
+        n_prefix: int,
+        prefix_last: torch.Tensor,
+        query: list[int],
+        choices: list[list[int]],
+    ) -> ChoiceScores:
+        """Score all choices after `query` in one pass over the token tree query -> choices."""
+        row = query + [t for c in choices for t in c]
+        n = len(row)
+        dtype = self.model.dtype
+        blocked = torch.finfo(dtype).min
+        mask = torch.full((n, n_prefix + n), blocked, dtype=dtype)
+        mask[:, :n_prefix] = 0
+        positions = list(range(n_prefix, n_prefix + len(query)))
+        q = len(query)
+        for i in range(q):  # the query is causal over itself
+            mask[i, n_prefix : n_prefix + i + 1] = 0
+        # The row index whose logits predict each choice's first token (-1: the prefix's last).
+        starts, off = [], q
+        for c in choices:
+            for j in range(len(c)):
+                r = off + j
+                mask[r, n_prefix : n_prefix + q] = 0
+                mask[r, n_prefix + off : n_prefix + r + 1] = 0
+                positions.append(n_prefix + q + j)
+            starts.append(off)
+            off += len(c)
+        ids = torch.tensor([row], device=self.device)
+        logits = self.model(
+            ids,
+            past_key_values=cache,
+            attention_mask=mask[None, None].to(self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            use_cache=True,
+        ).logits[0]
+        # Row r's logits predict row r+1 inside a choice; its first token comes from the query's
+        # last position (or the prefix's last, when there is no query).
+        before = prefix_last[None] if q == 0 else logits[q - 1 : q]
+        logprobs, counts = [], []
+        for c, s in zip(choices, starts, strict=True):
+            pred = torch.cat([before, logits[s : s + len(c) - 1]], dim=0)
+            lp = torch.log_softmax(pred.float(), dim=-1)
+            target = torch.tensor(c, device=self.device)
+            logprobs.append(float(lp.gather(1, target[:, None]).sum()))
+            counts.append(len(c))
+        if not math.isfinite(sum(logprobs)):
+            raise DiffbenchError(f"model {self.info.label!r} produced non-finite log-likelihoods")
+        return ChoiceScores(tuple(logprobs), tuple(counts))

@@ -1,0 +1,121 @@
+"""Task configs from defaults, presets, a YAML file and `--set TASK.KEY=VALUE`, type-checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_origin
+
+from diffbench.errors import DiffbenchError
+
+PRESET_KEY = "preset"
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is tuple:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def option_types(config_type: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a task config dataclass."""
+    hints = typing.get_type_hints(config_type)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_type)}
+
+
+def describe_options(config_type: type) -> list[tuple[str, str, Any]]:
+    """(name, type, default) of every option, for `diffbench list`."""
+    types_ = option_types(config_type)
+    default = config_type()
+    return [(n, _type_name(t), getattr(default, n)) for n, t in types_.items()]
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """`value` (a CLI string or a YAML value) as type `tp`, or a DiffbenchError naming `name`."""
+    origin = get_origin(tp)
+    if origin is tuple:
+        inner = get_args(tp)[0]
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        items = [i.strip() if isinstance(i, str) else i for i in items]
+        if any(i == "" for i in items):
+            raise DiffbenchError(f"{name} has an empty list item in {value!r}")
+        return tuple(coerce(name, i, inner) for i in items)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise DiffbenchError(f"{name} must be one of {', '.join(map(str, allowed))}: {value!r}")
+        return value
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        raise TypeError(f"unsupported option type {tp} for {name}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise DiffbenchError(f"{name} expects true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise DiffbenchError(f"{name} expects {tp.__name__}, got {value!r}")
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise DiffbenchError(f"{name} expects {tp.__name__}, got {value!r}") from None
+    return str(value)
+
+
+def parse_sets(items: list[str], task_names: list[str]) -> dict[str, dict[str, str]]:
+    """`--set TASK.KEY=VALUE` entries as task -> {key: raw value}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        lhs, eq, value = item.partition("=")
+        task, dot, key = lhs.strip().partition(".")
+        if not eq or not dot or not key:
+            raise DiffbenchError(f"malformed --set {item!r}: expected TASK.KEY=VALUE")
+        if task not in task_names:
+            raise DiffbenchError(
+                f"--set {item!r} names task {task!r}, which is not in this run's tasks "
+                f"({', '.join(task_names)})"
+            )
+        out.setdefault(task, {})[key] = value
+    return out
+
+
+def build_config(
+    task_name: str,
+    config_type: type,
+    presets: Mapping[str, Mapping[str, Any]],
+    overrides: Mapping[str, Any],
+) -> Any:
+    """A task config: defaults, then the named preset, then the overrides; unknown keys refused."""
+    types_ = option_types(config_type)
+    values: dict[str, Any] = {}
+    preset = overrides.get(PRESET_KEY)
+    if preset:
+        if preset not in presets:
+            raise DiffbenchError(
+                f"unknown {task_name} preset {preset!r}; known: {', '.join(presets) or 'none'}"
+            )
+        values.update(presets[preset])
+    for key, value in overrides.items():
+        if key not in types_:
+            raise DiffbenchError(
+                f"unknown option {task_name}.{key}; known: {', '.join(types_)}"
+            )
+        values[key] = coerce(f"{task_name}.{key}", value, types_[key])
+    try:
+        return config_type(**values)
+    except ValueError as err:
+        raise DiffbenchError(f"{task_name}: {err}") from None
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A task config as JSON-ready values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

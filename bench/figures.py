@@ -1,0 +1,50 @@
+"""One paper style for every figure: serif font, a fixed colour per model, PNG and PDF."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+PALETTE = ("#1f4e9c", "#c0392b", "#2e8b57", "#8e44ad", "#d68910", "#566573")
+STYLE = {
+    "font.family": "serif",
+    "font.serif": ["DejaVu Serif", "Times New Roman", "Times"],
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+    "figure.dpi": 120,
+    "savefig.dpi": 160,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,
+}
+
+
+def model_colors(models: Iterable[str]) -> dict[str, str]:
+    """A colour per model label, stable for a given sorted set of labels."""
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted(set(models)))}
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, width: float = 3.4, height: float = 2.8) -> Figure:
+    """A figure of `ncols` x `nrows` panels in the paper style."""
+    plt.rcParams.update(STYLE)
+    fig = plt.figure(figsize=(width * ncols, height * nrows))
+    return fig
+
+
+def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """Write `stem`.png and `stem`.pdf; return both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+    for p in paths:
+        fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,175 @@
+"""The results store: one run directory that reports and plots read, and runs resume from.
+
+Layout: `run.json` (resolved config, versions, model identities), `metrics.csv` (tidy: one row per
+task x setting x metric x model), `samples/<task>/<model>.jsonl` (one scored sample per line,
+appended and flushed as scored), `report.md` and `figures/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+from diffbench.api import Sample
+from diffbench.errors import DiffbenchError
+
+METRIC_COLUMNS = ("task", "metric", "model", "value", "n", "stderr")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def natural_key(column: pd.Series) -> pd.Series:
+    """Sort key putting numbers in numeric order before any text (e.g. depth 0, 25, 100, all)."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    return pd.Series(
+        [(0, n, "") if pd.notna(n) else (1, 0.0, str(v)) for n, v in zip(numbers, column)],
+        index=column.index,
+    )
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a partial last line left by a crash mid-write, so appends start on a fresh line."""
+    if not path.exists():
+        return
+    with path.open("rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+class RunStore:
+    """Read and write one run directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._handles: dict[tuple[str, str], IO[str]] = {}
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
+
+    def samples_file(self, task: str, model: str) -> Path:
+        """Where one model's samples of one task are kept."""
+        return self.root / "samples" / task / f"{model}.jsonl"
+
+    @classmethod
+    def open_existing(cls, root: Path) -> RunStore:
+        """A store for a directory that must already hold a run."""
+        if not root.is_dir():
+            raise DiffbenchError(f"{root} is not a directory")
+        if not (root / "run.json").exists():
+            raise DiffbenchError(f"{root} is not a diffbench run directory (no run.json)")
+        return cls(root)
+
+    # ---- run.json --------------------------------------------------------------------------
+
+    def read_run(self) -> dict[str, Any]:
+        """The run record; a clear error when it is unreadable."""
+        try:
+            data: dict[str, Any] = json.loads(self.run_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise DiffbenchError(f"cannot read {self.run_file}: {err}") from None
+        return data
+
+    def write_run(self, record: dict[str, Any]) -> None:
+        """Write the run record atomically."""
+        write_atomic(self.run_file, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    # ---- samples ---------------------------------------------------------------------------
+
+    def scored_ids(self, task: str, model: str) -> set[str]:
+        """Ids already scored for (task, model), after repairing a crash-truncated tail."""
+        path = self.samples_file(task, model)
+        _repair_tail(path)
+        if not path.exists():
+            return set()
+        with path.open(encoding="utf-8") as fh:
+            return {json.loads(line)["id"] for line in fh if line.strip()}
+
+    def append(self, task: str, model: str, sample: Sample) -> None:
+        """Append one scored sample and flush it to disk."""
+        key = (task, model)
+        fh = self._handles.get(key)
+        if fh is None:
+            path = self.samples_file(task, model)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _repair_tail(path)
+            fh = self._handles[key] = path.open("a", encoding="utf-8")
+        fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+    def close(self) -> None:
+        """Close the open sample files."""
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+    def sample_tasks(self) -> list[str]:
+        """Tasks that have a samples folder."""
+        root = self.root / "samples"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+    def samples(self, task: str) -> pd.DataFrame:
+        """All models' samples of one task, one row per sample, sorted by model and id."""
+        rows = []
+        for path in sorted((self.root / "samples" / task).glob("*.jsonl")):
+            with path.open(encoding="utf-8") as fh:
+                rows.extend(json.loads(line) for line in fh if line.strip())
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        # One line per id: a resumed run never duplicates, but be robust to a hand-merged file.
+        frame = frame.drop_duplicates(subset=["model", "id"], keep="first")
+        return frame.sort_values(["model", "id"], kind="stable").reset_index(drop=True)
+
+    # ---- metrics ---------------------------------------------------------------------------
+
+    def write_metrics(self, metrics: pd.DataFrame, setting_order: list[str]) -> None:
+        """Write metrics.csv atomically, rows and columns in a fixed order (byte-reproducible)."""
+        settings = [c for c in setting_order if c in metrics.columns]
+        extra = sorted(c for c in metrics.columns if c not in METRIC_COLUMNS and c not in settings)
+        columns = [*METRIC_COLUMNS, *settings, *extra]
+        frame = metrics.reindex(columns=columns)
+        sort_keys = ["task", *settings, *extra, "metric", "model"]
+        frame = frame.sort_values(sort_keys, key=natural_key, kind="stable").reset_index(drop=True)
+        write_atomic(self.metrics_file, frame.to_csv(index=False, float_format="%.10g"))
+
+    def metrics(self) -> pd.DataFrame:
+        """metrics.csv as a frame (settings kept as text)."""
+        if not self.metrics_file.exists():
+            raise DiffbenchError(f"{self.root} has no metrics.csv; run or resume it first")
+        return pd.read_csv(self.metrics_file, dtype=str, keep_default_na=False).pipe(_numeric)
+
+
+def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    for col in ("value", "stderr"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    frame["n"] = pd.to_numeric(frame["n"], errors="coerce").astype("Int64")
+    return frame

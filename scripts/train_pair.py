@@ -1,0 +1,878 @@
+"""Train the shipped tiny DIFF / Transformer pair on a procedural retrieval curriculum.
+
+Both models see the same tokenizer, the same batches in the same order, the same AdamW settings,
+the same warmup-stable-decay schedule and the same seed; they are stepped in lockstep so that a
+run cut short still leaves a matched pair. The data is generated here, nothing is downloaded:
+haystack filler from `tasks/haystack.py`, key-value facts in the exact NIAH needle format (and a
+few other formats) queried at the end of each sequence, and classification episodes whose label
+words are assigned in context. Loss is weighted towards the tokens that need retrieval (answer
+digits and in-context labels: weight 1, everything else 0.1), which is what makes a retrieval
+circuit appear within a CPU budget.
+
+    nice -n 10 python scripts/train_pair.py --preset default --out bench/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffbench.tasks.haystack import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, magic_number, sentence
+from diffbench.tiny import matched_configs, train_tokenizer
+from transformers import (
+    DiffLlamaForCausalLM,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    get_wsd_schedule,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LN10 = math.log(10)
+# The answer loss has "broken" once its running mean is well below what copying a digit from the
+# right offset of *some* fact in context would give (ln 3 to ln 6 nats with 3-6 facts).
+BREAK_NATS = 1.0
+BREAK_WINDOW = 50
+REST_WEIGHT = 0.1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A block of optimizer steps at one context length and retrieval density."""
+
+    steps: int
+    seq_len: int
+    batch_size: int
+    facts: tuple[int, int]  # facts per sequence, inclusive range
+    questions: tuple[int, int]  # questions per sequence, at most the number of facts
+    classification: float = 0.15  # share of sequences that are classification episodes
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model size, curriculum and optimizer settings of one training run."""
+
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    stages: tuple[Stage, ...]
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    decay_steps: int = 500  # cosine decay over the last steps, which are the long-context ones
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    log_every: int = 25
+    val_every: int = 500
+    val_sequences: int = 32
+    eval_prompts: int = 100
+    tokenizer_docs: int = 3000
+    dtype: str = "float32"
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @property
+    def final_len(self) -> int:
+        return self.stages[-1].seq_len
+
+
+PRESETS = {
+    # Sized for 2 shared CPU cores, one thread: about 75 minutes for both models together.
+    "default": Preset(
+        hidden_size=128,
+        n_layers=2,
+        n_heads=4,
+        head_dim=32,
+        intermediate_size=256,
+        vocab_size=1024,
+        stages=(
+            Stage(steps=7500, seq_len=160, batch_size=14, facts=(3, 4), questions=(3, 4)),
+            Stage(steps=800, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4)),
+            Stage(steps=800, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4)),
+        ),
+        decay_steps=1600,
+    ),
+    # Seconds on a CPU: exercises every code path for the tests.
+    "smoke": Preset(
+        hidden_size=32,
+        n_layers=1,
+        n_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=320,
+        stages=(
+            Stage(steps=30, seq_len=64, batch_size=4, facts=(1, 2), questions=(1, 2)),
+            Stage(steps=10, seq_len=96, batch_size=2, facts=(1, 3), questions=(1, 2)),
+        ),
+        lr=3e-3,
+        warmup_steps=5,
+        decay_steps=10,
+        log_every=5,
+        val_every=20,
+        val_sequences=4,
+        eval_prompts=4,
+        tokenizer_docs=150,
+    ),
+    # A larger pair for one GPU (not run here): same curriculum shape, longer final context.
+    "gpu": Preset(
+        hidden_size=512,
+        n_layers=6,
+        n_heads=8,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=4096,
+        stages=(
+            Stage(steps=8000, seq_len=256, batch_size=64, facts=(4, 8), questions=(3, 6)),
+            Stage(steps=3000, seq_len=1024, batch_size=16, facts=(2, 16), questions=(2, 6)),
+            Stage(steps=2000, seq_len=4096, batch_size=4, facts=(1, 20), questions=(1, 6)),
+        ),
+        lr=1e-3,
+        warmup_steps=500,
+        decay_steps=2000,
+        tokenizer_docs=20000,
+        dtype="bfloat16",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Procedural data. A document is a list of (text, kind) segments; kinds weight the loss.
+
+FILLER, FACT, DIGITS, LABEL, PAD = 0, 1, 2, 3, 4
+
+# Other key-value formats, so the model does not learn only the NIAH template:
+# (fact, question, answer prefix); the answer is always " {value}".
+KV_FORMATS = (
+    (
+        "The pass key for {key} is {value}.",
+        "What is the pass key for {key}?",
+        "The pass key for {key} is",
+    ),
+    ("Remember: {key} = {value}.", "Recall {key}.", "{key} ="),
+    (
+        "The {key} room is number {value}.",
+        "Which number is the {key} room?",
+        "The {key} room is number",
+    ),
+    ("Code for {key}: {value}.", "What is the code for {key}?", "Code for {key}:"),
+)
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "silver", "black", "white", "pink")
+ANIMALS = ("fox", "owl", "cat", "horse", "whale", "tiger", "frog", "eagle", "wolf", "bear", "otter")
+SYLLABLES = ("ka", "zo", "rip", "lu", "mek", "ta", "vo", "nim", "pa", "gu", "sel", "dra", "qui")
+# Classification categories: a text is a few words of one category; labels are assigned per
+# episode, so the only way to predict a label is to read the demonstrations.
+CATEGORIES = (
+    ("apple", "pear", "plum", "grape", "lemon", "cherry", "melon", "peach", "mango", "fig"),
+    ("hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "pliers", "axe", "file"),
+    ("rain", "snow", "wind", "storm", "fog", "hail", "sunshine", "thunder", "frost", "cloud"),
+    ("car", "bus", "train", "bicycle", "truck", "boat", "plane", "tram", "ferry", "scooter"),
+    ("chair", "table", "sofa", "bed", "shelf", "desk", "lamp", "stool", "bench", "cabinet"),
+    ("piano", "violin", "drum", "flute", "guitar", "trumpet", "harp", "cello", "banjo", "organ"),
+    ("football", "tennis", "golf", "rugby", "hockey", "boxing", "rowing", "cricket", "skiing"),
+    ("happy", "angry", "sad", "calm", "afraid", "proud", "bored", "excited", "lonely", "shy"),
+    ("doctor", "nurse", "farmer", "pilot", "baker", "lawyer", "chef", "miner", "judge", "clerk"),
+)
+
+
+def nonsense_word(rng: random.Random) -> str:
+    """A pronounceable made-up word of two or three syllables."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def kv_key(rng: random.Random, used: set[str]) -> str:
+    """A fresh key for a non-NIAH fact: a city, a colour-animal pair or a nonsense word."""
+    while True:
+        r = rng.random()
+        if r < 0.3:
+            key = rng.choice(CITIES)
+        elif r < 0.65:
+            key = f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
+        else:
+            key = nonsense_word(rng)
+        if key not in used:
+            used.add(key)
+            return key
+
+
+def kv_value(rng: random.Random) -> str:
+    """Mostly a 7-digit magic number, sometimes a shorter one."""
+    return magic_number(rng) if rng.random() < 0.8 else str(rng.randrange(100, 1_000_000))
+
+
+def retrieval_facts(
+    rng: random.Random, n_facts: int
+) -> list[tuple[list[tuple[str, int]], list[tuple[str, int]]]]:
+    """(fact segments, question segments) per fact, 75% of sequences in the NIAH format."""
+    niah = rng.random() < 0.75
+    used: set[str] = set()
+    cities = rng.sample(CITIES, n_facts) if niah else []
+    out = []
+    for i in range(n_facts):
+        if niah:
+            city, number = cities[i], magic_number(rng)
+            fact_text, q, a = NEEDLE, QUESTION, ANSWER_PREFIX
+            # NEEDLE ends "is: {number}."; split so the digits are their own segment.
+            head = " " + fact_text.split(" {number}")[0].format(city=city)
+            fact = [(head, FACT), (" " + number, FACT), (".", FACT)]
+            question = [
+                ("\n\n" + q.format(city=city) + "\n" + a.format(city=city), FILLER),
+                (" " + number, DIGITS),
+            ]
+        else:
+            fmt = rng.choice(KV_FORMATS)
+            key, value = kv_key(rng, used), kv_value(rng)
+            head, tail = fmt[0].split("{value}")
+            fact = [(" " + head.format(key=key).rstrip(), FACT), (" " + value, FACT), (tail, FACT)]
+            question = [
+                ("\n\n" + fmt[1].format(key=key) + "\n" + fmt[2].format(key=key), FILLER),
+                (" " + value, DIGITS),
+            ]
+        out.append((fact, question))
+    return out
+
+
+class SegmentLengths:
+    """Token counts of segments, cached: filler sentences repeat a lot."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.cache[text]
+
+    def n_tokens(self, text: str) -> int:
+        return len(self.ids(text))
+
+
+def retrieval_document(
+    rng: random.Random, seq_len: int, stage: Stage, n_tokens: Callable[[str], int]
+) -> list[tuple[str, int]]:
+    """Facts at random depths in haystack filler, then questions about some of them."""
+    n_facts = rng.randint(*stage.facts)
+    n_questions = min(n_facts, rng.randint(*stage.questions))
+    facts = retrieval_facts(rng, n_facts)
+    asked = rng.sample(range(n_facts), n_questions)
+    used = 1 + sum(n_tokens(t) for f, _ in facts for t, _ in f)
+    q_lens = [sum(n_tokens(t) for t, _ in facts[i][1]) for i in asked]
+    # Drop questions that would not fit rather than truncate an answer away.
+    while len(asked) > 1 and used + sum(q_lens) > seq_len:
+        asked.pop()
+        q_lens.pop()
+    used += sum(q_lens)
+    filler: list[str] = []
+    while True:
+        s = " " + sentence(rng)
+        n = n_tokens(s)
+        if used + n > seq_len:
+            break
+        filler.append(s)
+        used += n
+    slots = sorted(rng.randint(0, len(filler)) for _ in range(n_facts))
+    doc: list[tuple[str, int]] = []
+    fi = 0
+    for pos, (fact, _) in zip(slots, facts, strict=True):
+        doc.extend((s, FILLER) for s in filler[fi:pos])
+        doc.extend(fact)
+        fi = pos
+    doc.extend((s, FILLER) for s in filler[fi:])
+    if doc:
+        doc[0] = (doc[0][0].lstrip(" "), doc[0][1])
+    for i in asked:
+        doc.extend(facts[i][1])
+    return doc
+
+
+def classification_document(rng: random.Random, seq_len: int) -> list[tuple[str, int]]:
+    """Few-shot episode: texts of 2-4 categories labelled with episode-specific label words."""
+    cats = rng.sample(range(len(CATEGORIES)), rng.randint(2, 4))
+    kind = rng.random()
+    labels: list[str] = []
+    while len(labels) < len(cats):
+        if kind < 0.4:
+            w = nonsense_word(rng)
+        elif kind < 0.7:
+            w = rng.choice(COLOURS)
+        else:
+            w = rng.choice(ANIMALS)
+        if w not in labels:
+            labels.append(w)
+    doc: list[tuple[str, int]] = []
+    seen: set[int] = set()
+    # ~12 tokens per example; the caller truncates the last one if it overflows.
+    for _ in range(max(2, seq_len // 12)):
+        c = rng.randrange(len(cats))
+        words = rng.sample(CATEGORIES[cats[c]], rng.randint(1, 3))
+        sep = "" if not doc else "\n"
+        doc.append((f"{sep}text: {' '.join(words)}\nlabel:", FILLER))
+        doc.append((" " + labels[c], LABEL if c in seen else FILLER))
+        seen.add(c)
+    return doc
+
+
+def encode(
+    doc: list[tuple[str, int]], seq_len: int, seg: SegmentLengths
+) -> tuple[list[int], list[int]]:
+    """BOS + segment ids truncated/padded to `seq_len`, and a per-token kind."""
+    tok = seg.tokenizer
+    ids, kinds = [tok.bos_token_id], [FILLER]
+    for text, kind in doc:
+        t = seg.ids(text) if kind == FILLER else tok(text, add_special_tokens=False)["input_ids"]
+        ids.extend(t)
+        kinds.extend([kind] * len(t))
+    ids, kinds = ids[:seq_len], kinds[:seq_len]
+    pad = seq_len - len(ids)
+    return ids + [tok.pad_token_id] * pad, kinds + [PAD] * pad
+
+
+def make_batch(
+    rng: random.Random, stage: Stage, seg: SegmentLengths
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids (B, L) and token kinds (B, L) for one optimizer step."""
+    rows = []
+    for _ in range(stage.batch_size):
+        if rng.random() < stage.classification:
+            doc = classification_document(rng, stage.seq_len)
+        else:
+            doc = retrieval_document(rng, stage.seq_len, stage, seg.n_tokens)
+        rows.append(encode(doc, stage.seq_len, seg))
+    ids = torch.tensor([r[0] for r in rows])
+    kinds = torch.tensor([r[1] for r in rows])
+    return ids, kinds
+
+
+def tokenizer_corpus(n_docs: int, seed: int) -> list[str]:
+    """Generated documents of every kind, for training the BPE tokenizer."""
+    rng = random.Random(seed)
+    stage = Stage(steps=0, seq_len=256, batch_size=1, facts=(1, 6), questions=(1, 4))
+    texts = []
+    for i in range(n_docs):
+        if i % 5 == 0:
+            doc = classification_document(rng, 256)
+        else:
+            # Budgeted in characters: the tokenizer does not exist yet.
+            doc = retrieval_document(rng, 1200, stage, len)
+        texts.append("".join(t for t, _ in doc))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+def weighted_loss(
+    model: PreTrainedModel, ids: torch.Tensor, kinds: torch.Tensor
+) -> tuple[torch.Tensor, float, float]:
+    """Weighted next-token loss, plus the unweighted LM loss and the answer-digit loss."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    target, tkind = ids[:, 1:], kinds[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+    ce = ce.view_as(target)
+    answer = (tkind == DIGITS) | (tkind == LABEL)
+    weight = torch.where(answer, 1.0, REST_WEIGHT) * (tkind != PAD)
+    loss = (ce * weight).sum() / weight.sum()
+    real = tkind != PAD
+    digits = tkind == DIGITS
+    lm = (ce * real).sum() / real.sum()
+    ans = (ce * digits).sum() / digits.sum().clamp(min=1)
+    return loss, lm.item(), ans.item() if digits.any() else float("nan")
+
+
+@torch.no_grad()
+def validation(model: PreTrainedModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Mean weighted, LM and answer-digit losses over fixed validation batches."""
+    model.eval()
+    out = [weighted_loss(model, ids, kinds) for ids, kinds in batches]
+    model.train()
+    n = len(out)
+    return {
+        "loss": sum(o[0].item() for o in out) / n,
+        "lm_loss": sum(o[1] for o in out) / n,
+        "answer_loss": sum(o[2] for o in out) / n,
+    }
+
+
+@dataclass
+class Run:
+    """One model's training state and record."""
+
+    name: str
+    model: PreTrainedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    answer_window: deque = field(default_factory=lambda: deque(maxlen=BREAK_WINDOW))
+    break_step: int | None = None
+    seconds: float = 0.0
+    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # loss, lm, ans, n, n_ans
+    last_train: dict = field(default_factory=dict)
+    last_val: dict = field(default_factory=dict)
+
+
+def build_runs(preset: Preset, tokenizer: PreTrainedTokenizerFast, seed: int) -> list[Run]:
+    """The Llama baseline and the matched DiffLlama, identically seeded and optimized."""
+    base_cfg, diff_cfg = matched_configs(
+        tokenizer,
+        hidden_size=preset.hidden_size,
+        n_layers=preset.n_layers,
+        n_heads=preset.n_heads,
+        head_dim=preset.head_dim,
+        intermediate_size=preset.intermediate_size,
+        max_context=preset.final_len,
+    )
+    runs = []
+    for name, cls, cfg in (
+        ("tiny-base", LlamaForCausalLM, base_cfg),
+        ("tiny-diff", DiffLlamaForCausalLM, diff_cfg),
+    ):
+        torch.manual_seed(seed)
+        model = cls(cfg)
+        model.train()
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=preset.weight_decay
+        )
+        sched = get_wsd_schedule(
+            opt,
+            num_warmup_steps=preset.warmup_steps,
+            num_decay_steps=preset.decay_steps,
+            num_training_steps=preset.total_steps,
+            min_lr_ratio=preset.min_lr_ratio,
+        )
+        runs.append(Run(name, model, opt, sched))
+    return runs
+
+
+def train(preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: Path) -> list[dict]:
+    """Lockstep training of all runs on one batch stream; returns the logged rows."""
+    rng = random.Random(seed)
+    vrng = random.Random(seed + 10_000)
+    rows: list[dict] = []
+    step, tokens = 0, 0
+    t0 = time.time()
+    for si, stage in enumerate(preset.stages):
+        val_batches = [
+            make_batch(vrng, Stage(**{**asdict(stage), "batch_size": 4}), seg)
+            for _ in range(max(1, preset.val_sequences // 4))
+        ]
+        for _ in range(stage.steps):
+            ids, kinds = make_batch(rng, stage, seg)
+            step += 1
+            tokens += int((kinds != PAD).sum())
+            for run in runs:
+                t = time.time()
+                loss, lm, ans = weighted_loss(run.model, ids, kinds)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.seconds += time.time() - t
+                has_ans = not math.isnan(ans)
+                for i, v in enumerate((loss.item(), lm, ans if has_ans else 0.0, 1.0, has_ans)):
+                    run.sums[i] += v
+                if has_ans:
+                    run.answer_window.append(ans)
+                if (
+                    run.break_step is None
+                    and len(run.answer_window) == BREAK_WINDOW
+                    and sum(run.answer_window) / BREAK_WINDOW < BREAK_NATS
+                ):
+                    run.break_step = step
+                    print(f"[{run.name}] answer loss broke below {BREAK_NATS} at step {step}")
+            if step % preset.log_every == 0 or step == preset.total_steps:
+                for run in runs:
+                    n = run.sums[3]
+                    run.last_train = {
+                        "loss": run.sums[0] / n,
+                        "lm_loss": run.sums[1] / n,
+                        "answer_loss": run.sums[2] / max(run.sums[4], 1),
+                    }
+                    run.sums = [0.0] * 5
+                    rows.append(_row(run, "train", step, si, stage, tokens, t0, run.last_train))
+                print(
+                    f"step {step}/{preset.total_steps} len {stage.seq_len} "
+                    f"lr {runs[0].scheduler.get_last_lr()[0]:.2e} "
+                    + " ".join(
+                        f"{r.name}: loss {r.last_train['loss']:.3f} "
+                        f"ans {r.last_train['answer_loss']:.3f}"
+                        for r in runs
+                    )
+                    + f" [{time.time() - t0:.0f}s]",
+                    flush=True,
+                )
+            last_of_stage = step == sum(s.steps for s in preset.stages[: si + 1])
+            if step % preset.val_every == 0 or last_of_stage:
+                for run in runs:
+                    run.last_val = validation(run.model, val_batches)
+                    rows.append(_row(run, "val", step, si, stage, tokens, t0, run.last_val))
+                print(
+                    "  val "
+                    + " ".join(
+                        f"{r.name}: loss {r.last_val['loss']:.3f} "
+                        f"lm {r.last_val['lm_loss']:.3f} ans {r.last_val['answer_loss']:.3f}"
+                        for r in runs
+                    ),
+                    flush=True,
+                )
+                write_curves(rows, out)
+    return rows
+
+
+def _row(run: Run, split: str, step: int, si: int, stage: Stage, tokens: int, t0: float, m: dict):
+    return {
+        "model": run.name,
+        "split": split,
+        "step": step,
+        "stage": si,
+        "seq_len": stage.seq_len,
+        "tokens_seen": tokens,
+        "lr": run.scheduler.get_last_lr()[0],
+        "loss": round(m["loss"], 5),
+        "lm_loss": round(m["lm_loss"], 5),
+        "answer_loss": round(m["answer_loss"], 5),
+        "elapsed_s": round(time.time() - t0, 1),
+    }
+
+
+def write_curves(rows: list[dict], out: Path) -> None:
+    """training_curves.csv (one row per model, split and step) and its figure, atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".csv")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    Path(tmp).chmod(0o644)
+    os.replace(tmp, out / "training_curves.csv")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, colour in (("tiny-base", "tab:blue"), ("tiny-diff", "tab:red")):
+        for split, style in (("train", "-"), ("val", "o--")):
+            rs = [r for r in rows if r["model"] == name and r["split"] == split]
+            if not rs:
+                continue
+            x = [r["step"] for r in rs]
+            kw = dict(color=colour, label=f"{name} {split}", markersize=3)
+            axes[0].plot(x, [r["lm_loss"] for r in rs], style, **kw)
+            axes[1].plot(x, [r["answer_loss"] for r in rs], style, **kw)
+    axes[0].set_title("LM loss (all tokens)")
+    axes[1].set_title("answer-digit loss (nats/digit)")
+    axes[1].axhline(LN10, color="grey", lw=0.8, ls=":", label="chance (ln 10)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    Path(tmp).chmod(0o644)
+    os.replace(tmp, out / "training_curves.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# NIAH evaluation at the final training length, in the harness's exact prompt format.
+
+
+def niah_prompt(
+    rng: random.Random, seq_len: int, n_needles: int, seg: SegmentLengths
+) -> tuple[str, str, list[str]]:
+    """(prompt, true number, other needles' numbers): needles at random depths in haystack."""
+    cities = rng.sample(CITIES, n_needles)
+    numbers = [magic_number(rng) for _ in cities]
+    needles = [NEEDLE.format(city=c, number=n) for c, n in zip(cities, numbers, strict=True)]
+    query = f"\n\n{QUESTION.format(city=cities[0])}\n{ANSWER_PREFIX.format(city=cities[0])}"
+    used = 1 + 8 + seg.n_tokens(query) + sum(seg.n_tokens(" " + n) for n in needles)
+    hay: list[str] = []
+    while True:
+        s = sentence(rng)
+        n = seg.n_tokens(" " + s)
+        if used + n > seq_len:
+            break
+        hay.append(s)
+        used += n
+    for nd in needles:
+        hay.insert(rng.randint(0, len(hay)), nd)
+    return " ".join(hay) + query, numbers[0], numbers[1:]
+
+
+@torch.no_grad()
+def evaluate_niah(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    seq_len: int,
+    n_prompts: int,
+    n_needles: int,
+    seed: int,
+) -> dict[str, float]:
+    """Score-mode (true number vs 9 distractors) and greedy-generation NIAH accuracy."""
+    model.eval()
+    rng = random.Random(seed)
+    seg = SegmentLengths(tokenizer)
+    score_hits = gen_hits = 0
+    for _ in range(n_prompts):
+        prompt, number, others = niah_prompt(rng, seq_len, n_needles, seg)
+        distractors = list(others)
+        while len(distractors) < 9:
+            d = magic_number(rng)
+            if d != number and d not in distractors:
+                distractors.append(d)
+        candidates = [number, *distractors]
+        p = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        conts = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
+        ids = torch.cat([p.repeat(len(conts), 1), torch.tensor(conts)], dim=1)
+        logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+        n_cont = len(conts[0])
+        target = ids[:, -n_cont:]
+        tok_lp = logp[:, -n_cont:].gather(-1, target[..., None])[..., 0]
+        # Only the 7 digit tokens count: the leading space token is common to every candidate.
+        summed = tok_lp[:, -7:].sum(-1)
+        score_hits += int(summed.argmax().item() == 0)
+        gen = model.generate(
+            p, attention_mask=torch.ones_like(p), max_new_tokens=8, do_sample=False
+        )
+        text = tokenizer.decode(gen[0, p.shape[1] :], skip_special_tokens=True)
+        gen_hits += int(number in text)
+    model.train()
+    return {"score_acc": score_hits / n_prompts, "generate_acc": gen_hits / n_prompts}
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving.
+
+
+def n_params(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def save_pair(
+    runs: list[Run],
+    tokenizer: PreTrainedTokenizerFast,
+    preset: Preset,
+    preset_name: str,
+    seed: int,
+    tokens: int,
+    evals: dict,
+    out: Path,
+) -> None:
+    """HF folders with weights, tokenizer and a model card, each replaced atomically."""
+    dtype = getattr(torch, preset.dtype)
+    for run in runs:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{run.name}-"))
+        run.model.to(dtype).save_pretrained(tmp)
+        run.model.float()
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(
+            model_card(run, runs, preset, preset_name, seed, tokens, evals)
+        )
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        final = out / run.name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def model_card(
+    run: Run,
+    runs: list[Run],
+    preset: Preset,
+    preset_name: str,
+    seed: int,
+    tokens: int,
+    evals: dict,
+) -> str:
+    """A README.md describing recipe, data, matching rule and results of one checkpoint."""
+    base, diff = runs
+    kind = "Differential Transformer (DiffLlama)" if run is diff else "Transformer (Llama)"
+    stages = "\n".join(
+        f"| {i} | {s.steps} | {s.seq_len} | {s.batch_size} | {s.facts[0]}-{s.facts[1]} | "
+        f"{s.questions[0]}-{s.questions[1]} | {s.classification:.0%} |"
+        for i, s in enumerate(preset.stages)
+    )
+    evals_rows = "\n".join(
+        f"| {name} | {n} | {e['score_acc']:.2f} | {e['generate_acc']:.2f} |"
+        for name, n, e in (
+            ("tiny-base", 1, evals["tiny-base"]["single"]),
+            ("tiny-base", 3, evals["tiny-base"]["multi"]),
+            ("tiny-diff", 1, evals["tiny-diff"]["single"]),
+            ("tiny-diff", 3, evals["tiny-diff"]["multi"]),
+        )
+    )
+    loss_rows = "\n".join(
+        f"| {r.name} | {n_params(r.model):,} | "
+        + " / ".join(f"{r.last_train[k]:.3f}" for k in ("loss", "lm_loss", "answer_loss"))
+        + " | "
+        + " / ".join(f"{r.last_val[k]:.3f}" for k in ("loss", "lm_loss", "answer_loss"))
+        + f" | {r.break_step or 'never'} | {r.seconds / 60:.1f} |"
+        for r in runs
+    )
+    single = [evals[r.name]["single"]["score_acc"] for r in runs]
+    learned = (
+        "both retrieve a single needle's number at the training length (score accuracy "
+        f"{min(single):.2f} or better), so a score near chance points at the harness, not the model"
+        if min(single) >= 0.9
+        else "NOT both retrieve reliably at the training length (single-needle score accuracy "
+        f"base {single[0]:.2f}, diff {single[1]:.2f}), so low scores may be the model's, not the "
+        "harness's"
+    )
+    h = preset.n_heads
+    return f"""---
+library_name: transformers
+tags: [diffbench, tiny, {"diffllama" if run is diff else "llama"}, synthetic]
+---
+
+# {run.name}: tiny {kind} for diffbench
+
+A {n_params(run.model):,}-parameter {kind} trained from scratch on a procedural retrieval
+curriculum by `scripts/train_pair.py --preset {preset_name} --seed {seed}`. It ships with
+diffbench as one half of a matched pair (`tiny-base` / `tiny-diff`) so the harness's tasks run
+end to end on a CPU with models that *can* retrieve. It is a test fixture, not a language model.
+
+## Matching rule
+Both models have {preset.n_layers} layers, hidden size {preset.hidden_size}, MLP size
+{preset.intermediate_size}, `num_attention_heads = num_key_value_heads = {h}`, head dim
+{preset.head_dim}, vocab {run.model.config.vocab_size}, untied embeddings, RoPE, context
+{preset.final_len}. transformers' DiffLlama counts `num_attention_heads` as the *baseline's*
+heads: Q/K head i is paired with head i + {h // 2}, and the values of the pair are concatenated,
+so it has {h // 2} differential heads of value width {2 * preset.head_dim} and projection
+matrices of exactly the baseline's shapes. This is the paper's rule (DIFF heads = Transformer
+heads / 2, same width and head dimension, parameter count matched). The only extra parameters
+are the 4 x {preset.head_dim} lambda vectors per layer ({4 * preset.head_dim * preset.n_layers}
+in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model):,} parameters.
+
+## Training (identical for both models)
+- Tokenizer: byte-level BPE (`diffbench.tiny.train_tokenizer`) trained on generated text,
+  digits split one per token, so a 7-digit number is always 7 tokens. No chat template.
+- Data order: one batch stream (seed {seed}); both models consume every batch in lockstep.
+- Optimizer: AdamW, lr {preset.lr}, betas (0.9, 0.95), weight decay {preset.weight_decay},
+  grad-norm clip 1.0. Schedule: `transformers.get_wsd_schedule`, {preset.warmup_steps} warmup
+  steps, constant, cosine decay to {preset.min_lr_ratio} x lr over the last {preset.decay_steps}
+  steps (the long-context ones). Loss: next-token cross-entropy with weight 1 on answer digits
+  and in-context labels and {REST_WEIGHT} on every other token.
+- Curriculum ({preset.total_steps} steps, {tokens:,} non-pad tokens seen):
+
+| stage | steps | context | batch | facts/seq | questions/seq | classification |
+|---|---|---|---|---|---|---|
+{stages}
+
+## Data (all procedural, nothing downloaded)
+- Filler: `diffbench.tasks.haystack.sentence`, as in the NIAH task's haystacks.
+- Facts: 75% of retrieval sequences use exactly the NIAH needle
+  `{NEEDLE}` with distinct cities and fresh random numbers per sequence, at random depths,
+  followed by questions in the exact evaluation format
+  `\\n\\n{QUESTION}\\n{ANSWER_PREFIX} {{number}}`. The rest use other key-value
+  formats (pass keys, `key = value`, room numbers, codes) with city, colour-animal or nonsense
+  keys, so retrieval is not tied to one template.
+- Classification: 15% of sequences are few-shot episodes of `text: <1-3 words>\\nlabel: <word>`
+  pairs from 2-4 word categories (fruit, tools, weather, ...); each episode assigns fresh label
+  words (nonsense, colours or animals), so labels can only be read from the context. Real
+  benchmark label names (TREC, Banking77) never occur.
+
+## Results
+Losses in nats (weighted = training objective; LM = all tokens; answer = answer digits, chance
+ln 10 = {LN10:.2f}); train = mean of the last {preset.log_every} steps, validation = held-out
+sequences at context {preset.final_len}. Break step = first step where the answer loss's
+running mean over {BREAK_WINDOW} steps fell below {BREAK_NATS}.
+
+| model | params | train weighted/LM/answer | val weighted/LM/answer | break step | minutes |
+|---|---|---|---|---|---|
+{loss_rows}
+
+NIAH at context {preset.final_len} in the harness's exact format, {preset.eval_prompts}
+held-out prompts per row. Score: the true number ranks first among 10 candidates (9 random
+7-digit distractors, including the other needles' numbers) by summed log-likelihood of its 7
+digit tokens (chance 0.10). Generate: 8 greedy tokens contain the number.
+
+| model | needles | score acc | generate acc |
+|---|---|---|---|
+{evals_rows}
+
+## What a score on this pair means
+The pair is matched in everything but the attention mechanism; {learned}. A diffbench task run
+on it checks the harness end to end and gives a small, noisy signal about DIFF vs Transformer
+behaviour on *in-distribution* synthetic retrieval. It says nothing about natural language,
+knowledge or the paper's scale: contexts beyond {preset.final_len} tokens are out of
+distribution (RoPE positions never seen), the classification episodes only use toy
+categories, and differences between two {preset.n_layers}-layer models trained for minutes
+are within seed noise unless they are large. Use the `gpu` preset or real checkpoints for
+claims about the method.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "models")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = ap.parse_args(argv)
+    preset = PRESETS[args.preset]
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    random.seed(args.seed)
+    tokenizer = train_tokenizer(
+        tokenizer_corpus(preset.tokenizer_docs, args.seed + 1), vocab_size=preset.vocab_size
+    )
+    seg = SegmentLengths(tokenizer)
+    runs = build_runs(preset, tokenizer, args.seed)
+    print(
+        f"preset {args.preset}: vocab {len(tokenizer)}, "
+        + ", ".join(f"{r.name} {n_params(r.model):,} params" for r in runs)
+        + f", {preset.total_steps} steps [{time.time() - t0:.0f}s]",
+        flush=True,
+    )
+    rows = train(preset, runs, seg, args.seed, out)
+    tokens = rows[-1]["tokens_seen"]
+
+    evals: dict = {}
+    for run in runs:
+        evals[run.name] = {
+            label: evaluate_niah(
+                run.model, tokenizer, preset.final_len, preset.eval_prompts, n, seed=99 + n
+            )
+            for label, n in (("single", 1), ("multi", 3))
+        }
+        print(f"NIAH {run.name} @ {preset.final_len}: {evals[run.name]}", flush=True)
+    save_pair(runs, tokenizer, preset, args.preset, args.seed, tokens, evals, out)
+    for run in runs:
+        print(
+            f"{run.name}: {n_params(run.model):,} params, train {run.seconds / 60:.1f} min, "
+            f"break step {run.break_step}, folder {folder_mb(out / run.name):.2f} MB"
+        )
+    print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""NIAH figures from metrics rows: the paper's depth x length heatmap and bars per N/R."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diffbench.figures import model_colors, new_figure, save
+
+ALL = "all"
+
+
+def draw(metrics: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Every NIAH figure; return the files written."""
+    rows = metrics[(metrics["task"] == "niah") & (metrics["metric"] == "accuracy")].copy()
+    if rows.empty:
+        return []
+    rows["length"] = rows["length"].astype(int)
+    paths: list[Path] = []
+    for (mode, n, r), grid in rows.groupby(["mode", "needles", "queries"], sort=True):
+        paths += heatmap(grid, out_dir, f"niah_heatmap_{mode}_n{n}r{r}", f"N={n}, R={r}, {mode}")
+    for mode, grid in rows[rows["depth"] == ALL].groupby("mode", sort=True):
+        paths += bars(grid, out_dir, f"niah_bars_{mode}", str(mode))
+    return paths
+
+
+def _depth_key(d: str) -> float:
+    return float("inf") if d == ALL else float(d)
+
+
+def heatmap(rows: pd.DataFrame, out_dir: Path, stem: str, title: str) -> list[Path]:
+    """Depth on y, length on x, the mean over depths as the bottom row; a panel per model."""
+    models = sorted(rows["model"].unique())
+    lengths = sorted(rows["length"].unique())
+    depths = sorted((d for d in rows["depth"].unique() if d != ALL), key=_depth_key)
+    fig = new_figure(ncols=len(models), width=0.55 * len(lengths) + 2.2, height=2.9)
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    image = None
+    for k, (ax, model) in enumerate(zip(axes, models, strict=True)):
+        sub = rows[rows["model"] == model]
+        grid = np.full((len(depths) + 1, len(lengths)), np.nan)
+        for i, d in enumerate([*depths, ALL]):
+            for j, length in enumerate(lengths):
+                v = sub[(sub["depth"] == d) & (sub["length"] == length)]["value"]
+                if len(v):
+                    grid[i, j] = float(v.iloc[0])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.axhline(len(depths) - 0.5, color="black", lw=1.2)
+        ax.set_xticks(range(len(lengths)), [_k(x) for x in lengths])
+        ticks = [f"{float(d):g}%" for d in depths] + ["mean"]
+        ax.set_yticks(range(len(depths) + 1), ticks if k == 0 else [""] * len(ticks))
+        ax.set_xlabel("context length (tokens)")
+        if k == 0:
+            ax.set_ylabel("answer needle depth")
+        ax.set_title(model)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.85, label="accuracy")
+    fig.suptitle(f"Needle in a haystack ({title})", y=1.02)
+    return save(fig, out_dir, stem)
+
+
+def bars(rows: pd.DataFrame, out_dir: Path, stem: str, mode: str) -> list[Path]:
+    """Accuracy averaged over depths, grouped by N/R (and length), one bar per model."""
+    rows = rows.assign(group=[f"{n}/{r}" + (f"\n{_k(length)}" if rows["length"].nunique() > 1
+                                         else "")
+                              for n, r, length in zip(rows["needles"], rows["queries"],
+                                                      rows["length"], strict=True)])
+    groups = list(dict.fromkeys(rows.sort_values(["needles", "queries", "length"])["group"]))
+    models = sorted(rows["model"].unique())
+    colors = model_colors(models)
+    fig = new_figure(width=max(3.4, 0.5 * len(groups) * len(models) + 1.5))
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    for k, model in enumerate(models):
+        sub = rows[rows["model"] == model].set_index("group")
+        vals = [float(sub["value"].get(g, np.nan)) for g in groups]
+        errs = [float(sub["stderr"].get(g, np.nan)) for g in groups]
+        xs = np.arange(len(groups)) + (k - (len(models) - 1) / 2) * width
+        ax.bar(xs, vals, width, yerr=np.nan_to_num(errs), color=colors[model], label=model,
+               capsize=2)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("needles N / queried R")
+    ax.set_ylabel("accuracy (mean over depths)")
+    ax.set_title(f"Multi-needle retrieval ({mode})")
+    ax.legend()
+    return save(fig, out_dir, stem)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
