@@ -25,12 +25,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run tasks on models; writes a run directory under results/")
     r.add_argument("--tasks", help="comma-separated task names (default: niah)")
-    r.add_argument("--models", help="LABEL=SPEC[,LABEL=SPEC...]; SPEC is a folder, hub id, "
-                   "built-in name, or prefixed hf:/vllm:")
-    r.add_argument("--set", dest="sets", action="append", default=[], metavar="TASK.KEY=VALUE",
-                   help="a task option; lists are comma-separated (repeatable)")
-    r.add_argument("--model-args", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
-                   help="backend options of one model (repeatable)")
+    r.add_argument(
+        "--models",
+        help="LABEL=SPEC[,LABEL=SPEC...]; SPEC is a folder, hub id, "
+        "built-in name, or prefixed hf:/vllm:",
+    )
+    r.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="TASK.KEY=VALUE",
+        help="a task option; lists are comma-separated (repeatable)",
+    )
+    r.add_argument(
+        "--model-args",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="backend options of one model (repeatable)",
+    )
     r.add_argument("--config", type=Path, help="a YAML file with tasks, models, options")
     r.add_argument("--output", type=Path, help="run directory (default: named from the run)")
     r.add_argument("--seed", type=int, help="seed of every random draw (default 1234)")
@@ -60,7 +74,8 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     unknown = set(data) - known
     if unknown:
         raise DiffbenchError(
-            f"unknown keys in {path}: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            f"unknown keys in {path}: {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(known))}"
         )
     return data
 
@@ -72,8 +87,9 @@ def _run_config(args: argparse.Namespace) -> Any:
 
     data = _load_yaml(args.config) if args.config else {}
     tasks_value = args.tasks or data.get("tasks") or "niah"
-    tasks = [t.strip() for t in (tasks_value.split(",") if isinstance(tasks_value, str)
-                                 else tasks_value)]
+    tasks = [
+        t.strip() for t in (tasks_value.split(",") if isinstance(tasks_value, str) else tasks_value)
+    ]
     if any(not t for t in tasks) or len(set(tasks)) != len(tasks):
         raise DiffbenchError(f"malformed --tasks {tasks_value!r}")
     # Models: YAML `models: {label: spec}` or `{label: {spec: ..., KEY: VALUE}}`.
@@ -109,7 +125,9 @@ def _run_config(args: argparse.Namespace) -> Any:
     output = args.output or (Path(data["output"]) if data.get("output") else None)
     return RunConfig(
         tasks=tuple(tasks),
-        models=tuple(ModelSpec(label, spec, options.get(label, {})) for label, spec in specs.items()),
+        models=tuple(
+            ModelSpec(label, spec, options.get(label, {})) for label, spec in specs.items()
+        ),
         task_options=task_options,
         seed=seed,
         limit=int(limit) if limit is not None else None,
@@ -187,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffbench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diffbench: interrupted; scored samples are saved, rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            "diffbench: interrupted; scored samples are saved, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

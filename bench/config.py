@@ -106,9 +106,7 @@ def build_config(
         values.update(presets[preset])
     for key, value in overrides.items():
         if key not in types_:
-            raise DiffbenchError(
-                f"unknown option {task_name}.{key}; known: {', '.join(types_)}"
-            )
+            raise DiffbenchError(f"unknown option {task_name}.{key}; known: {', '.join(types_)}")
         values[key] = coerce(f"{task_name}.{key}", value, types_[key])
     try:
         return config_type(**values)
@@ -118,4 +116,6 @@ def build_config(
 
 def config_dict(config: Any) -> dict[str, Any]:
     """A task config as JSON-ready values (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 PALETTE = ("#1f4e9c", "#c0392b", "#2e8b57", "#8e44ad", "#d68910", "#566573")
-STYLE = {
+STYLE: dict[str, Any] = {
     "font.family": "serif",
     "font.serif": ["DejaVu Serif", "Times New Roman", "Times"],
     "font.size": 9,
@@ -35,7 +36,7 @@ def model_colors(models: Iterable[str]) -> dict[str, str]:
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 3.4, height: float = 2.8) -> Figure:
     """A figure of `ncols` x `nrows` panels in the paper style."""
-    plt.rcParams.update(STYLE)
+    plt.style.use(STYLE)
     fig = plt.figure(figsize=(width * ncols, height * nrows))
     return fig
 

@@ -1,4 +1,4 @@
-"""Task discovery through the `diffbench.tasks` entry-point group (built-ins register the same way)."""
+"""Task discovery through the `diffbench.tasks` entry-point group; built-ins register there too."""
 
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-
 from diffbench import registry
 from diffbench.errors import DiffbenchError
 from diffbench.store import METRIC_COLUMNS, RunStore, natural_key, write_atomic
@@ -20,8 +19,9 @@ def _fmt(v: float) -> str:
 def _table(rows: pd.DataFrame, models: list[str], settings: list[str]) -> str:
     """A Markdown table: settings, one column per model, then each model minus the first."""
     rows = rows.sort_values([*settings, "metric"], key=natural_key, kind="stable")
-    wide = rows.pivot_table(index=[*settings, "metric"], columns="model", values="value",
-                            aggfunc="first", sort=False)
+    wide = rows.pivot_table(
+        index=[*settings, "metric"], columns="model", values="value", aggfunc="first", sort=False
+    )
     present = [m for m in models if m in wide.columns]
     head = [*settings, "metric", *present]
     deltas = [(m, present[0]) for m in present[1:]]
@@ -30,8 +30,9 @@ def _table(rows: pd.DataFrame, models: list[str], settings: list[str]) -> str:
     for key, row in wide.iterrows():
         cells = [str(k) for k in (key if isinstance(key, tuple) else (key,))]
         cells += [_fmt(row[m]) for m in present]
-        cells += [_fmt(row[m] - row[ref]) if not pd.isna(row[m] - row[ref]) else ""
-                  for m, ref in deltas]
+        cells += [
+            _fmt(row[m] - row[ref]) if not pd.isna(row[m] - row[ref]) else "" for m, ref in deltas
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -42,8 +43,9 @@ def render(store: RunStore) -> str:
     metrics = store.metrics()
     models = [m["label"] for m in run["config"]["models"]]
     out = ["# diffbench report", ""]
-    out.append(f"Run `{store.root.name}`, seed {run['config']['seed']}, "
-               f"started {run.get('started', '?')}.")
+    out.append(
+        f"Run `{store.root.name}`, seed {run['config']['seed']}, started {run.get('started', '?')}."
+    )
     out.append("")
     out.append("| model | spec | architecture | parameters | dtype | max context |")
     out.append("|---|---|---|---|---|---|")

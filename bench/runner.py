@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
-
 from diffbench import registry
 from diffbench.api import Backend, ChoiceRequest, GenerateRequest, Item, Task
 from diffbench.config import build_config, config_dict
 from diffbench.errors import DiffbenchError
 from diffbench.models import ModelSpec, coerce_options, load_backend, resolve_target
 from diffbench.store import RunStore
+from tqdm import tqdm
 
 log = logging.getLogger("diffbench")
 
@@ -64,7 +63,9 @@ def prepare_tasks(cfg: RunConfig) -> dict[str, PreparedTask]:
         )
     unknown = set(cfg.task_options) - set(cfg.tasks)
     if unknown:
-        raise DiffbenchError(f"options given for tasks not in this run: {', '.join(sorted(unknown))}")
+        raise DiffbenchError(
+            f"options given for tasks not in this run: {', '.join(sorted(unknown))}"
+        )
     return out
 
 
@@ -108,7 +109,9 @@ def git_revision() -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -130,7 +133,7 @@ def _limited(items: list[Item], limit: int | None) -> list[Item]:
 
 
 def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
-    """Consecutive runs of one request type, cut at `size` items but never inside a shared prefix."""
+    """Runs of one request type, cut after `size` items but never inside a shared prefix."""
     chunk: list[Item] = []
     for it in items:
         if chunk:
@@ -154,8 +157,11 @@ class Progress:
 
     def __init__(self, desc: str, total: int, done: int) -> None:
         self.desc, self.total, self.count = desc, total, done
-        self.bar = tqdm(total=total, initial=done, desc=desc, unit="sample", leave=True) \
-            if sys.stderr.isatty() else None
+        self.bar = (
+            tqdm(total=total, initial=done, desc=desc, unit="sample", leave=True)
+            if sys.stderr.isatty()
+            else None
+        )
         self._next_log = done + max(1, total // 10)
         if self.bar is None:
             log.info("%s: %d/%d already scored", desc, done, total)
@@ -174,7 +180,11 @@ class Progress:
 
 
 def score_items(
-    backend: Backend, prepared: PreparedTask, items: list[Item], store: RunStore, label: str,
+    backend: Backend,
+    prepared: PreparedTask,
+    items: list[Item],
+    store: RunStore,
+    label: str,
     progress: Progress,
 ) -> None:
     """Send `items` to the backend in chunks; score and store each response as it arrives."""
@@ -184,9 +194,9 @@ def score_items(
         requests = [it.request for it in chunk]
         responses: list[Any]
         if isinstance(requests[0], GenerateRequest):
-            responses = backend.generate(requests)  # type: ignore[arg-type]
+            responses = backend.generate(requests)
         else:
-            responses = backend.score_choices(requests)  # type: ignore[arg-type]
+            responses = backend.score_choices(requests)
         for it, resp in zip(chunk, responses, strict=True):
             record = {"id": it.id, "task": task.name, "model": label, **it.setting}
             scored = task.score(cfg, it, resp)
@@ -258,8 +268,13 @@ def run(cfg: RunConfig) -> Path:
                 )
             record["models"][spec.label] = info
             store.write_run(record)
-            log.info("loaded %s (%s, %s parameters) in %.1fs", spec.label, info["architecture"],
-                     f"{info['n_parameters']:,}", time.perf_counter() - t0)
+            log.info(
+                "loaded %s (%s, %s parameters) in %.1fs",
+                spec.label,
+                info["architecture"],
+                f"{info['n_parameters']:,}",
+                time.perf_counter() - t0,
+            )
             try:
                 view = backend.tokenizer_view()
                 for name, p in prepared.items():

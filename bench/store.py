@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
-
 from diffbench.api import Sample
 from diffbench.errors import DiffbenchError
 
@@ -40,7 +39,10 @@ def natural_key(column: pd.Series) -> pd.Series:
     """Sort key putting numbers in numeric order before any text (e.g. depth 0, 25, 100, all)."""
     numbers = pd.to_numeric(column, errors="coerce")
     return pd.Series(
-        [(0, n, "") if pd.notna(n) else (1, 0.0, str(v)) for n, v in zip(numbers, column)],
+        [
+            (0, n, "") if pd.notna(n) else (1, 0.0, str(v))
+            for n, v in zip(numbers, column, strict=True)
+        ],
         index=column.index,
     )
 
@@ -138,7 +140,7 @@ class RunStore:
 
     def samples(self, task: str) -> pd.DataFrame:
         """All models' samples of one task, one row per sample, sorted by model and id."""
-        rows = []
+        rows: list[dict[str, object]] = []
         for path in sorted((self.root / "samples" / task).glob("*.jsonl")):
             with path.open(encoding="utf-8") as fh:
                 rows.extend(json.loads(line) for line in fh if line.strip())

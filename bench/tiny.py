@@ -90,7 +90,7 @@ def matched_configs(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaConfig(**shared), DiffLlamaConfig(**shared)  # type: ignore[arg-type]
+    return LlamaConfig(**shared), DiffLlamaConfig(**shared)
 
 
 def save_random_pair(

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-
 from diffbench.api import (
     ChoiceRequest,
     ChoiceScores,
@@ -162,8 +161,13 @@ def _question(queried: list[Needle]) -> str:
 
 
 def _build_prompt(
-    cfg: NiahConfig, tok: TokenizerView, rng: random.Random, length: int, needles: list[Needle],
-    r: int, answer_room: int,
+    cfg: NiahConfig,
+    tok: TokenizerView,
+    rng: random.Random,
+    length: int,
+    needles: list[Needle],
+    r: int,
+    answer_room: int,
 ) -> tuple[str, str, int]:
     """(user text, rendered prompt without answer prefix, haystack sentence count) for `length`."""
     queried = needles[:r]
@@ -241,17 +245,36 @@ class NiahTask:
                         meta = {
                             "needle_list": [[x.city, x.number, x.depth] for x in needles],
                             "n_prompt_tokens": tokenizer.prompt_tokens(prompt),
+                            "answer_room": room,
                             "haystack_sentences": n_sent,
                         }
                         out.extend(
-                            self._mode_items(config, tokenizer, base_id, rng, user, prompt,
-                                             needles, r, setting, meta)
+                            self._mode_items(
+                                config,
+                                tokenizer,
+                                base_id,
+                                rng,
+                                user,
+                                prompt,
+                                needles,
+                                r,
+                                setting,
+                                meta,
+                            )
                         )
         return out
 
     def _mode_items(
-        self, cfg: NiahConfig, tok: TokenizerView, base_id: str, rng: random.Random, user: str,
-        prompt: str, needles: list[Needle], r: int, setting: dict[str, Any],
+        self,
+        cfg: NiahConfig,
+        tok: TokenizerView,
+        base_id: str,
+        rng: random.Random,
+        user: str,
+        prompt: str,
+        needles: list[Needle],
+        r: int,
+        setting: dict[str, Any],
         meta: dict[str, Any],
     ) -> list[Item]:
         items = []
@@ -306,7 +329,7 @@ class NiahTask:
         assert isinstance(response, ChoiceScores)
         best = response.best
         return {
-            "output": item.request.choices[best].strip(),  # type: ignore[union-attr]
+            "output": item.request.choices[best].strip(),
             "logprobs": [round(x, 6) for x in response.logprobs],
             "score": float(best == item.meta["target_index"]),
         }

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from diffbench.figures import model_colors, new_figure, save
 
 ALL = "all"
@@ -20,9 +19,11 @@ def draw(metrics: pd.DataFrame, out_dir: Path) -> list[Path]:
     rows["length"] = rows["length"].astype(int)
     paths: list[Path] = []
     for (mode, n, r), grid in rows.groupby(["mode", "needles", "queries"], sort=True):
-        paths += heatmap(grid, out_dir, f"niah_heatmap_{mode}_n{n}r{r}", f"N={n}, R={r}, {mode}")
+        paths += heatmap(
+            grid, out_dir, f"niah_heatmap_{mode!s}_n{n!s}r{r!s}", f"N={n!s}, R={r!s}, {mode!s}"
+        )
     for mode, grid in rows[rows["depth"] == ALL].groupby("mode", sort=True):
-        paths += bars(grid, out_dir, f"niah_bars_{mode}", str(mode))
+        paths += bars(grid, out_dir, f"niah_bars_{mode!s}", str(mode))
     return paths
 
 
@@ -66,10 +67,12 @@ def heatmap(rows: pd.DataFrame, out_dir: Path, stem: str, title: str) -> list[Pa
 
 def bars(rows: pd.DataFrame, out_dir: Path, stem: str, mode: str) -> list[Path]:
     """Accuracy averaged over depths, grouped by N/R (and length), one bar per model."""
-    rows = rows.assign(group=[f"{n}/{r}" + (f"\n{_k(length)}" if rows["length"].nunique() > 1
-                                         else "")
-                              for n, r, length in zip(rows["needles"], rows["queries"],
-                                                      rows["length"], strict=True)])
+    rows = rows.assign(
+        group=[
+            f"{n}/{r}" + (f"\n{_k(length)}" if rows["length"].nunique() > 1 else "")
+            for n, r, length in zip(rows["needles"], rows["queries"], rows["length"], strict=True)
+        ]
+    )
     groups = list(dict.fromkeys(rows.sort_values(["needles", "queries", "length"])["group"]))
     models = sorted(rows["model"].unique())
     colors = model_colors(models)
@@ -81,8 +84,9 @@ def bars(rows: pd.DataFrame, out_dir: Path, stem: str, mode: str) -> list[Path]:
         vals = [float(sub["value"].get(g, np.nan)) for g in groups]
         errs = [float(sub["stderr"].get(g, np.nan)) for g in groups]
         xs = np.arange(len(groups)) + (k - (len(models) - 1) / 2) * width
-        ax.bar(xs, vals, width, yerr=np.nan_to_num(errs), color=colors[model], label=model,
-               capsize=2)
+        ax.bar(
+            xs, vals, width, yerr=np.nan_to_num(errs), color=colors[model], label=model, capsize=2
+        )
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("needles N / queried R")

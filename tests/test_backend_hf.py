@@ -1,0 +1,86 @@
+"""The HF backend on real tiny checkpoints: shared-prefix scoring equals naive scoring, etc."""
+
+from __future__ import annotations
+
+import pytest
+from diffbench.api import ChoiceRequest, GenerateRequest
+from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
+from diffbench.errors import DiffbenchError
+from diffbench.tasks import haystack
+
+
+def backend(path, **options) -> HFBackend:
+    return HFBackend("m", str(path), LoadTarget(str(path)), HFOptions(**options))
+
+
+def requests() -> list[ChoiceRequest]:
+    demos = haystack.procedural_text(3, 600)
+    other = haystack.procedural_text(4, 300)
+    labels = (" red", " green apple", " blue sky today", " 1234567")
+    return [
+        ChoiceRequest(demos, "\nQuestion: what colour?\nAnswer:", labels),
+        ChoiceRequest(demos, "\nQuestion: which one?\nAnswer:", labels[:2]),
+        ChoiceRequest(demos, "", labels),  # no query: choices follow the prefix directly
+        ChoiceRequest(other, " And then", (" it rained.", " 42")),
+    ]
+
+
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefix_shared_scoring_equals_naive_full_sequence_scoring(tiny_pair, arch, attn):
+    shared = backend(tiny_pair[arch], attn_implementation=attn).score_choices(requests())
+    naive = backend(tiny_pair[arch], attn_implementation=attn, prefix_cache=False).score_choices(
+        requests()
+    )
+    assert len(shared) == len(naive) == 4
+    for s, n in zip(shared, naive, strict=True):
+        assert s.n_tokens == n.n_tokens
+        assert s.best == n.best
+        for x, y in zip(s.logprobs, n.logprobs, strict=True):
+            assert abs(x - y) < 1e-4, (x, y)
+            assert x < 0
+
+
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+def test_greedy_generation_does_not_depend_on_batch_size(tiny_pair, arch):
+    reqs = [
+        GenerateRequest(haystack.procedural_text(i, 200 + 150 * i), 12, stop=("\n",))
+        for i in range(5)
+    ]
+    one = backend(tiny_pair[arch], batch_size="1").generate(reqs)
+    many = backend(tiny_pair[arch], batch_size="8").generate(reqs)
+    assert [g.text for g in one] == [g.text for g in many]
+    assert [g.n_prompt_tokens for g in one] == [g.n_prompt_tokens for g in many]
+    assert all(0 < g.n_new_tokens <= 12 for g in one)
+    assert all("\n" not in g.text for g in one)
+
+
+def test_model_info_records_identity(tiny_pair):
+    b = backend(tiny_pair["tiny-diff"])
+    assert b.info.architecture == "DiffLlamaForCausalLM"
+    assert b.info.n_parameters > 100_000
+    assert b.info.max_context == 1024
+    assert b.info.dtype == "float32"
+    assert len(b.info.fingerprint) == len("sha256:") + 64
+    assert not b.info.has_chat_template
+
+
+def test_prompt_beyond_max_context_is_a_clear_error(tiny_pair):
+    b = backend(tiny_pair["tiny-base"], max_length=64)
+    long_prompt = haystack.procedural_text(0, 2000)
+    with pytest.raises(DiffbenchError, match=r"beyond model 'm'.s maximum context of 64"):
+        b.generate([GenerateRequest(long_prompt, 4)])
+    with pytest.raises(DiffbenchError, match="maximum context"):
+        b.score_choices([ChoiceRequest(long_prompt, "", (" a",))])
+
+
+def test_tokenizer_view_budgets_in_the_models_own_tokens(tiny_pair):
+    view = backend(tiny_pair["tiny-base"]).tokenizer_view()
+    text = haystack.procedural_text(1, 1000)
+    n = view.count(text)
+    cut = view.char_offset(text, n // 2)
+    assert 0 < cut < len(text)
+    assert abs(view.count(text[:cut]) - n // 2) <= 1
+    # BOS is added once, at the start, and never inside the prompt text.
+    assert view.prompt_tokens("hello") == view.count("hello") + 1
+    assert view.render("question", "Answer:") == "question\nAnswer:"

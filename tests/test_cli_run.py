@@ -1,0 +1,189 @@
+"""The CLI end to end on real tiny Llama and DiffLlama checkpoints: outputs, resume, batching."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from conftest import models_arg
+
+SMALL = ["--tasks", "niah", "--set", "niah.lengths=256,512", "--set", "niah.samples=2"]
+
+
+def read_samples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_writes_store_report_and_figures_for_both_architectures(cli, tiny_pair, tmp_path):
+    out = tmp_path / "run"
+    res = cli("run", *SMALL, "--models", models_arg(tiny_pair), "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["models"]["diff"]["architecture"] == "DiffLlamaForCausalLM"
+    assert run["models"]["base"]["architecture"] == "LlamaForCausalLM"
+    assert run["models"]["diff"]["fingerprint"].startswith("sha256:")
+    assert run["config"]["tasks"]["niah"]["lengths"] == [256, 512]
+    assert {"torch", "transformers", "diffbench"} <= set(run["versions"])
+
+    metrics = pd.read_csv(out / "metrics.csv", dtype=str, keep_default_na=False)
+    assert list(metrics.columns[:6]) == ["task", "metric", "model", "value", "n", "stderr"]
+    assert {"length", "depth", "needles", "queries", "mode"} <= set(metrics.columns)
+    # 2 models x 2 modes x 2 lengths x (5 depths + the mean over depths)
+    assert len(metrics) == 2 * 2 * 2 * 6
+    assert set(metrics["model"]) == {"diff", "base"}
+
+    for model in ("diff", "base"):
+        samples = read_samples(out / "samples" / "niah" / f"{model}.jsonl")
+        assert len(samples) == 2 * 5 * 2 * 2  # lengths x depths x samples x modes
+        assert len({s["id"] for s in samples}) == len(samples)
+        assert all({"id", "target", "output", "score"} <= set(s) for s in samples)
+        assert all(s["n_prompt_tokens"] <= s["length"] for s in samples)
+
+    report = (out / "report.md").read_text()
+    assert "| diff | base |" in report.replace(" base − diff |", "")
+    for ext in ("png", "pdf"):
+        assert (out / "figures" / f"niah_heatmap_score_n1r1.{ext}").stat().st_size > 1000
+
+
+def test_same_seed_gives_byte_identical_metrics_and_rerun_resumes(cli, tiny_pair, tmp_path):
+    args = ["run", *SMALL, "--set", "niah.mode=score", "--models", models_arg(tiny_pair)]
+    first = cli(*args, "--output", str(tmp_path / "a"))
+    second = cli(*args, "--output", str(tmp_path / "b"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a = (tmp_path / "a" / "metrics.csv").read_bytes()
+    assert a == (tmp_path / "b" / "metrics.csv").read_bytes()
+    again = cli(*args, "--output", str(tmp_path / "a"))
+    assert again.returncode == 0
+    assert "resuming" in again.stderr
+    assert "20/20 already scored" in again.stderr
+    assert (tmp_path / "a" / "metrics.csv").read_bytes() == a
+
+
+def test_default_output_is_named_from_the_run_identity(cli, tiny_pair, tmp_path):
+    args = [
+        "run",
+        *SMALL,
+        "--set",
+        "niah.mode=score",
+        "--set",
+        "niah.lengths=256",
+        "--models",
+        f"diff={tiny_pair['tiny-diff']}",
+        "--no-report",
+    ]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    run_dir = Path(first.stdout.strip().splitlines()[-1])
+    assert run_dir.parts[0] == "results" and run_dir.name.startswith("niah__diff__")
+    again = cli(*args)
+    assert Path(again.stdout.strip().splitlines()[-1]) == run_dir
+    assert "already scored" in again.stderr
+
+
+def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(cli, tiny_pair, tmp_path):
+    args = [
+        "run",
+        "--tasks",
+        "niah",
+        "--set",
+        "niah.lengths=512,1024",
+        "--set",
+        "niah.samples=2",
+        "--models",
+        models_arg(tiny_pair),
+        "--no-report",
+    ]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffbench.cli", *args, "--output", str(killed)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first_file = killed / "samples" / "niah" / "diff.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if first_file.exists() and len(first_file.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(first_file.read_text().splitlines())
+    assert 5 <= partial < 40
+
+    resumed = cli(*args, "--output", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    clean = cli(*args, "--output", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+    assert (killed / "metrics.csv").read_bytes() == (
+        tmp_path / "clean" / "metrics.csv"
+    ).read_bytes()
+    for model in ("diff", "base"):
+        ids = [s["id"] for s in read_samples(killed / "samples" / "niah" / f"{model}.jsonl")]
+        assert len(ids) == len(set(ids)) == 40
+
+
+def test_batch_size_one_and_eight_give_identical_niah_results(cli, tiny_pair, tmp_path):
+    runs = {}
+    for bs in (1, 8):
+        out = tmp_path / f"bs{bs}"
+        res = cli(
+            "run",
+            *SMALL,
+            "--models",
+            models_arg(tiny_pair),
+            "--no-report",
+            "--model-args",
+            f"diff:batch_size={bs}",
+            "--model-args",
+            f"base:batch_size={bs}",
+            "--output",
+            str(out),
+        )
+        assert res.returncode == 0, res.stderr
+        runs[bs] = out
+    assert (runs[1] / "metrics.csv").read_bytes() == (runs[8] / "metrics.csv").read_bytes()
+    for model in ("diff", "base"):
+        one = {s["id"]: s for s in read_samples(runs[1] / "samples" / "niah" / f"{model}.jsonl")}
+        eight = {s["id"]: s for s in read_samples(runs[8] / "samples" / "niah" / f"{model}.jsonl")}
+        assert one.keys() == eight.keys()
+        for sid, s in one.items():
+            assert s["output"] == eight[sid]["output"], sid
+            if "logprobs" in s:
+                for x, y in zip(s["logprobs"], eight[sid]["logprobs"], strict=True):
+                    assert abs(x - y) < 1e-4
+
+
+def test_report_and_plot_commands_redo_outputs_from_the_store(cli, tiny_pair, tmp_path):
+    out = tmp_path / "run"
+    res = cli(
+        "run",
+        *SMALL,
+        "--set",
+        "niah.mode=score",
+        "--models",
+        models_arg(tiny_pair),
+        "--output",
+        str(out),
+        "--no-report",
+    )
+    assert res.returncode == 0, res.stderr
+    assert not (out / "report.md").exists()
+    assert cli("plot", str(out)).returncode == 0
+    assert (out / "figures" / "niah_heatmap_score_n1r1.png").exists()
+    rep = cli("report", str(out))
+    assert rep.returncode == 0
+    assert "![niah_heatmap_score_n1r1]" in (out / "report.md").read_text()
+
+
+def test_list_shows_tasks_options_metrics_and_builtin_models(cli):
+    res = cli("list")
+    assert res.returncode == 0, res.stderr
+    for text in ("niah:", "lengths", "list[int]", "accuracy", "paper-4k", "smollm2", "tiny-diff"):
+        assert text in res.stdout
