@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import pandas as pd
 
@@ -36,11 +36,16 @@ class ChoiceRequest:
     a block of demonstrations) is encoded once for every query and every choice that follows it.
     The three parts are tokenized separately and their ids concatenated, so prefix-shared and
     full-sequence scoring see exactly the same tokens.
+
+    `method` says what the caller needs: `full`, every choice's log-likelihood; `best`, only the
+    most likely choice (exact, but other choices' scores may be left unknown); `greedy`, greedy
+    decoding constrained to the choices' token sequences (the Bertsch et al. protocol).
     """
 
     prefix: str
     query: str
     choices: tuple[str, ...]
+    method: Literal["full", "best", "greedy"] = "full"
 
 
 Request: TypeAlias = GenerateRequest | ChoiceRequest
@@ -48,15 +53,16 @@ Request: TypeAlias = GenerateRequest | ChoiceRequest
 
 @dataclass(frozen=True)
 class ChoiceScores:
-    """Summed log-probability and token count of each choice, in the request's order."""
+    """The chosen choice, and each choice's summed log-probability (None where not computed)."""
 
-    logprobs: tuple[float, ...]
+    logprobs: tuple[float | None, ...]
     n_tokens: tuple[int, ...]
+    chosen: int
 
     @property
     def best(self) -> int:
-        """Index of the most likely choice (first on ties)."""
-        return max(range(len(self.logprobs)), key=lambda i: (self.logprobs[i], -i))
+        """Index of the choice the request's method picked."""
+        return self.chosen
 
 
 @dataclass(frozen=True)

@@ -330,7 +330,7 @@ class NiahTask:
         best = response.best
         return {
             "output": item.request.choices[best].strip(),
-            "logprobs": [round(x, 6) for x in response.logprobs],
+            "logprobs": [None if x is None else round(x, 6) for x in response.logprobs],
             "score": float(best == item.meta["target_index"]),
         }
 

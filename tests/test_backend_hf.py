@@ -37,8 +37,47 @@ def test_prefix_shared_scoring_equals_naive_full_sequence_scoring(tiny_pair, arc
         assert s.n_tokens == n.n_tokens
         assert s.best == n.best
         for x, y in zip(s.logprobs, n.logprobs, strict=True):
+            assert x is not None and y is not None
             assert abs(x - y) < 1e-4, (x, y)
             assert x < 0
+
+
+def label_requests(method: str) -> list[ChoiceRequest]:
+    demos = "\n\n".join(
+        f"utterance: {haystack.procedural_text(i, 80)}\nintent: {lab}"
+        for i, lab in enumerate(["pay bill", "pay rent", "play song", "book table"] * 3)
+    )
+    labels = (" pay bill", " pay rent", " play song", " play video", " book table", " book taxi")
+    return [
+        ChoiceRequest(
+            demos + "\n\n",
+            f"utterance: {haystack.procedural_text(50 + i, 60)}\nintent:",
+            labels,
+            method=method,
+        )  # type: ignore[arg-type]
+        for i in range(6)
+    ]
+
+
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+@pytest.mark.parametrize("method", ["best", "greedy"])
+def test_pruned_and_greedy_searches_agree_with_naive_scoring(tiny_pair, arch, method):
+    shared = backend(tiny_pair[arch]).score_choices(label_requests(method))
+    naive = backend(tiny_pair[arch], prefix_cache=False).score_choices(label_requests(method))
+    full = backend(tiny_pair[arch], prefix_cache=False).score_choices(label_requests("full"))
+    for s, n, f in zip(shared, naive, full, strict=True):
+        assert s.best == n.best
+        for x, y in zip(s.logprobs, n.logprobs, strict=True):
+            assert (x is None) == (y is None)
+            assert x is None or abs(x - y) < 1e-4
+        if method == "best":  # exact argmax of the full log-likelihoods
+            assert s.best == f.best
+            assert abs(s.logprobs[s.best] - f.logprobs[f.best]) < 1e-4
+
+
+def test_best_first_search_leaves_unpromising_labels_uncomputed(tiny_pair):
+    scores = backend(tiny_pair["tiny-base"]).score_choices(label_requests("best"))
+    assert any(None in s.logprobs for s in scores)
 
 
 @pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])

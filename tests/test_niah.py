@@ -77,7 +77,7 @@ def test_generate_scoring_is_per_needle_substring_match():
     assert rec["found"] == [True, False]
     assert rec["score"] == 0.5
     it = Item("y", ChoiceRequest("p", "", (" 1", " 2")), {}, {"target": "2", "target_index": 1})
-    assert TASK.score(cfg, it, ChoiceScores((-3.0, -1.0), (1, 1)))["score"] == 1.0
+    assert TASK.score(cfg, it, ChoiceScores((-3.0, -1.0), (1, 1), chosen=1))["score"] == 1.0
 
 
 def test_aggregate_gives_cells_and_a_mean_over_depths():

