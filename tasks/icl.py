@@ -1,0 +1,253 @@
+"""Many-shot in-context learning with demonstration-order permutation (paper §3.4-3.5).
+
+Protocol: ../shared/paper-protocols.md section 2 (Bertsch et al. 2024). For each shot count,
+`draws` demonstration sets are sampled; each is laid out in every arrangement (random, alternating
+by class, grouped by class) under `orders` order seeds; every test example is answered after it.
+The answer is restricted to the label set: by default the most likely label (exact), or greedy
+decoding constrained to the labels' token sequences. All test examples of one prompt share its
+demonstrations as one cached prefix, so the demonstrations are encoded once per prompt.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from diffbench.api import ChoiceRequest, ChoiceScores, Item, Response, Sample, TokenizerView
+from diffbench.errors import DiffbenchError
+from diffbench.tasks import icl_datasets
+from diffbench.tasks.icl_datasets import Example, IclDataset
+
+ARRANGEMENTS = ("random", "alternating", "grouped")
+SETTING_KEYS = ("dataset", "arrangement", "shots", "draw", "order")
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class IclConfig:
+    """Options of the icl task; the defaults run in a minute or two per small model on a CPU."""
+
+    dataset: str = "synthetic"  # synthetic | trec | trec-fine | banking77 | clinic150 | a path
+    test_file: str = ""  # a separate test file for a local dataset
+    text_field: str = "text"
+    label_field: str = "label"
+    shots: tuple[int, ...] = ()  # empty: 1, 2, 4, ... up to max_shots or the context limit
+    max_shots: int = 32
+    draws: int = 2  # demonstration draws per shot count
+    orders: int = 1  # order seeds per arrangement
+    arrangements: tuple[str, ...] = ("random",)
+    test_size: int = 24
+    answer: Literal["likelihood", "constrained"] = "likelihood"
+    separator: str = "\n\n"
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.arrangements) - set(ARRANGEMENTS))
+        if bad or not self.arrangements:
+            raise ValueError(f"arrangements must be among {', '.join(ARRANGEMENTS)}: {bad}")
+        if any(k < 1 for k in self.shots) or self.max_shots < 1:
+            raise ValueError("shots must be positive")
+        if self.draws < 1 or self.orders < 1 or self.test_size < 1:
+            raise ValueError("draws, orders and test_size must be >= 1")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Bertsch et al.: 250 test examples, 10 draws per shot count, up to the context limit.
+    "paper": {"test_size": 250, "draws": 10, "max_shots": 4096, "answer": "constrained"},
+    # Figure 7: the same demonstrations under 10 random orders and about 30 alternating ones.
+    "paper-order": {
+        "arrangements": ("random", "alternating"), "orders": 10, "draws": 1, "test_size": 250,
+    },
+}  # fmt: skip
+
+
+def format_example(ds: IclDataset, ex: Example) -> str:
+    """One demonstration in the dataset's prompt format."""
+    return f"{ds.input_name}: {ex.text}\n{ds.label_name}: {ex.label}"
+
+
+def arrange(demos: list[Example], arrangement: str, rng: random.Random) -> list[Example]:
+    """The same demonstrations re-ordered: random, alternating by class, or grouped by class."""
+    if arrangement == "random":
+        out = list(demos)
+        rng.shuffle(out)
+        return out
+    by_class: dict[str, list[Example]] = {}
+    for ex in demos:
+        by_class.setdefault(ex.label, []).append(ex)
+    classes = sorted(by_class)
+    rng.shuffle(classes)
+    for members in by_class.values():
+        rng.shuffle(members)
+    if arrangement == "grouped":
+        return [ex for c in classes for ex in by_class[c]]
+    out = []  # alternating: round-robin over classes until every class is exhausted
+    while any(by_class[c] for c in classes):
+        out.extend(by_class[c].pop(0) for c in classes if by_class[c])
+    return out
+
+
+def label_choices(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """Labels as continuations; one that is a prefix of another gets the newline that follows
+    it in the prompt (as Bertsch et al. do), so constrained decoding can tell them apart."""
+    out = []
+    for lab in labels:
+        text = " " + lab
+        if any(o != lab and (" " + o).startswith(text) for o in labels):
+            text += "\n"
+        out.append(text)
+    return tuple(out)
+
+
+def _shot_counts(cfg: IclConfig) -> list[int]:
+    if cfg.shots:
+        return sorted(set(cfg.shots))
+    counts, k = [], 1
+    while k <= cfg.max_shots:
+        counts.append(k)
+        k *= 2
+    return counts
+
+
+class IclTask:
+    """The many-shot ICL task plugin."""
+
+    name = "icl"
+    description = "Many-shot in-context classification vs number of demonstrations and order"
+    config_type = IclConfig
+    presets = PRESETS
+    metrics = ("accuracy", "accuracy_std", "accuracy_min", "accuracy_max", "margin")
+    setting_keys = SETTING_KEYS
+    lower_is_better = frozenset({"accuracy_std", "margin"})
+    sample_mean_metrics = frozenset({"accuracy"})
+
+    def items(self, config: IclConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
+        """Every (shots, draw, arrangement, order, test example) request for one model."""
+        ds = icl_datasets.load(
+            config.dataset, config.test_file, config.text_field, config.label_field,
+            config.test_size, seed,
+        )  # fmt: skip
+        test_rng = random.Random(f"icl|{seed}|test")
+        test = list(ds.test)
+        test = test_rng.sample(test, min(config.test_size, len(test)))
+        choices = label_choices(ds.labels)
+        longest_query = max(
+            tokenizer.count(f"{ds.input_name}: {ex.text}\n{ds.label_name}:") for ex in test
+        ) + max(tokenizer.count(c) for c in choices)  # fmt: skip
+        out: list[Item] = []
+        for k in _shot_counts(config):
+            if k > len(ds.train):
+                if not config.shots:
+                    break
+                raise DiffbenchError(
+                    f"icl: {k} shots asked for, but dataset {ds.name!r} has only "
+                    f"{len(ds.train)} demonstration examples"
+                )
+            draws = [
+                (d, self._prompts(config, ds, random.Random(f"icl|{seed}|k{k}|d{d}").sample(
+                    list(ds.train), k), k, d, seed))
+                for d in range(config.draws)
+            ]  # fmt: skip
+            need = longest_query + max(
+                tokenizer.prompt_tokens(p) for _, prompts in draws for p, _, _ in prompts
+            )
+            if need > tokenizer.max_context:
+                if config.shots:
+                    raise DiffbenchError(
+                        f"icl: {k} shots need {need} tokens, beyond the model's maximum "
+                        f"context of {tokenizer.max_context}; lower --set icl.shots"
+                    )
+                break  # the automatic sweep stops where prompts stop fitting
+            for d, prompts in draws:
+                for prefix, arrangement, o in prompts:
+                    setting = {"dataset": ds.name, "arrangement": arrangement, "shots": k,
+                               "draw": d, "order": o}  # fmt: skip
+                    for t, ex in enumerate(test):
+                        request = ChoiceRequest(
+                            prefix=prefix,
+                            query=f"{ds.input_name}: {ex.text}\n{ds.label_name}:",
+                            choices=choices,
+                            method="best" if config.answer == "likelihood" else "greedy",
+                        )
+                        meta = {"text": ex.text, "target": ex.label, "test_index": t,
+                                "target_index": ds.labels.index(ex.label)}  # fmt: skip
+                        item_id = f"k{k}-d{d}-{arrangement}-o{o}-t{t}"
+                        out.append(Item(item_id, request, setting, meta))
+        return out
+
+    @staticmethod
+    def _prompts(
+        cfg: IclConfig, ds: IclDataset, demos: list[Example], k: int, d: int, seed: int
+    ) -> list[tuple[str, str, int]]:
+        out = []
+        for arrangement in cfg.arrangements:
+            for o in range(cfg.orders):
+                rng = random.Random(f"icl|{seed}|k{k}|d{d}|{arrangement}|o{o}")
+                ordered = arrange(demos, arrangement, rng)
+                text = cfg.separator.join(format_example(ds, ex) for ex in ordered)
+                out.append((text + cfg.separator, arrangement, o))
+        return out
+
+    def score(self, config: IclConfig, item: Item, response: Response) -> Sample:
+        """Exact match of the chosen label."""
+        assert isinstance(response, ChoiceScores)
+        request = item.request
+        assert isinstance(request, ChoiceRequest)
+        return {
+            "output": request.choices[response.best].strip(),
+            "logprob": response.logprobs[response.best],
+            "score": float(response.best == item.meta["target_index"]),
+        }
+
+    def aggregate(self, config: IclConfig, samples: pd.DataFrame) -> pd.DataFrame:
+        """Accuracy per prompt (draw x order), and its mean, spread and margin over prompts."""
+        run_keys = ["model", "dataset", "arrangement", "shots", "draw", "order"]
+        runs = (
+            samples.groupby(run_keys, sort=True)["score"]
+            .agg(value="mean", n="count", stderr=_stderr)
+            .reset_index()
+        )
+        runs["metric"] = "accuracy"
+        keys = ["model", "dataset", "arrangement", "shots"]
+        rows = []
+        for key, group in runs.groupby(keys, sort=True):
+            accs = group["value"].to_numpy()
+            n = int(group["n"].sum())
+            spread = float(np.std(accs, ddof=1)) if len(accs) > 1 else float("nan")
+            base = dict(zip(keys, key, strict=True), draw=ALL, order=ALL)
+            se = spread / np.sqrt(len(accs)) if len(accs) > 1 else _binomial_se(accs.mean(), n)
+            rows += [
+                {**base, "metric": "accuracy", "value": float(accs.mean()), "n": n, "stderr": se},
+                {**base, "metric": "accuracy_std", "value": spread, "n": len(accs)},
+                {**base, "metric": "accuracy_min", "value": float(accs.min()), "n": len(accs)},
+                {**base, "metric": "accuracy_max", "value": float(accs.max()), "n": len(accs)},
+                {**base, "metric": "margin", "value": float(accs.max() - accs.min()),
+                 "n": len(accs)},
+            ]  # fmt: skip
+        runs["draw"] = runs["draw"].astype(str)
+        runs["order"] = runs["order"].astype(str)
+        frame = pd.concat([runs, pd.DataFrame(rows)], ignore_index=True)
+        frame["task"] = self.name
+        return frame
+
+    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
+        """Accuracy vs demonstrations (paper Fig. 6) and per-seed accuracy (Fig. 7)."""
+        from diffbench.tasks import icl_plots
+
+        return icl_plots.draw(metrics, out_dir)
+
+
+def _stderr(x: pd.Series) -> float:
+    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def _binomial_se(p: float, n: int) -> float:
+    return float(np.sqrt(p * (1 - p) / n)) if n > 0 else float("nan")
+
+
+TASK = IclTask()

@@ -1,0 +1,256 @@
+"""Classification datasets for many-shot ICL, behind one adapter interface.
+
+Hub datasets (TREC, TREC-fine, Banking-77, Clinic-150) load with `datasets` where the hub or its
+cache holds them, with the label names and prompt formats of Bertsch et al. 2024. A local JSONL,
+CSV or Parquet file works with any text and label columns. `synthetic` is a deterministic
+intent-classification set generated here (dozens of classes), for offline runs and tests.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from diffbench.errors import DiffbenchError
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class IclDataset:
+    """A demonstration pool, a test pool, the label set and the prompt's field names."""
+
+    name: str
+    train: tuple[Example, ...]
+    test: tuple[Example, ...]
+    labels: tuple[str, ...]
+    input_name: str = "utterance"
+    label_name: str = "intent"
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    hub_id: str
+    config: str | None
+    text_field: str
+    label_field: str
+    input_name: str
+    label_name: str
+    test_split: str
+
+
+HUB = {
+    "trec": HubSpec("CogComp/trec", None, "text", "coarse_label", "Question", "Type", "test"),
+    "trec-fine": HubSpec("CogComp/trec", None, "text", "fine_label", "Question", "Type", "test"),
+    "banking77": HubSpec("PolyAI/banking77", None, "text", "label", "query", "intent", "test"),
+    "clinic150": HubSpec("clinc_oos", "plus", "text", "intent", "utterance", "intent", "test"),
+}
+TREC_COARSE = {
+    "ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
+    "LOC": "location", "NUM": "numeric",
+}  # fmt: skip
+
+
+def _label_name(dataset: str, raw: str) -> str:
+    """A label as the prompt shows it (TREC codes spelled out, underscores as spaces)."""
+    if dataset == "trec":
+        return TREC_COARSE.get(raw, raw)
+    if dataset == "trec-fine":
+        coarse, _, fine = raw.partition(":")
+        return f"{TREC_COARSE.get(coarse, coarse)} {fine}".strip()
+    return raw.replace("_", " ")
+
+
+def _from_hub(name: str) -> IclDataset:
+    spec = HUB[name]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(spec.hub_id, spec.config)
+    except Exception as err:  # the hub raises many types when offline or gated
+        raise DiffbenchError(
+            f"cannot load dataset {name!r} ({spec.hub_id}): {type(err).__name__}; without the "
+            "hub, point at a local copy: --set icl.dataset=PATH --set icl.text_field=COLUMN "
+            "--set icl.label_field=COLUMN [--set icl.test_file=PATH]"
+        ) from None
+    names = ds["train"].features[spec.label_field].names
+
+    def rows(split: str) -> tuple[Example, ...]:
+        part = ds[split]
+        return tuple(
+            Example(str(t), _label_name(name, names[int(y)]))
+            for t, y in zip(part[spec.text_field], part[spec.label_field], strict=True)
+        )
+
+    train = rows("train")
+    return IclDataset(
+        name, train, rows(spec.test_split), tuple(sorted({e.label for e in train})),
+        spec.input_name, spec.label_name,
+    )  # fmt: skip
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DiffbenchError(f"dataset file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+        if suffix == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except ValueError as err:
+        raise DiffbenchError(f"cannot read dataset file {path}: {err}") from None
+    raise DiffbenchError(f"dataset file {path}: use .jsonl, .json, .csv or .parquet")
+
+
+def _examples(path: Path, text_field: str, label_field: str) -> tuple[Example, ...]:
+    table = _read_table(path)
+    for field in (text_field, label_field):
+        if field not in table.columns:
+            raise DiffbenchError(
+                f"dataset file {path} has no field {field!r} (fields: {', '.join(table.columns)})"
+            )
+    out = []
+    for i, (text, label) in enumerate(zip(table[text_field], table[label_field], strict=True)):
+        for field, value in ((text_field, text), (label_field, label)):
+            if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
+                raise DiffbenchError(f"dataset file {path}: row {i + 1} has no {field!r}")
+        out.append(Example(str(text).strip(), str(label).strip()))
+    return tuple(out)
+
+
+def _from_files(
+    path: Path, test_file: str, text_field: str, label_field: str, test_size: int, seed: int
+) -> IclDataset:
+    pool = _examples(path, text_field, label_field)
+    if test_file:
+        train, test = pool, _examples(Path(test_file), text_field, label_field)
+    else:  # hold out a seeded test split from the one file
+        order = list(range(len(pool)))
+        random.Random(f"icl-split|{seed}").shuffle(order)
+        n_test = min(test_size, len(pool) // 2)
+        test = tuple(pool[i] for i in sorted(order[:n_test]))
+        train = tuple(pool[i] for i in sorted(order[n_test:]))
+    labels = tuple(sorted({e.label for e in train}))
+    if len(labels) < 2:
+        raise DiffbenchError(f"dataset {path} needs at least two labels, found {len(labels)}")
+    unknown = sorted({e.label for e in test} - set(labels))
+    if unknown:
+        raise DiffbenchError(
+            f"test examples of {path} use labels never seen in its demonstrations: {unknown[:3]}"
+        )
+    return IclDataset(str(path), train, test, labels)
+
+
+# ---- the generated default: intents with keyword-rich utterances -------------------------------
+
+INTENTS: dict[str, tuple[str, ...]] = {
+    "order pizza": ("I want to order a {x} pizza", "get me a large {x} pizza tonight",
+                    "can you send a {x} pizza to my flat"),
+    "book flight": ("book me a flight to {p}", "I need a plane ticket to {p}",
+                    "find flights to {p} next week"),
+    "check weather": ("will it rain in {p} tomorrow", "what is the weather like in {p}",
+                      "is it sunny in {p} today"),
+    "play music": ("play some {m} music", "put on a {m} playlist", "I want to hear {m} songs"),
+    "set alarm": ("wake me up at {t}", "set an alarm for {t}", "alarm at {t} please"),
+    "reset password": ("I forgot my password", "reset my password please",
+                       "my password does not work anymore"),
+    "track package": ("where is my package", "track my parcel from {p}",
+                      "has my delivery from {p} shipped"),
+    "cancel order": ("cancel my last order", "I want to cancel the order I made",
+                     "please stop my order before it ships"),
+    "find recipe": ("how do I cook {f}", "give me a recipe for {f}", "what can I bake with {f}"),
+    "translate text": ("translate this into {l}", "how do you say hello in {l}",
+                       "what is the {l} word for water"),
+    "book table": ("reserve a table for {n} at eight", "book a restaurant for {n} people",
+                   "get us a dinner table for {n}"),
+    "call taxi": ("call me a taxi to {p}", "I need a cab to {p}", "order a ride to {p}"),
+    "pay bill": ("pay my electricity bill", "settle the {u} bill today", "I owe money on my {u} bill"),
+    "check balance": ("how much money is in my account", "what is my bank balance",
+                      "show my account balance"),
+    "send money": ("send {n} dollars to my brother", "transfer money to {p}",
+                   "wire {n} dollars to my landlord"),
+    "report fraud": ("someone stole my card", "there is a charge I did not make",
+                     "I think my account was hacked"),
+    "card declined": ("my card was declined at the shop", "why was my card refused",
+                      "the payment with my card failed"),
+    "change address": ("update my home address", "I moved to {p}", "change my address to {p}"),
+    "book hotel": ("find a hotel in {p}", "book a room in {p} for {n} nights",
+                   "I need somewhere to stay in {p}"),
+    "rent car": ("rent a car in {p}", "I need a rental car for {n} days", "hire a car at the airport"),
+    "tell joke": ("tell me a joke", "make me laugh", "say something funny"),
+    "define word": ("what does {w} mean", "define the word {w}", "give me the meaning of {w}"),
+    "set reminder": ("remind me to {d} at {t}", "set a reminder to {d}", "don't let me forget to {d}"),
+    "turn on lights": ("turn on the lights in the {r}", "switch the {r} lights on",
+                       "lights on in the {r}"),
+    "adjust thermostat": ("set the heating to {n} degrees", "make the {r} warmer",
+                          "turn the thermostat down"),
+    "find parking": ("where can I park near {p}", "find a parking spot in {p}",
+                     "is there a car park close by"),
+    "schedule meeting": ("set up a meeting with {q} at {t}", "book a call with {q}",
+                         "schedule time with {q} tomorrow"),
+    "read news": ("what is in the news today", "read me the headlines", "any news about {p}"),
+    "order groceries": ("add {f} to my grocery order", "buy {f} from the supermarket",
+                        "I need {f} delivered"),
+    "return item": ("I want to return these shoes", "how do I send this item back",
+                    "start a return for my jacket"),
+    "find doctor": ("find a doctor near {p}", "I need to see a dentist", "book a doctor visit"),
+    "check score": ("what was the score of the {s} game", "did my team win at {s}",
+                    "show me the {s} results"),
+}  # fmt: skip
+FILLERS = {
+    "x": ("pepperoni", "cheese", "veggie", "mushroom", "ham"),
+    "p": ("Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Denver", "Riga"),
+    "m": ("jazz", "rock", "classical", "hip hop", "folk"),
+    "t": ("six", "seven thirty", "noon", "nine", "five fifteen"),
+    "f": ("chicken", "apples", "rice", "eggs", "pasta", "carrots"),
+    "l": ("French", "Spanish", "German", "Italian", "Japanese"),
+    "n": ("two", "three", "four", "five", "ten"),
+    "u": ("water", "gas", "phone", "internet"),
+    "w": ("serendipity", "ephemeral", "ubiquitous", "laconic"),
+    "d": ("call mum", "water the plants", "buy milk", "take my pills"),
+    "r": ("kitchen", "bedroom", "living room", "hallway"),
+    "q": ("Anna", "the team", "my manager", "Doctor Lee"),
+    "s": ("football", "tennis", "basketball", "hockey"),
+}
+
+
+def synthetic(test_size: int, seed: int, per_class: int = 30) -> IclDataset:
+    """The generated intent set: `per_class` utterances for each of the intents, seeded."""
+    rng = random.Random(f"icl-synthetic|{seed}")
+    pool = []
+    for label, templates in INTENTS.items():
+        for _ in range(per_class):
+            text = rng.choice(templates)
+            for key, words in FILLERS.items():
+                text = text.replace("{" + key + "}", rng.choice(words))
+            pool.append(Example(text, label))
+    rng.shuffle(pool)
+    n_test = min(test_size, len(pool) // 4)
+    return IclDataset(
+        "synthetic", tuple(pool[n_test:]), tuple(pool[:n_test]), tuple(sorted(INTENTS))
+    )
+
+
+def load(name: str, test_file: str, text_field: str, label_field: str, test_size: int,
+         seed: int) -> IclDataset:  # fmt: skip
+    """The dataset named by `icl.dataset`: synthetic, a hub name, or a local file path."""
+    if name == "synthetic":
+        return synthetic(test_size, seed)
+    if name in HUB:
+        return _from_hub(name)
+    path = Path(name).expanduser()
+    if path.suffix or path.exists():
+        return _from_files(path, test_file, text_field, label_field, test_size, seed)
+    raise DiffbenchError(
+        f"unknown dataset {name!r}: use synthetic, {', '.join(HUB)}, or a .jsonl/.csv/.parquet path"
+    )
