@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-
 from diffbench.api import ChoiceRequest, ChoiceScores, Item, Response, Sample, TokenizerView
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import icl_datasets

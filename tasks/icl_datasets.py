@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-
 from diffbench.errors import DiffbenchError
 
 
@@ -174,7 +173,8 @@ INTENTS: dict[str, tuple[str, ...]] = {
     "book table": ("reserve a table for {n} at eight", "book a restaurant for {n} people",
                    "get us a dinner table for {n}"),
     "call taxi": ("call me a taxi to {p}", "I need a cab to {p}", "order a ride to {p}"),
-    "pay bill": ("pay my electricity bill", "settle the {u} bill today", "I owe money on my {u} bill"),
+    "pay bill": ("pay my electricity bill", "settle the {u} bill today",
+                 "I owe money on my {u} bill"),
     "check balance": ("how much money is in my account", "what is my bank balance",
                       "show my account balance"),
     "send money": ("send {n} dollars to my brother", "transfer money to {p}",
@@ -186,10 +186,12 @@ INTENTS: dict[str, tuple[str, ...]] = {
     "change address": ("update my home address", "I moved to {p}", "change my address to {p}"),
     "book hotel": ("find a hotel in {p}", "book a room in {p} for {n} nights",
                    "I need somewhere to stay in {p}"),
-    "rent car": ("rent a car in {p}", "I need a rental car for {n} days", "hire a car at the airport"),
+    "rent car": ("rent a car in {p}", "I need a rental car for {n} days",
+                 "hire a car at the airport"),
     "tell joke": ("tell me a joke", "make me laugh", "say something funny"),
     "define word": ("what does {w} mean", "define the word {w}", "give me the meaning of {w}"),
-    "set reminder": ("remind me to {d} at {t}", "set a reminder to {d}", "don't let me forget to {d}"),
+    "set reminder": ("remind me to {d} at {t}", "set a reminder to {d}",
+                     "don't let me forget to {d}"),
     "turn on lights": ("turn on the lights in the {r}", "switch the {r} lights on",
                        "lights on in the {r}"),
     "adjust thermostat": ("set the heating to {n} degrees", "make the {r} warmer",

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from diffbench.figures import model_colors, new_figure, save
 
 ALL = "all"

@@ -219,6 +219,7 @@ class NiahTask:
     metrics = ("accuracy",)
     setting_keys = SETTING_KEYS
     lower_is_better: frozenset[str] = frozenset()
+    sample_mean_metrics: frozenset[str] = frozenset({"accuracy"})
 
     def items(self, config: NiahConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (mode, length, depth, N/R, sample) request for one model."""
