@@ -147,7 +147,7 @@ def _from_files(
         raise DiffbenchError(
             f"test examples of {path} use labels never seen in its demonstrations: {unknown[:3]}"
         )
-    return IclDataset(str(path), train, test, labels)
+    return IclDataset(path.name, train, test, labels)
 
 
 # ---- the generated default: intents with keyword-rich utterances -------------------------------

@@ -1,0 +1,203 @@
+"""The many-shot ICL task: arrangements, prompts, shared-prefix scoring, local data, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import models_arg
+from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
+from diffbench.tasks import haystack
+from diffbench.tasks.icl import TASK, IclConfig, arrange, label_choices
+from diffbench.tasks.icl_datasets import Example
+from test_cli_errors import assert_one_line_error
+
+
+def demos() -> list[Example]:
+    labels = ["a"] * 4 + ["b"] * 3 + ["c"] * 2 + ["d"]
+    return [Example(f"text {i}", lab) for i, lab in enumerate(labels)]
+
+
+@pytest.mark.parametrize("arrangement", ["random", "alternating", "grouped"])
+def test_arrangements_are_permutations_of_the_same_demonstrations(arrangement):
+    out = arrange(demos(), arrangement, random.Random(0))
+    assert sorted(out, key=lambda e: e.text) == sorted(demos(), key=lambda e: e.text)
+    assert out != arrange(demos(), arrangement, random.Random(1)) or arrangement == "grouped"
+
+
+def test_grouped_arrangement_keeps_each_class_contiguous():
+    out = [e.label for e in arrange(demos(), "grouped", random.Random(3))]
+    runs = [lab for i, lab in enumerate(out) if i == 0 or out[i - 1] != lab]
+    assert sorted(runs) == ["a", "b", "c", "d"]
+
+
+def test_alternating_arrangement_cycles_through_classes_round_robin():
+    out = [e.label for e in arrange(demos(), "alternating", random.Random(5))]
+    first_round = out[:4]
+    assert sorted(first_round) == ["a", "b", "c", "d"]
+    cycle = [lab for lab in first_round]
+    # Later rounds follow the same class order, skipping exhausted classes.
+    pos, expected = 4, []
+    remaining = Counter(e.label for e in demos()) - Counter(first_round)
+    while remaining:
+        for lab in cycle:
+            if remaining[lab]:
+                expected.append(lab)
+                remaining[lab] -= 1
+        remaining = +remaining
+    assert out[pos:] == expected
+
+
+def test_labels_that_prefix_another_get_the_following_newline():
+    assert label_choices(("pay", "pay bill", "rent")) == (" pay\n", " pay bill", " rent")
+
+
+@pytest.fixture(scope="module")
+def views(tiny_pair):
+    return {name: HFBackend(name, str(p), LoadTarget(str(p)), HFOptions())
+            for name, p in tiny_pair.items()}  # fmt: skip
+
+
+def test_prompts_share_one_prefix_per_draw_and_order_and_fit_the_context(views):
+    cfg = IclConfig(shots=(2, 4), draws=2, orders=2, arrangements=("random", "grouped"),
+                    test_size=5)  # fmt: skip
+    items = TASK.items(cfg, views["tiny-base"].tokenizer_view(), seed=0)
+    assert len(items) == 2 * 2 * 2 * 2 * 5
+    prefixes: dict[tuple, set[str]] = {}
+    for it in items:
+        key = (it.setting["shots"], it.setting["draw"], it.setting["arrangement"],
+               it.setting["order"])  # fmt: skip
+        prefixes.setdefault(key, set()).add(it.request.prefix)
+        assert it.request.choices[it.meta["target_index"]].strip() == it.meta["target"]
+    assert all(len(p) == 1 for p in prefixes.values())
+    # The same draw's demonstrations in every arrangement and order: same lines, other order.
+    lines = {k: sorted(next(iter(p)).split("\n\n")) for k, p in prefixes.items()}
+    assert lines[(4, 0, "random", 0)] == lines[(4, 0, "grouped", 1)]
+    assert lines[(4, 0, "random", 0)] != lines[(4, 1, "random", 0)]
+
+
+def test_automatic_shot_sweep_stops_at_the_context_limit(tiny_pair):
+    path = tiny_pair["tiny-base"]
+    small = HFBackend("m", str(path), LoadTarget(str(path)), HFOptions(max_length=256))
+    items = TASK.items(IclConfig(max_shots=64, draws=1, test_size=3), small.tokenizer_view(), 0)
+    shots = sorted({it.setting["shots"] for it in items})
+    assert shots[0] == 1 and shots[-1] < 64
+    assert shots == [2**i for i in range(len(shots))]
+
+
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+def test_prefix_shared_scoring_equals_naive_scoring_on_icl_prompts(tiny_pair, views, arch):
+    cfg = IclConfig(shots=(8,), draws=1, test_size=6)
+    items = TASK.items(cfg, views[arch].tokenizer_view(), seed=0)
+    full = [dataclasses.replace(it.request, method="full") for it in items]
+    path = tiny_pair[arch]
+    naive = HFBackend("n", str(path), LoadTarget(str(path)), HFOptions(prefix_cache=False))
+    reference = naive.score_choices(full)
+    shared = views[arch].score_choices(full)
+    best = views[arch].score_choices([it.request for it in items])  # the task's own method
+    for r, s, b in zip(reference, shared, best, strict=True):
+        assert r.best == s.best == b.best
+        assert all(abs(x - y) < 1e-4 for x, y in zip(r.logprobs, s.logprobs, strict=True))
+        assert abs(b.logprobs[b.best] - r.logprobs[r.best]) < 1e-4
+
+
+def test_constrained_decoding_and_likelihood_agree_on_a_prefix_free_label_set(views, tmp_path):
+    view = views["tiny-base"].tokenizer_view()
+    vocabulary = " ".join(haystack.SUBJECTS + haystack.OBJECTS).lower().split()
+    words = sorted({w for w in vocabulary if w.isalpha() and len(w) > 3})
+    labels = [w for w in words if view.count(" " + w) == 1][:5]
+    assert len(labels) >= 3, "the tiny tokenizer should hold these words as single tokens"
+    rows = [{"text": f"note {i} about the {labels[i % len(labels)]}", "label": labels[i % len(
+        labels)]} for i in range(60)]  # fmt: skip
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = {}
+    for answer in ("likelihood", "constrained"):
+        cfg = IclConfig(dataset=str(data), shots=(4,), draws=2, test_size=10, answer=answer)
+        items = TASK.items(cfg, view, seed=0)
+        answers[answer] = [s.best for s in views["tiny-base"].score_choices(
+            [it.request for it in items])]  # fmt: skip
+    assert answers["likelihood"] == answers["constrained"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_local_jsonl_dataset_runs_end_to_end(cli, tiny_pair, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        {"utt": f"please {verb} the thing number {i}", "intent": verb}
+        for i, verb in enumerate(["open", "close", "move", "paint"] * 10)])  # fmt: skip
+    out = tmp_path / "run"
+    res = cli("run", "--tasks", "icl", "--models", models_arg(tiny_pair), "--set",
+              f"icl.dataset={data}", "--set", "icl.text_field=utt", "--set",
+              "icl.label_field=intent", "--set", "icl.shots=1,4", "--set", "icl.test_size=6",
+              "--output", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    summary = [line for line in (out / "metrics.csv").read_text().splitlines()
+               if ",accuracy," in line and ",all,all" in line]  # fmt: skip
+    assert len(summary) == 2 * 2  # two models x two shot counts
+    samples = (out / "samples" / "icl" / "diff.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 2 * 6  # shot counts x draws x test examples
+    assert json.loads(samples[0])["dataset"] == "train.jsonl"
+    assert (out / "figures" / "icl_shots_train_random.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("rows", "sets", "fragment"),
+    [
+        ([{"text": "a", "label": "x"}, {"text": "b"}], [], "row 2 has no 'label'"),
+        ([{"txt": "a", "label": "x"}], [], "has no field 'text'"),
+        ([{"text": f"t{i}", "label": "same"} for i in range(9)], [], "at least two labels"),
+        (
+            [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(8)],
+            ["--set", "icl.shots=64"],
+            "64 shots asked for",
+        ),
+    ],
+)
+def test_bad_local_datasets_fail_with_one_line(cli, tiny_pair, tmp_path, rows, sets, fragment):
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    res = cli("run", "--tasks", "icl", "--models", f"m={tiny_pair['tiny-base']}", "--set",
+              f"icl.dataset={data}", *sets)  # fmt: skip
+    assert_one_line_error(res, fragment)
+
+
+def test_unreachable_hub_dataset_says_how_to_use_a_local_copy(cli, tiny_pair):
+    res = cli("run", "--tasks", "icl", "--models", f"m={tiny_pair['tiny-base']}", "--set",
+              "icl.dataset=banking77")  # fmt: skip
+    assert_one_line_error(res, "cannot load dataset 'banking77'", "--set icl.dataset=PATH")
+
+
+def test_icl_run_killed_mid_sweep_resumes_to_identical_metrics(cli, tiny_pair, tmp_path):
+    args = ["run", "--tasks", "icl", "--models", models_arg(tiny_pair), "--set",
+            "icl.max_shots=16", "--set", "icl.test_size=12", "--no-report"]  # fmt: skip
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "diffbench.cli", *args, "--output",
+                             str(killed)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    target = killed / "samples" / "icl" / "diff.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if target.exists() and len(target.read_text().splitlines()) >= 30:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cli(*args, "--output", str(killed)).returncode == 0
+    assert cli(*args, "--output", str(tmp_path / "clean")).returncode == 0
+    assert (killed / "metrics.csv").read_bytes() == (
+        tmp_path / "clean" / "metrics.csv"
+    ).read_bytes()
+    ids = [json.loads(x)["id"] for x in target.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 5 * 2 * 12
