@@ -12,7 +12,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import models_arg
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
 from diffbench.tasks import haystack
