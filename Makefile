@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # The CPU build of torch lies on this machine's disk: install it before anything can pull CUDA.
 TORCH   ?= torch==2.13.0
-TASKS   ?= niah
+TASKS   ?= niah,icl
 RUNARGS ?=
 
 .PHONY: install run test test-slow lint format clean
