@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
+from diffbench.config import coerce
 from diffbench.errors import DiffbenchError
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -122,29 +123,11 @@ def coerce_options(label: str, raw: dict[str, Any]) -> HFOptions:
                 f"unknown model option {key!r} for {label!r}; known: {', '.join(known)}"
             )
         default = getattr(HFOptions(), key)
-        values[key] = _coerce_scalar(f"{label}:{key}", value, type(default))
+        values[key] = coerce(f"{label}:{key}", value, type(default))
     opts = HFOptions(**values)
     if opts.batch_size != "auto" and not (opts.batch_size.isdigit() and int(opts.batch_size) > 0):
         raise DiffbenchError(f"{label}:batch_size must be a positive integer or auto")
     return opts
-
-
-def _coerce_scalar(name: str, value: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise DiffbenchError(f"{name} expects true/false, got {value!r}")
-    if kind is int:
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise DiffbenchError(f"{name} expects an integer, got {value!r}") from None
-    return str(value)
 
 
 def resolve_target(spec: ModelSpec) -> LoadTarget:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +51,25 @@ def cli(tmp_path: Path) -> Callable[..., CliResult]:
         )
 
     return run
+
+
+def kill_when(args: list[str], cwd: Path, watched: Path, min_lines: int) -> int:
+    """Start the CLI, SIGKILL it once `watched` holds `min_lines` lines; return the lines left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffbench.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if watched.exists() and len(watched.read_text().splitlines()) >= min_lines:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(watched.read_text().splitlines())
 
 
 def models_arg(pair: dict[str, Path]) -> str:

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
-from conftest import models_arg
+from conftest import kill_when, models_arg
 
 SMALL = ["--tasks", "niah", "--set", "niah.lengths=256,512", "--set", "niah.samples=2"]
 
@@ -99,22 +95,8 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(cli, tiny_pair, tm
         "--no-report",
     ]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diffbench.cli", *args, "--output", str(killed)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     first_file = killed / "samples" / "niah" / "diff.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if first_file.exists() and len(first_file.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = len(first_file.read_text().splitlines())
+    partial = kill_when([*args, "--output", str(killed)], tmp_path, first_file, 5)
     assert 5 <= partial < 40
 
     resumed = cli(*args, "--output", str(killed))

@@ -5,14 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 
 import pytest
-from conftest import models_arg
+from conftest import kill_when, models_arg
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
 from diffbench.tasks import haystack
 from diffbench.tasks.icl import TASK, IclConfig, arrange, label_choices
@@ -181,18 +177,8 @@ def test_icl_run_killed_mid_sweep_resumes_to_identical_metrics(cli, tiny_pair, t
     args = ["run", "--tasks", "icl", "--models", models_arg(tiny_pair), "--set",
             "icl.max_shots=16", "--set", "icl.test_size=12", "--no-report"]  # fmt: skip
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "diffbench.cli", *args, "--output",
-                             str(killed)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
     target = killed / "samples" / "icl" / "diff.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if target.exists() and len(target.read_text().splitlines()) >= 30:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when([*args, "--output", str(killed)], tmp_path, target, 30)
     assert cli(*args, "--output", str(killed)).returncode == 0
     assert cli(*args, "--output", str(tmp_path / "clean")).returncode == 0
     assert (killed / "metrics.csv").read_bytes() == (
