@@ -179,6 +179,15 @@ class Progress:
             self.bar.close()
 
 
+def input_digest(request: GenerateRequest | ChoiceRequest) -> str:
+    """sha256 (first 16 hex digits) of exactly what a request sends: the inputs' identity."""
+    if isinstance(request, GenerateRequest):
+        parts = [request.prompt]
+    else:
+        parts = [request.prefix, request.query, *request.choices]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
 def score_items(
     backend: Backend,
     prepared: PreparedTask,
@@ -199,6 +208,7 @@ def score_items(
             responses = backend.score_choices(requests)
         for it, resp in zip(chunk, responses, strict=True):
             record = {"id": it.id, "task": task.name, "model": label, **it.setting}
+            record["input_sha256"] = input_digest(it.request)
             scored = task.score(cfg, it, resp)
             for part in (it.meta, scored):
                 clash = set(part) & set(record)

@@ -37,7 +37,7 @@ def test_run_writes_store_report_and_figures_for_both_architectures(cli, tiny_pa
         samples = read_samples(out / "samples" / "niah" / f"{model}.jsonl")
         assert len(samples) == 2 * 5 * 2 * 2  # lengths x depths x samples x modes
         assert len({s["id"] for s in samples}) == len(samples)
-        assert all({"id", "target", "output", "score"} <= set(s) for s in samples)
+        assert all({"id", "input_sha256", "target", "output", "score"} <= set(s) for s in samples)
         assert all(s["n_prompt_tokens"] <= s["length"] for s in samples)
 
     report = (out / "report.md").read_text()
