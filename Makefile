@@ -7,7 +7,10 @@ TORCH   ?= torch==2.13.0
 TASKS   ?= niah,icl
 RUNARGS ?=
 
-.PHONY: install run test test-slow lint format clean
+# tests/test_report.py renders report.html in headless Chromium: Debian's package, not a download.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install run test test-slow lint format clean chromium
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,7 +26,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/diffbench run --tasks $(TASKS) $(RUNARGS)
 
-test: $(STAMP)
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+chromium: $(CHROMIUM)
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -162,7 +162,13 @@ class OptionSpec:
 
 @runtime_checkable
 class Task(Protocol):
-    """A task plugin: config -> items, (item, response) -> sample, samples -> metric rows."""
+    """A task plugin: config -> items, (item, response) -> sample, samples -> metric rows.
+
+    Optional attribute, read with getattr (so plugins without it still match the protocol):
+    `sample_mean_metrics: frozenset[str]`, the metrics whose value is the mean of the samples'
+    `score`; reports bootstrap their intervals over samples and pair models by sample id.
+    Default: none (intervals come from the row's stderr).
+    """
 
     name: str
     description: str

@@ -1,4 +1,4 @@
-"""The `diffbench` command line: run, list, report, plot."""
+"""The `diffbench` command line: run, list, report, plot, compare, runs."""
 
 from __future__ import annotations
 
@@ -52,10 +52,59 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     r.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub.add_parser("list", help="tasks with their options and metrics, and built-in models")
-    rep = sub.add_parser("report", help="rewrite report.md of a run directory")
-    rep.add_argument("run_dir", type=Path)
+    rep = sub.add_parser(
+        "report",
+        help="write report.md and report.html of a run directory, or one merging several runs",
+    )
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    rep.add_argument(
+        "--output",
+        type=Path,
+        help="folder of the report (default: the run directory itself; for several runs "
+        "results/report__<hash>)",
+    )
+    rep.add_argument("--reference", help="model the others are compared with (default: the first)")
     pl = sub.add_parser("plot", help="redraw the figures of a run directory")
     pl.add_argument("run_dir", type=Path)
+    cmp = sub.add_parser(
+        "compare",
+        help="compare a candidate run with a baseline run (or two models of one run); "
+        "a CI gate with --fail-on",
+    )
+    cmp.add_argument("baseline", type=Path, metavar="BASELINE_DIR")
+    cmp.add_argument("candidate", type=Path, nargs="?", metavar="CANDIDATE_DIR")
+    cmp.add_argument(
+        "--models",
+        metavar="A,B",
+        help="with one run directory: compare model B (candidate) against model A (baseline)",
+    )
+    cmp.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="baseline label OLD is the candidate's NEW (repeatable or comma-separated)",
+    )
+    cmp.add_argument(
+        "--tolerance",
+        default="0",
+        help="absolute change allowed: 0.02, or per metric accuracy=0.05,... (default 0)",
+    )
+    cmp.add_argument(
+        "--require-significance",
+        action="store_true",
+        help="a change beyond tolerance only counts when the paired test is significant",
+    )
+    cmp.add_argument(
+        "--fail-on",
+        default="",
+        metavar="regression[,missing]",
+        help="exit 1 when a row regresses (and/or a baseline row is missing)",
+    )
+    cmp.add_argument("--format", choices=("text", "md", "json", "junit"), default="text")
+    cmp.add_argument("--output", type=Path, help="write the table to this file, not stdout")
+    runs = sub.add_parser("runs", help="list run directories (tasks, models, date)")
+    runs.add_argument("--root", type=Path, default=Path("results"), help="default: results/")
     return p
 
 
@@ -170,6 +219,64 @@ def _cmd_list() -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from diffbench import compare
+    from diffbench.store import write_atomic
+
+    gate = {
+        "tolerance": compare.parse_tolerance(args.tolerance),
+        "require_significance": args.require_significance,
+        "fail_on": [x.strip() for x in args.fail_on.split(",") if x.strip()],
+    }
+    if args.models:
+        if args.candidate is not None:
+            raise DiffbenchError("--models compares two models of ONE run; give one directory")
+        if args.map:
+            raise DiffbenchError("--map applies to two runs, not to --models")
+        labels = [x.strip() for x in args.models.split(",")]
+        if len(labels) != 2 or not all(labels):
+            raise DiffbenchError(f"malformed --models {args.models!r}: expected BASELINE,CANDIDATE")
+        result = compare.compare_models(args.baseline, labels[0], labels[1], **gate)
+    else:
+        if args.candidate is None:
+            raise DiffbenchError(
+                "compare needs BASELINE_DIR CANDIDATE_DIR, or one DIR --models A,B"
+            )
+        label_map = compare.parse_map(args.map)
+        result = compare.compare_runs(args.baseline, args.candidate, label_map, **gate)
+    text = compare.RENDERERS[args.format](result)
+    if args.output:
+        write_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
+    if result.failed:
+        log.warning(
+            "comparison failed: %d regression(s), %d missing row(s)",
+            result.count("regression"),
+            result.count("missing"),
+        )
+        return 1
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from diffbench.compare import list_runs
+
+    found = list_runs(args.root)
+    if not found:
+        print(f"no runs under {args.root}")
+        return 0
+    table = [["run", "tasks", "models", "started", "finished"]]
+    for r in found:
+        table.append(
+            [str(r.path), ",".join(r.tasks), ",".join(r.models), r.started, r.finished or "—"]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Keep transformers' load bars and advice out of diffbench's own output."""
     import transformers
@@ -187,16 +294,22 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-    _quiet_libraries()
     try:
         if args.command == "run":
+            _quiet_libraries()
             return _cmd_run(args)
         if args.command == "list":
+            _quiet_libraries()
             return _cmd_list()
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "runs":
+            return _cmd_runs(args)
         from diffbench import report
 
         if args.command == "report":
-            print(report.write(args.run_dir))
+            for path in report.write_any(args.run_dirs, args.output, args.reference):
+                print(path)
         elif args.command == "plot":
             for path in report.plot(args.run_dir):
                 print(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,37 @@ def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
         fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
     plt.close(fig)
     return paths
+
+
+def differences(
+    labels: list[str],
+    series: dict[str, list[tuple[float, float, float]]],
+    reference: str,
+    out_dir: Path,
+    stem: str,
+    colors: dict[str, str] | None = None,
+) -> list[Path]:
+    """A forest plot: per row label, each model's (delta, low, high) against `reference`."""
+    colors = colors or model_colors([reference, *series])
+    fig = new_figure(width=5.6, height=0.32 * len(labels) * max(1, len(series)) + 1.2)
+    ax = fig.add_subplot()
+    step = 0.7 / max(1, len(series))
+    for k, (model, points) in enumerate(series.items()):
+        ys = [len(labels) - 1 - i + (k - (len(series) - 1) / 2) * step for i in range(len(labels))]
+        for y, (_, low, high) in zip(ys, points, strict=True):
+            if math.isfinite(low) and math.isfinite(high):
+                ax.plot([low, high], [y, y], color=colors[model], lw=1.4, solid_capstyle="butt")
+        ax.plot(
+            [p[0] for p in points],
+            ys,
+            "o",
+            color=colors[model],
+            ms=4,
+            label=f"{model} − {reference}",
+        )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(labels)), list(reversed(labels)))
+    ax.set_xlabel(f"difference from {reference} (95% CI)")
+    ax.set_title("Differences between models")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return save(fig, out_dir, stem)

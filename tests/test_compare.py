@@ -1,0 +1,287 @@
+"""The CI gate: `diffbench compare` on real run directories with planted regressions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from diffbench import compare
+from diffbench.errors import DiffbenchError
+from test_cli_errors import assert_one_line_error
+from test_stats import run_cli, shared_run
+
+HEADLINE = {"model": "diff", "depth": "all"}
+
+# A task plugin whose metric is lower-is-better, registered through a real entry point.
+PLUGIN = """
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    pass
+
+
+class LossTask:
+    name = "loss"
+    description = "a task whose metric is lower-is-better"
+    config_type = LossConfig
+    metrics = ("perplexity",)
+    setting_keys = ("length",)
+    lower_is_better = frozenset({"perplexity"})
+
+    def items(self, config, tokenizer, seed):
+        return []
+
+    def score(self, config, item, response):
+        return {}
+
+    def aggregate(self, config, samples):
+        return pd.DataFrame()
+
+    def figures(self, metrics, samples, out_dir):
+        return []
+
+
+TASK = LossTask()
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_pair, tmp_path_factory) -> Path:
+    """The shared real run of diff, base and twin (score mode, 20 samples each); never edited."""
+    return shared_run(tiny_pair, tmp_path_factory.getbasetemp())
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def read_metrics(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
+
+
+def edit_metrics(run: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    edit(read_metrics(run)).to_csv(run / "metrics.csv", index=False)
+
+
+def shift_value(run: Path, where: dict[str, str], by: float) -> None:
+    def edit(frame: pd.DataFrame) -> pd.DataFrame:
+        mask = (frame[list(where)] == pd.Series(where)).all(axis=1)
+        assert mask.sum() == 1
+        frame.loc[mask, "value"] = [f"{float(v) + by:.10g}" for v in frame.loc[mask, "value"]]
+        return frame
+
+    edit_metrics(run, edit)
+
+
+def set_scores(run: Path, model: str, score: float) -> None:
+    """Every sample of `model` scored `score`, and its metric rows (means) to match."""
+    path = run / "samples" / "niah" / f"{model}.jsonl"
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**s, "score": score}) + "\n" for s in samples))
+
+    def edit(frame: pd.DataFrame) -> pd.DataFrame:
+        frame.loc[frame["model"] == model, ["value", "stderr"]] = [f"{score:g}", "0"]
+        return frame
+
+    edit_metrics(run, edit)
+
+
+def gate(baseline: Path, candidate: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(baseline.parent, "compare", str(baseline), str(candidate), *args)
+
+
+def statuses(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    counts: dict[str, int] = json.loads(result.stdout)["counts"]
+    return counts
+
+
+def test_regression_beyond_tolerance_fails_the_gate(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    shift_value(cand, HEADLINE, -0.10)
+    res = gate(base, cand, "--fail-on", "regression", "--tolerance", "0.05")
+    assert res.returncode == 1, res.stdout + res.stderr
+    regressions = [line for line in res.stdout.splitlines() if line.startswith("regression")]
+    assert len(regressions) == 1
+    assert "depth=all" in regressions[0] and " diff " in regressions[0]
+    assert "FAIL" in res.stdout
+
+
+def test_change_within_tolerance_passes_the_gate(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    shift_value(cand, HEADLINE, -0.03)
+    result = compare.compare_runs(
+        base, cand, {}, tolerance=compare.parse_tolerance("0.05"), fail_on=["regression"]
+    )
+    assert not result.failed
+    assert result.count("regression") == 0
+    assert json.loads(compare.render_json(result))["failed"] is False
+
+
+def test_per_metric_tolerance_overrides_the_global_one(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    shift_value(cand, HEADLINE, -0.10)
+    kwargs = {"fail_on": ["regression"]}
+    loose = compare.compare_runs(
+        base, cand, {}, tolerance=compare.parse_tolerance("0.01,accuracy=0.2"), **kwargs
+    )
+    strict = compare.compare_runs(
+        base, cand, {}, tolerance=compare.parse_tolerance("accuracy=0.05"), **kwargs
+    )
+    assert not loose.failed and strict.failed
+    assert strict.count("regression") == 1
+
+
+def test_require_significance_fails_only_on_a_significant_regression(run_dir, tmp_path):
+    # Only metrics.csv changed: the paired samples are identical, McNemar's p is 1.
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    shift_value(cand, HEADLINE, -0.10)
+    args = {"fail_on": ["regression"], "require_significance": True}
+    result = compare.compare_runs(base, cand, {}, **args)
+    assert not result.failed
+    assert result.count("not significant") == 1
+    # Planted in the samples: every diff sample right in the baseline and wrong in the candidate.
+    set_scores(base, "diff", 1.0)
+    set_scores(cand, "diff", 0.0)
+    result = compare.compare_runs(base, cand, {}, **args)
+    assert result.failed
+    changes = json.loads(compare.render_json(result))["changes"]
+    regressed = [c for c in changes if c["status"] == "regression"]
+    # 20 discordant pairs over depths are significant; 4 per depth are not (p = 0.125).
+    assert [c["setting"]["depth"] for c in regressed] == ["all"]
+    assert regressed[0]["test"] == "McNemar exact" and regressed[0]["p_value"] < 1e-4
+    assert {c["setting"]["depth"] for c in changes if c["status"] == "not significant"} == {
+        "0",
+        "25",
+        "50",
+        "75",
+        "100",
+    }
+
+
+@pytest.fixture
+def loss_plugin(tmp_path, monkeypatch) -> Path:
+    """A `loss` task (perplexity, lower is better) installed through an entry point."""
+    site = tmp_path / "plugin"
+    dist = site / "losstask-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / "losstask.py").write_text(textwrap.dedent(PLUGIN))
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: losstask\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[diffbench.tasks]\nloss = losstask:TASK\n")
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def add_loss_row(run: Path, value: float) -> None:
+    def edit(frame: pd.DataFrame) -> pd.DataFrame:
+        row = {c: "" for c in frame.columns}
+        row.update(task="loss", metric="perplexity", model="diff", value=f"{value:g}")
+        row.update(n="100", stderr="0.05", length="256")
+        return pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+
+    edit_metrics(run, edit)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "exit_code", "status"), [(2.5, 1, "regression"), (1.5, 0, "improvement")]
+)
+def test_direction_is_respected_for_lower_is_better_metrics(
+    run_dir, tmp_path, loss_plugin, candidate, exit_code, status
+):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    add_loss_row(base, 2.0)
+    add_loss_row(cand, candidate)
+    result = compare.compare_runs(
+        base, cand, {}, tolerance=compare.parse_tolerance("0.1"), fail_on=["regression"]
+    )
+    assert result.failed is bool(exit_code)
+    (row,) = [c for c in json.loads(compare.render_json(result))["changes"] if c["task"] == "loss"]
+    assert row["lower_is_better"] is True
+    assert row["status"] == status
+    assert row["test"] == "normal"  # not a sample mean: interval from the stderr
+
+
+def test_missing_and_new_rows_are_reported(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+
+    def drop_one_add_one(frame: pd.DataFrame) -> pd.DataFrame:
+        gone = (frame["model"] == "base") & (frame["depth"] == "50")
+        extra = frame[(frame["model"] == "base") & (frame["depth"] == "all")].assign(length="384")
+        return pd.concat([frame[~gone], extra], ignore_index=True)
+
+    edit_metrics(cand, drop_one_add_one)
+    res = gate(base, cand, "--fail-on", "regression")
+    assert res.returncode == 0, res.stderr
+    missing = [line for line in res.stdout.splitlines() if line.startswith("missing")]
+    new = [line for line in res.stdout.splitlines() if line.startswith("new")]
+    assert len(missing) == 1 and "depth=50" in missing[0]
+    assert len(new) == 1 and "length=384" in new[0]
+    assert gate(base, cand, "--fail-on", "regression,missing").returncode == 1
+
+
+def test_junit_output_parses_with_one_failure_per_regression(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    shift_value(cand, HEADLINE, -0.10)
+    result = compare.compare_runs(base, cand, {}, fail_on=["regression"])
+    root = ET.fromstring(compare.render_junit(result))
+    cases = root.findall(".//testcase")
+    assert len(cases) == len(read_metrics(base))
+    failures = [c for c in cases if c.find("failure") is not None]
+    assert len(failures) == 1
+    assert "depth=all" in failures[0].get("name", "")
+    assert root.find("testsuite").get("failures") == "1"  # type: ignore[union-attr]
+
+
+def test_map_matches_a_renamed_model_label(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    edit_metrics(cand, lambda f: f.assign(model=f["model"].replace({"diff": "diff-v2"})))
+    old = cand / "samples" / "niah" / "diff.jsonl"
+    lines = [json.loads(x) for x in old.read_text().splitlines()]
+    (old.parent / "diff-v2.jsonl").write_text(
+        "".join(json.dumps({**s, "model": "diff-v2"}) + "\n" for s in lines)
+    )
+    old.unlink()
+    per_model = len(read_metrics(base)) // 3
+    unmapped = compare.compare_runs(base, cand, {})
+    assert unmapped.count("missing") == unmapped.count("new") == per_model
+    mapped = gate(base, cand, "--map", "diff=diff-v2", "--format", "json")
+    counts = statuses(mapped)
+    assert counts["missing"] == counts["new"] == 0
+    assert counts["unchanged"] == 3 * per_model
+
+
+def test_compare_two_models_of_one_run(run_dir):
+    res = run_cli(
+        run_dir.parent, "compare", str(run_dir), "--models", "diff,base", "--format", "md"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "| status | task | metric |" in res.stdout
+    assert "base vs diff" in res.stdout
+    with pytest.raises(DiffbenchError, match="'nope' is not a model"):
+        compare.compare_models(run_dir, "diff", "nope")
+
+
+@pytest.mark.parametrize(
+    ("make_args", "fragment"),
+    [
+        (lambda run, other: [str(run.parent), str(run)], "not a diffbench run directory"),
+        (lambda run, other: [str(run), str(other)], "no rows in common"),
+        (lambda run, other: [str(run), str(run), "--tolerance", "recall=0.1"], "unknown metric"),
+    ],
+)
+def test_bad_compare_input_fails_with_one_line(run_dir, tmp_path, make_args, fragment):
+    other = copy_run(run_dir, tmp_path / "other")
+    edit_metrics(other, lambda f: f.assign(length="4096"))
+    res = run_cli(tmp_path, "compare", *make_args(run_dir, other))
+    assert_one_line_error(res, fragment)
