@@ -58,6 +58,8 @@ class Stage:
     facts: tuple[int, int]  # facts per sequence, inclusive range
     questions: tuple[int, int]  # questions per sequence, at most the number of facts
     classification: float = 0.15  # share of sequences that are classification episodes
+    # Up to this many more steps while either model's answer loss has not broken.
+    max_extra_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Preset:
     decay_steps: int = 500  # cosine decay over the last steps, which are the long-context ones
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
+    extend_block: int = 250  # a stage is lengthened in blocks of this many steps ...
+    break_margin: int = 500  # ... until both models broke at least this many steps ago
     log_every: int = 25
     val_every: int = 500
     val_sequences: int = 32
@@ -97,16 +101,26 @@ PRESETS = {
     "default": Preset(
         hidden_size=128,
         n_layers=2,
-        n_heads=4,
-        head_dim=32,
+        # 8 heads of 16 rather than 4 of 32: DIFF then has 4 differential heads per layer. With 4
+        # heads (2 differential) the Llama broke at step ~3000 but the DIFF model was still at
+        # its plateau at step 5000.
+        n_heads=8,
+        head_dim=16,
         intermediate_size=256,
         vocab_size=1024,
         stages=(
-            Stage(steps=7500, seq_len=160, batch_size=14, facts=(3, 4), questions=(3, 4)),
-            Stage(steps=800, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4)),
-            Stage(steps=800, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4)),
+            Stage(
+                steps=4000,
+                seq_len=160,
+                batch_size=14,
+                facts=(3, 4),
+                questions=(3, 4),
+                max_extra_steps=5000,
+            ),
+            Stage(steps=600, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4)),
+            Stage(steps=600, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4)),
         ),
-        decay_steps=1600,
+        decay_steps=1200,
     ),
     # Seconds on a CPU: exercises every code path for the tests.
     "smoke": Preset(
@@ -448,32 +462,74 @@ def build_runs(preset: Preset, tokenizer: PreTrainedTokenizerFast, seed: int) ->
         opt = torch.optim.AdamW(
             model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=preset.weight_decay
         )
-        sched = get_wsd_schedule(
-            opt,
-            num_warmup_steps=preset.warmup_steps,
-            num_decay_steps=preset.decay_steps,
-            num_training_steps=preset.total_steps,
-            min_lr_ratio=preset.min_lr_ratio,
-        )
-        runs.append(Run(name, model, opt, sched))
+        runs.append(Run(name, model, opt, wsd_schedule(opt, preset, preset.total_steps)))
     return runs
 
 
-def train(preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: Path) -> list[dict]:
-    """Lockstep training of all runs on one batch stream; returns the logged rows."""
+def wsd_schedule(
+    optimizer: torch.optim.Optimizer, preset: Preset, total_steps: int, done_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup-stable-decay over `total_steps`, positioned after `done_steps` optimizer steps."""
+    return get_wsd_schedule(
+        optimizer,
+        num_warmup_steps=preset.warmup_steps,
+        num_decay_steps=preset.decay_steps,
+        num_training_steps=total_steps,
+        min_lr_ratio=preset.min_lr_ratio,
+        last_epoch=done_steps - 1,
+    )
+
+
+def train(
+    preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: Path
+) -> tuple[list[dict], list[int]]:
+    """Lockstep training of all runs on one batch stream; the logged rows and steps per stage."""
     rng = random.Random(seed)
     vrng = random.Random(seed + 10_000)
     rows: list[dict] = []
+    planned = [s.steps for s in preset.stages]
     step, tokens = 0, 0
     t0 = time.time()
+
+    def all_broke() -> bool:
+        breaks = [r.break_step for r in runs]
+        return all(b is not None for b in breaks) and step - max(breaks) >= preset.break_margin  # type: ignore[type-var]
+
+    def log_val(si: int, stage: Stage, val_batches: list) -> None:
+        for run in runs:
+            run.last_val = validation(run.model, val_batches)
+            rows.append(_row(run, "val", step, si, stage, tokens, t0, run.last_val))
+        print(
+            "  val "
+            + " ".join(
+                f"{r.name}: loss {r.last_val['loss']:.3f} "
+                f"lm {r.last_val['lm_loss']:.3f} ans {r.last_val['answer_loss']:.3f}"
+                for r in runs
+            ),
+            flush=True,
+        )
+        write_curves(rows, out)
+
     for si, stage in enumerate(preset.stages):
         val_batches = [
             make_batch(vrng, Stage(**{**asdict(stage), "batch_size": 4}), seg)
             for _ in range(max(1, preset.val_sequences // 4))
         ]
-        for _ in range(stage.steps):
+        done = 0
+        while True:
+            if done == planned[si]:
+                extra = stage.steps + stage.max_extra_steps - planned[si]
+                if extra <= 0 or all_broke():
+                    break
+                # A stage that ends before both answer losses broke is lengthened for both
+                # models alike; the decay, which follows it, moves with it.
+                planned[si] += min(preset.extend_block, extra)
+                for run in runs:
+                    run.scheduler = wsd_schedule(run.optimizer, preset, sum(planned), step)
+                print(f"stage {si} extended to {planned[si]} steps: answer loss not broken yet")
             ids, kinds = make_batch(rng, stage, seg)
             step += 1
+            done += 1
             tokens += int((kinds != PAD).sum())
             for run in runs:
                 t = time.time()
@@ -496,7 +552,7 @@ def train(preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: 
                 ):
                     run.break_step = step
                     print(f"[{run.name}] answer loss broke below {BREAK_NATS} at step {step}")
-            if step % preset.log_every == 0 or step == preset.total_steps:
+            if step % preset.log_every == 0:
                 for run in runs:
                     n = run.sums[3]
                     run.last_train = {
@@ -507,7 +563,7 @@ def train(preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: 
                     run.sums = [0.0] * 5
                     rows.append(_row(run, "train", step, si, stage, tokens, t0, run.last_train))
                 print(
-                    f"step {step}/{preset.total_steps} len {stage.seq_len} "
+                    f"step {step}/{sum(planned)} len {stage.seq_len} "
                     f"lr {runs[0].scheduler.get_last_lr()[0]:.2e} "
                     + " ".join(
                         f"{r.name}: loss {r.last_train['loss']:.3f} "
@@ -517,22 +573,11 @@ def train(preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: 
                     + f" [{time.time() - t0:.0f}s]",
                     flush=True,
                 )
-            last_of_stage = step == sum(s.steps for s in preset.stages[: si + 1])
-            if step % preset.val_every == 0 or last_of_stage:
-                for run in runs:
-                    run.last_val = validation(run.model, val_batches)
-                    rows.append(_row(run, "val", step, si, stage, tokens, t0, run.last_val))
-                print(
-                    "  val "
-                    + " ".join(
-                        f"{r.name}: loss {r.last_val['loss']:.3f} "
-                        f"lm {r.last_val['lm_loss']:.3f} ans {r.last_val['answer_loss']:.3f}"
-                        for r in runs
-                    ),
-                    flush=True,
-                )
-                write_curves(rows, out)
-    return rows
+            if step % preset.val_every == 0:
+                log_val(si, stage, val_batches)
+        if step % preset.val_every != 0:
+            log_val(si, stage, val_batches)
+    return rows, planned
 
 
 def _row(run: Run, split: str, step: int, si: int, stage: Stage, tokens: int, t0: float, m: dict):
@@ -677,6 +722,7 @@ def save_pair(
     preset: Preset,
     preset_name: str,
     seed: int,
+    steps: list[int],
     tokens: int,
     evals: dict,
     out: Path,
@@ -689,7 +735,7 @@ def save_pair(
         run.model.float()
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(
-            model_card(run, runs, preset, preset_name, seed, tokens, evals)
+            model_card(run, runs, preset, preset_name, seed, steps, tokens, evals)
         )
         tmp.chmod(0o755)
         for f in tmp.iterdir():
@@ -706,6 +752,7 @@ def model_card(
     preset: Preset,
     preset_name: str,
     seed: int,
+    steps: list[int],
     tokens: int,
     evals: dict,
 ) -> str:
@@ -713,9 +760,9 @@ def model_card(
     base, diff = runs
     kind = "Differential Transformer (DiffLlama)" if run is diff else "Transformer (Llama)"
     stages = "\n".join(
-        f"| {i} | {s.steps} | {s.seq_len} | {s.batch_size} | {s.facts[0]}-{s.facts[1]} | "
+        f"| {i} | {n} | {s.seq_len} | {s.batch_size} | {s.facts[0]}-{s.facts[1]} | "
         f"{s.questions[0]}-{s.questions[1]} | {s.classification:.0%} |"
-        for i, s in enumerate(preset.stages)
+        for i, (s, n) in enumerate(zip(preset.stages, steps, strict=True))
     )
     evals_rows = "\n".join(
         f"| {name} | {n} | {e['score_acc']:.2f} | {e['generate_acc']:.2f} |"
@@ -777,7 +824,7 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
   steps, constant, cosine decay to {preset.min_lr_ratio} x lr over the last {preset.decay_steps}
   steps (the long-context ones). Loss: next-token cross-entropy with weight 1 on answer digits
   and in-context labels and {REST_WEIGHT} on every other token.
-- Curriculum ({preset.total_steps} steps, {tokens:,} non-pad tokens seen):
+- Curriculum ({sum(steps)} steps, {tokens:,} non-pad tokens seen):
 
 | stage | steps | context | batch | facts/seq | questions/seq | classification |
 |---|---|---|---|---|---|---|
@@ -852,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         + f", {preset.total_steps} steps [{time.time() - t0:.0f}s]",
         flush=True,
     )
-    rows = train(preset, runs, seg, args.seed, out)
+    rows, steps = train(preset, runs, seg, args.seed, out)
     tokens = rows[-1]["tokens_seen"]
 
     evals: dict = {}
@@ -864,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, n in (("single", 1), ("multi", 3))
         }
         print(f"NIAH {run.name} @ {preset.final_len}: {evals[run.name]}", flush=True)
-    save_pair(runs, tokenizer, preset, args.preset, args.seed, tokens, evals, out)
+    save_pair(runs, tokenizer, preset, args.preset, args.seed, steps, tokens, evals, out)
     for run in runs:
         print(
             f"{run.name}: {n_params(run.model):,} params, train {run.seconds / 60:.1f} min, "
