@@ -101,21 +101,21 @@ PRESETS = {
     "default": Preset(
         hidden_size=128,
         n_layers=2,
-        # 8 heads of 16 rather than 4 of 32: DIFF then has 4 differential heads per layer. With 4
-        # heads (2 differential) the Llama broke at step ~3000 but the DIFF model was still at
-        # its plateau at step 5000.
+        # 8 heads of 32 (attention width 2x hidden): with 4 heads of 32 the Llama broke at step
+        # ~3000 but DIFF (2 differential heads) had not by 5300; with 8 heads of 16 DIFF broke at
+        # ~6500 but the Llama had not by 8700. This keeps 32-dim heads and gives DIFF 4 heads.
         n_heads=8,
-        head_dim=16,
+        head_dim=32,
         intermediate_size=256,
         vocab_size=1024,
         stages=(
             Stage(
-                steps=4000,
+                steps=3000,
                 seq_len=160,
                 batch_size=14,
                 facts=(3, 4),
                 questions=(3, 4),
-                max_extra_steps=5000,
+                max_extra_steps=7000,
             ),
             Stage(steps=600, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4)),
             Stage(steps=600, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4)),
@@ -526,7 +526,7 @@ def train(
                 planned[si] += min(preset.extend_block, extra)
                 for run in runs:
                     run.scheduler = wsd_schedule(run.optimizer, preset, sum(planned), step)
-                print(f"stage {si} extended to {planned[si]} steps: answer loss not broken yet")
+                print(f"stage {si} extended to {planned[si]} steps: answer losses not both broken")
             ids, kinds = make_batch(rng, stage, seg)
             step += 1
             done += 1
