@@ -81,6 +81,7 @@ class Preset:
     extend_block: int = 250  # a stage is lengthened in blocks of this many steps ...
     break_margin: int = 500  # ... until both models broke at least this many steps ago
     log_every: int = 25
+    checkpoint_every: int = 250  # training state for --resume, removed when training ends
     val_every: int = 500
     val_sequences: int = 32
     eval_prompts: int = 100
@@ -139,6 +140,7 @@ PRESETS = {
         decay_steps=10,
         log_every=5,
         val_every=20,
+        checkpoint_every=20,
         val_sequences=4,
         eval_prompts=4,
         tokenizer_docs=150,
@@ -481,15 +483,63 @@ def wsd_schedule(
 
 
 def train(
-    preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: Path
+    preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: Path, resume: bool
 ) -> tuple[list[dict], list[int]]:
     """Lockstep training of all runs on one batch stream; the logged rows and steps per stage."""
     rng = random.Random(seed)
     vrng = random.Random(seed + 10_000)
     rows: list[dict] = []
     planned = [s.steps for s in preset.stages]
-    step, tokens = 0, 0
+    step, tokens, first_stage, done = 0, 0, 0, 0
+    val_batches: list | None = None
     t0 = time.time()
+    state_path = out / ".train_state.pt"
+    if resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        rng.setstate(st["rng"])
+        vrng.setstate(st["vrng"])
+        rows, planned, val_batches = st["rows"], st["planned"], st["val_batches"]
+        step, tokens, first_stage, done = st["step"], st["tokens"], st["stage"], st["done"]
+        t0 -= st["elapsed"]
+        for run, rs in zip(runs, st["runs"], strict=True):
+            run.model.load_state_dict(rs.pop("model"))
+            run.optimizer.load_state_dict(rs.pop("optimizer"))
+            run.scheduler = wsd_schedule(run.optimizer, preset, sum(planned), step)
+            run.answer_window = deque(rs.pop("answer_window"), maxlen=BREAK_WINDOW)
+            for k, v in rs.items():
+                setattr(run, k, v)
+        print(f"resumed from {state_path} at step {step}", flush=True)
+
+    def save_state(si: int) -> None:
+        # Everything needed to continue bit-for-bit: weights, optimizer moments, RNG states.
+        st = {
+            "rng": rng.getstate(),
+            "vrng": vrng.getstate(),
+            "rows": rows,
+            "planned": planned,
+            "val_batches": val_batches,
+            "step": step,
+            "tokens": tokens,
+            "stage": si,
+            "done": done,
+            "elapsed": time.time() - t0,
+            "runs": [
+                {
+                    "model": r.model.state_dict(),
+                    "optimizer": r.optimizer.state_dict(),
+                    "answer_window": list(r.answer_window),
+                    "break_step": r.break_step,
+                    "seconds": r.seconds,
+                    "sums": r.sums,
+                    "last_train": r.last_train,
+                    "last_val": r.last_val,
+                }
+                for r in runs
+            ],
+        }
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(st, tmp)
+        os.replace(tmp, state_path)
 
     def all_broke() -> bool:
         breaks = [r.break_step for r in runs]
@@ -510,12 +560,14 @@ def train(
         )
         write_curves(rows, out)
 
-    for si, stage in enumerate(preset.stages):
-        val_batches = [
-            make_batch(vrng, Stage(**{**asdict(stage), "batch_size": 4}), seg)
-            for _ in range(max(1, preset.val_sequences // 4))
-        ]
-        done = 0
+    for si in range(first_stage, len(preset.stages)):
+        stage = preset.stages[si]
+        if val_batches is None:
+            val_batches = [
+                make_batch(vrng, Stage(**{**asdict(stage), "batch_size": 4}), seg)
+                for _ in range(max(1, preset.val_sequences // 4))
+            ]
+            done = 0
         while True:
             if done == planned[si]:
                 extra = stage.steps + stage.max_extra_steps - planned[si]
@@ -575,8 +627,12 @@ def train(
                 )
             if step % preset.val_every == 0:
                 log_val(si, stage, val_batches)
+            if preset.checkpoint_every and step % preset.checkpoint_every == 0:
+                save_state(si)
         if step % preset.val_every != 0:
             log_val(si, stage, val_batches)
+        val_batches = None
+    state_path.unlink(missing_ok=True)
     return rows, planned
 
 
@@ -880,6 +936,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "models")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument(
+        "--resume", action="store_true", help="continue from OUT/.train_state.pt if present"
+    )
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
@@ -899,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         + f", {preset.total_steps} steps [{time.time() - t0:.0f}s]",
         flush=True,
     )
-    rows, steps = train(preset, runs, seg, args.seed, out)
+    rows, steps = train(preset, runs, seg, args.seed, out, args.resume)
     tokens = rows[-1]["tokens_seen"]
 
     evals: dict = {}
