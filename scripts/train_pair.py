@@ -495,7 +495,7 @@ def train(
     t0 = time.time()
     state_path = out / ".train_state.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         rng.setstate(st["rng"])
         vrng.setstate(st["vrng"])
         rows, planned, val_batches = st["rows"], st["planned"], st["val_batches"]
