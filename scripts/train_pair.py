@@ -133,7 +133,7 @@ PRESETS = {
         vocab_size=320,
         stages=(
             Stage(steps=30, seq_len=64, batch_size=4, facts=(1, 2), questions=(1, 2)),
-            Stage(steps=10, seq_len=96, batch_size=2, facts=(1, 3), questions=(1, 2)),
+            Stage(steps=10, seq_len=128, batch_size=2, facts=(1, 3), questions=(1, 2)),
         ),
         lr=3e-3,
         warmup_steps=5,

@@ -22,7 +22,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     return out
 
@@ -54,6 +54,23 @@ def test_smoke_checkpoint_loads_and_runs_forward(
         logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], len(tokenizer))
     assert torch.isfinite(logits).all()
+
+
+def test_smoke_pair_runs_through_tasks(smoke_run: Path, cli, tmp_path: Path) -> None:
+    models = f"diff={smoke_run / 'tiny-diff'},base={smoke_run / 'tiny-base'}"
+    out = tmp_path / "run"
+    res = cli(
+        "run", "--tasks", "niah,icl", "--models", models, "--output", str(out), "--no-report",
+        "--set", "niah.lengths=128", "--set", "niah.depths=0,100", "--set", "niah.samples=1",
+        "--set", "icl.draws=1", "--set", "icl.test_size=4", "--set", "icl.max_shots=4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for task in ("niah", "icl"):
+        assert {r["model"] for r in rows if r["task"] == task} == {"diff", "base"}
+    run = (out / "run.json").read_text()
+    assert "DiffLlamaForCausalLM" in run and "LlamaForCausalLM" in run
 
 
 def test_smoke_pair_is_matched(smoke_run: Path) -> None:
