@@ -55,7 +55,9 @@ BUILTINS = {
         Builtin("tiny-base", "the shipped tiny Llama matched to tiny-diff"),
     )
 }
-DEFAULT_MODELS = {"smollm2": "smollm2"}
+# `diffbench run` without --models: the shipped matched pair, baseline first (differences read
+# as DIFF minus Transformer).
+DEFAULT_MODELS = {"tiny-base": "tiny-base", "tiny-diff": "tiny-diff"}
 
 
 @dataclass(frozen=True)

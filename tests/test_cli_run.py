@@ -169,3 +169,18 @@ def test_list_shows_tasks_options_metrics_and_builtin_models(cli):
     assert res.returncode == 0, res.stderr
     for text in ("niah:", "lengths", "list[int]", "accuracy", "paper-4k", "smollm2", "tiny-diff"):
         assert text in res.stdout
+
+
+def test_run_without_models_evaluates_the_shipped_pair(cli, tmp_path):
+    out = tmp_path / "run"
+    res = cli("run", "--tasks", "niah", "--limit", "1", "--set", "niah.depths=50",
+              "--output", str(out), "--no-report")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["models"]) == {"tiny-diff", "tiny-base"}
+    assert run["models"]["tiny-diff"]["architecture"] == "DiffLlamaForCausalLM"
+    assert run["models"]["tiny-base"]["architecture"] == "LlamaForCausalLM"
+    # The default NIAH grid fits inside the pair's training context.
+    assert run["models"]["tiny-diff"]["max_context"] >= max(
+        run["config"]["tasks"]["niah"]["lengths"]
+    )
