@@ -209,9 +209,12 @@ def difference(
             if is_binary(ref) and is_binary(cand):
                 p = mcnemar_exact(ref, cand)
                 return Difference(delta, len(shared), interval, p, "McNemar exact", p < alpha)
-            # Two-sided bootstrap p-value, consistent with the percentile interval.
-            tail = min(float(np.mean(draws <= 0)), float(np.mean(draws >= 0)))
-            p = min(1.0, 2 * tail)
+            # Two-sided bootstrap p-value from the same (shifted) draws as the percentile
+            # interval, so the two agree on significance; the +1s keep it
+            # above zero, as no finite number of resamples can show p = 0.
+            shifted = draws + shift
+            tail = min(int((shifted <= 0).sum()), int((shifted >= 0).sum()))
+            p = min(1.0, 2 * (tail + 1) / (len(draws) + 1))
             return Difference(
                 delta, len(shared), interval, p, "paired bootstrap", interval.excludes_zero()
             )

@@ -97,6 +97,15 @@ def test_difference_is_paired_by_sample_id():
         0.0, 0.5, reference_scores=reference, candidate_scores=reference + 0.5
     )
     assert graded.test == "paired bootstrap" and graded.significant
+    # Every resample favours the candidate: p is as small as the resamples can show, not zero.
+    assert graded.p_value == pytest.approx(2 / (stats.RESAMPLES + 1))
+    # A row that re-weights its samples (a mean of per-depth means) shifts the interval; the
+    # p-value moves with it, so the two never disagree.
+    noisy = pd.Series(np.random.default_rng(0).normal(0.1, 1.0, 30), index=ids)
+    for value in (0.0, 0.2, 0.35, 0.5):
+        d = stats.difference(0.0, value, reference_scores=reference, candidate_scores=noisy)
+        assert d.interval is not None and d.p_value is not None
+        assert (d.p_value < 0.05) == d.interval.excludes_zero()
 
 
 def test_metrics_without_samples_get_a_normal_interval_from_their_stderr():
