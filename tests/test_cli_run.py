@@ -169,6 +169,9 @@ def test_list_shows_tasks_options_metrics_and_builtin_models(cli):
     assert res.returncode == 0, res.stderr
     for text in ("niah:", "lengths", "list[int]", "accuracy", "paper-4k", "smollm2", "tiny-diff"):
         assert text in res.stdout
+    assert "the default is tiny-base, tiny-diff" in res.stdout
+    # The shipped pair is present in every install, so neither is flagged as missing.
+    assert not [line for line in res.stdout.splitlines() if "tiny-" in line and "[not" in line]
 
 
 def test_run_without_models_evaluates_the_shipped_pair(cli, tmp_path):
