@@ -5,7 +5,9 @@ encoded once and kept as a KV cache; each request's query extends it, and all of
 choices are then scored in *one* forward pass as a token tree (each choice attends to the cached
 context and to its own earlier tokens through a 4-D additive mask, with positions restarting
 after the query), after which the cache is cropped back to the prefix. No cache is ever copied,
-and only the positions that are scored reach the LM head.
+and only the positions that are scored reach the LM head. The query's own pass also carries the
+choices' distinct first tokens (up to LOOKAHEAD_MAX), so a label search that needs the second
+token of a few labels usually needs no pass of its own for it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from diffbench.errors import DiffbenchError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 Progress = Callable[[int], None] | None
+# Most choices' first tokens that ride along in a query's pass; more would cost more compute than
+# the pass they save (a CPU pass over a cached context costs about as much as ~30 new tokens).
+LOOKAHEAD_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -381,21 +386,46 @@ class HFBackend:
         n_prefix = len(prefix)
         out = []
         for (query, choices), method in zip(parts, methods, strict=True):
-            root_logits = prefix_last
-            if query:
-                step = self.model(
-                    torch.tensor([query], device=self.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                root_logits = step.logits[0, -1]
             trie = ChoiceTrie(choices)
-            trie.expand(ROOT, self._children_logprobs(root_logits, trie, ROOT))
             n_context = n_prefix + len(query)
-            chosen = trie.search(
-                method, lambda nodes, t=trie, n=n_context: self._expand_nodes(cache, n, t, nodes)
-            )
+            # The query's pass also runs the choices' first tokens (each seeing the query and
+            # itself), so the trie's first level is known without a pass of its own. Those
+            # results are held back and handed to the search only when it asks for them: the
+            # search, and so every score it reports, is the same as without them.
+            ahead = [i for i in trie.nodes[ROOT].children.values() if trie.nodes[i].children]
+            if not query or len(ahead) > LOOKAHEAD_MAX:
+                ahead = []
+            held: dict[int, dict[int, float]] = {}
+            if query:
+                n_q = len(query)
+                visible = [list(range(r + 1)) for r in range(n_q)]
+                visible += [[*range(n_q), n_q + k] for k in range(len(ahead))]
+                logits = self._tree_pass(
+                    cache,
+                    n_prefix,
+                    query + [trie.nodes[i].token for i in ahead],
+                    visible,
+                    [n_prefix + r for r in range(n_q)] + [n_context] * len(ahead),
+                    [n_q - 1] + [n_q + k for k in range(len(ahead))],
+                )
+                trie.expand(ROOT, self._children_logprobs(logits[0], trie, ROOT))
+                held = {
+                    i: self._children_logprobs(logits[1 + k], trie, i) for k, i in enumerate(ahead)
+                }
+                cache.crop(n_context - cache.get_seq_length())  # the first tokens' entries
+            else:
+                trie.expand(ROOT, self._children_logprobs(prefix_last, trie, ROOT))
+
+            def expand(
+                nodes: list[int], t: ChoiceTrie = trie, n: int = n_context, held: dict = held
+            ) -> None:
+                for i in sorted(i for i in nodes if i in held):
+                    t.expand(i, held.pop(i))
+                rest = [i for i in nodes if i not in t.expanded]
+                if rest:
+                    self._expand_nodes(cache, n, t, rest)
+
+            chosen = trie.search(method, expand)
             logprobs = trie.choice_scores()
             if any(x is not None and not math.isfinite(x) for x in logprobs):
                 raise DiffbenchError(f"model {self.info.label!r} gave non-finite log-likelihoods")
@@ -416,24 +446,41 @@ class HFBackend:
         own ancestors), reading next-token log-probabilities at those nodes only."""
         rows = sorted({j for i in nodes for j in trie.path(i)})
         where = {j: r for r, j in enumerate(rows)}
-        n = len(rows)
-        dtype = self.model.dtype
-        mask = torch.full((n, n_context + n), torch.finfo(dtype).min, dtype=dtype)
-        mask[:, :n_context] = 0
-        for r, j in enumerate(rows):
-            for a in trie.path(j):
-                mask[r, n_context + where[a]] = 0
-        positions = [n_context + trie.nodes[j].depth - 1 for j in rows]
-        keep = torch.tensor([where[i] for i in nodes], device=self.device)
-        logits = self.model(
-            torch.tensor([[trie.nodes[j].token for j in rows]], device=self.device),
-            past_key_values=cache,
-            attention_mask=mask[None, None].to(self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            use_cache=True,
-            logits_to_keep=keep,
-        ).logits[0]
+        logits = self._tree_pass(
+            cache,
+            n_context,
+            [trie.nodes[j].token for j in rows],
+            [[where[a] for a in trie.path(j)] for j in rows],
+            [n_context + trie.nodes[j].depth - 1 for j in rows],
+            [where[i] for i in nodes],
+        )
         # Parents before children: a node's score must be known before it is expanded.
         for k in sorted(range(len(nodes)), key=lambda k: nodes[k]):
             trie.expand(nodes[k], self._children_logprobs(logits[k], trie, nodes[k]))
         cache.crop(n_context - cache.get_seq_length())
+
+    def _tree_pass(
+        self,
+        cache: Any,
+        n_context: int,
+        tokens: list[int],
+        visible: list[list[int]],
+        positions: list[int],
+        keep: list[int],
+    ) -> torch.Tensor:
+        """One pass of `tokens` over the cached context: row r attends to the whole context
+        and to the new tokens `visible[r]` (itself included); logits at rows `keep` only."""
+        n = len(tokens)
+        dtype = self.model.dtype
+        mask = torch.full((n, n_context + n), torch.finfo(dtype).min, dtype=dtype)
+        mask[:, :n_context] = 0
+        for r, cols in enumerate(visible):
+            mask[r, [n_context + c for c in cols]] = 0
+        return self.model(
+            torch.tensor([tokens], device=self.device),
+            past_key_values=cache,
+            attention_mask=mask[None, None].to(self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            use_cache=True,
+            logits_to_keep=torch.tensor(keep, device=self.device),
+        ).logits[0]
