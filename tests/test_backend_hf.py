@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from diffbench.api import ChoiceRequest, GenerateRequest
+from diffbench.backends import hf
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack
@@ -73,6 +74,28 @@ def test_pruned_and_greedy_searches_agree_with_naive_scoring(tiny_pair, arch, me
         if method == "best":  # exact argmax of the full log-likelihoods
             assert s.best == f.best
             assert abs(s.logprobs[s.best] - f.logprobs[f.best]) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["best", "greedy", "full"])
+def test_first_tokens_in_the_query_pass_save_passes_and_change_nothing(
+    tiny_pair, method, monkeypatch
+):
+    def scored(lookahead: int) -> tuple[list, int]:
+        monkeypatch.setattr(hf, "LOOKAHEAD_MAX", lookahead)
+        b = backend(tiny_pair["tiny-diff"])
+        passes = []
+        b.model.register_forward_pre_hook(lambda *_: passes.append(1))
+        return b.score_choices(label_requests(method)), len(passes)
+
+    without, n_without = scored(0)
+    with_, n_with = scored(32)
+    assert [s.best for s in with_] == [s.best for s in without]
+    for w, wo in zip(with_, without, strict=True):
+        assert [x is None for x in w.logprobs] == [x is None for x in wo.logprobs]
+        pairs = zip(w.logprobs, wo.logprobs, strict=True)
+        assert all(x is None or abs(x - y) < 1e-4 for x, y in pairs)
+    # `full` expands every internal node in one pass anyway; the searches save theirs.
+    assert n_with < n_without if method != "full" else n_with <= n_without
 
 
 def test_best_first_search_leaves_unpromising_labels_uncomputed(tiny_pair):
