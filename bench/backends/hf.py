@@ -396,7 +396,15 @@ class HFBackend:
             if not query or len(ahead) > LOOKAHEAD_MAX:
                 ahead = []
             held: dict[int, dict[int, float]] = {}
-            if query:
+            if query and not ahead:  # a plain causal pass: no mask to build, however long
+                step = self.model(
+                    torch.tensor([query], device=self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                trie.expand(ROOT, self._children_logprobs(step.logits[0, -1], trie, ROOT))
+            elif query:
                 n_q = len(query)
                 visible = [list(range(r + 1)) for r in range(n_q)]
                 visible += [[*range(n_q), n_q + k] for k in range(len(ahead))]
