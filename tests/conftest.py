@@ -40,17 +40,22 @@ def cli(tmp_path: Path) -> Callable[..., CliResult]:
     """Run `python -m diffbench.cli ARGS` as a real subprocess in a scratch working directory."""
 
     def run(*args: str, timeout: float = 600) -> CliResult:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        return subprocess.run(
-            [sys.executable, "-m", "diffbench.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_cli(tmp_path, *args, timeout=timeout)
 
     return run
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 600) -> CliResult:
+    """`python -m diffbench.cli ARGS` as a real subprocess in `cwd`, offline."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "diffbench.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def kill_when(args: list[str], cwd: Path, watched: Path, min_lines: int) -> int:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli
 from diffbench import compare
 from diffbench.errors import DiffbenchError
 from test_cli_errors import assert_one_line_error
-from test_stats import run_cli, shared_run
+from test_stats import shared_run
 
 HEADLINE = {"model": "diff", "depth": "all"}
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli
 from test_cli_errors import assert_one_line_error
-from test_stats import run_cli, shared_run
+from test_stats import shared_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
