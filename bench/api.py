@@ -17,6 +17,16 @@ import pandas as pd
 # One scored sample as stored in samples/<task>/<model>.jsonl: JSON-serialisable values only.
 Sample: TypeAlias = dict[str, Any]
 
+# Sample keys the harness itself reads. `score`: the value that metrics listed in a task's
+# `sample_mean_metrics` average. `cluster` (optional): samples that share a value measure the same
+# test example (several demonstration draws or orders of one ICL query, say); statistics then
+# resample and test whole clusters, since such samples are not independent. Without it every
+# sample is its own cluster. `input_sha256`: the identity of the request's inputs, written by the
+# runner; two runs pair a sample only where these agree.
+SCORE_KEY = "score"
+CLUSTER_KEY = "cluster"
+INPUT_KEY = "input_sha256"
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
