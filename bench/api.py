@@ -41,21 +41,27 @@ class GenerateRequest:
 class ChoiceRequest:
     """Log-likelihoods of several continuations after one prompt.
 
-    The prompt is `prefix + query`; each choice is scored as a continuation of it. Requests that
-    share `prefix` share its KV cache in backends that support it, so a long prefix (a haystack,
-    a block of demonstrations) is encoded once for every query and every choice that follows it.
-    The three parts are tokenized separately and their ids concatenated, so prefix-shared and
-    full-sequence scoring see exactly the same tokens.
+    The context is `prefix + query`; each choice is scored as a continuation of it, tokenized
+    as lm-eval does: the context's trailing whitespace moves to the front of the choice, the whole
+    text `context + choice` is encoded at once and split after the context's own tokens. So a
+    model sees the tokens a natural prompt has, however the text was cut into parts. Requests
+    that share `prefix` share the KV cache of the longest token prefix their contexts really have
+    in common, so a long prefix (a haystack, a block of demonstrations) is encoded once for every
+    query and every choice that follows it.
 
     `method` says what the caller needs: `full`, every choice's log-likelihood; `best`, only the
     most likely choice (exact, but other choices' scores may be left unknown); `greedy`, greedy
-    decoding constrained to the choices' token sequences (the Bertsch et al. protocol).
+    decoding constrained to the choices' token sequences (the Bertsch et al. protocol). `end` is
+    what follows a complete choice in the prompt format (a separator such as "\n"; empty: the
+    end-of-sequence token): where one choice is a prefix of another, greedy decoding stops at the
+    shorter one when this text's first token is likelier than every continuation.
     """
 
     prefix: str
     query: str
     choices: tuple[str, ...]
     method: Literal["full", "best", "greedy"] = "full"
+    end: str = ""
 
 
 Request: TypeAlias = GenerateRequest | ChoiceRequest

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import diffbench
 import pytest
+import torch
 from diffbench.api import ChoiceRequest, GenerateRequest
 from diffbench.backends import hf
-from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
+from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget, encode_prompt
+from diffbench.backends.trie import ROOT, ChoiceTrie
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack
 
@@ -146,3 +151,104 @@ def test_tokenizer_view_budgets_in_the_models_own_tokens(tiny_pair):
     # BOS is added once, at the start, and never inside the prompt text.
     assert view.prompt_tokens("hello") == view.count("hello") + 1
     assert view.render("question", "Answer:") == "question\nAnswer:"
+
+
+SHIPPED = Path(diffbench.__file__).parent / "models"
+
+
+def test_each_generation_request_stops_at_its_own_stop_strings_in_a_mixed_batch():
+    # The shipped base model writes "The special magic X number is: N." runs; one request stops
+    # at a city name, its batch neighbour at " is:". Batched, neither may stop at the other's.
+    reqs = [
+        GenerateRequest(haystack.procedural_text(i, 200 + 40 * i), 40, stop=stop)
+        for i in range(8)
+        for stop in ([("Toronto", "Prague")] if i % 2 else [(" is:",)])
+    ]
+    one = backend(SHIPPED / "tiny-base", batch_size="1").generate(reqs)
+    eight = backend(SHIPPED / "tiny-base", batch_size="8").generate(reqs)
+    assert [g.text for g in eight] == [g.text for g in one]
+    assert [g.n_new_tokens for g in eight] == [g.n_new_tokens for g in one]
+    # The test can tell: some request's own output runs past the other requests' stop string.
+    assert any(" is:" in g.text for g in one)
+    assert all(not any(s in g.text for s in r.stop) for g, r in zip(one, reqs, strict=True))
+
+
+def reference_logprob(b: HFBackend, context: str, choice: str) -> float:
+    """lm-eval's split: trailing whitespace joins the choice, the whole text is encoded at once,
+    and the choice's tokens follow the context's own token count; one plain forward pass."""
+    stripped = context.rstrip()
+    cont = context[len(stripped) :] + choice
+    ctx = encode_prompt(b.tokenizer, stripped)
+    whole = encode_prompt(b.tokenizer, stripped + cont)
+    ids = ctx + whole[len(ctx) :]
+    with torch.inference_mode():
+        logits = b.model(torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return float(sum(lp[k - 1, ids[k]] for k in range(len(ctx), len(ids))))
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_choices_are_scored_on_the_whole_prompts_natural_tokens(tiny_pair, prefix_cache):
+    # The same context cut into prefix and query in different places, one cut after a space
+    # and one after a blank line: the scores must be those of the natural whole-text encoding.
+    b = backend(tiny_pair["tiny-base"], prefix_cache=prefix_cache)
+    demos = haystack.procedural_text(7, 400)
+    context = demos + "\n\nQuestion: which colour?\nAnswer: "
+    choices = ("red", "green apple", "1234567")
+    cuts = [len(demos), len(demos) + 1, len(demos) + 2, len(context) - 1, len(context)]
+    reqs = [ChoiceRequest(context[:c], context[c:], choices) for c in cuts]
+    scored = b.score_choices(reqs)
+    want = [reference_logprob(b, context, c) for c in choices]
+    for s in scored:
+        for got, ref in zip(s.logprobs, want, strict=True):
+            assert got is not None and abs(got - ref) < 1e-4, (got, ref)
+
+
+def test_shared_prefix_spans_only_the_tokens_the_contexts_really_share(tiny_pair):
+    # Contexts that share a prefix string but whose tokens part before it ends still equal
+    # their own full-sequence scores.
+    b = backend(tiny_pair["tiny-diff"])
+    head = haystack.procedural_text(2, 300) + "\n"
+    reqs = [ChoiceRequest(head, q, (" red", " blue sky")) for q in ("\nA:", "A:", " And", "")]
+    for s, r in zip(b.score_choices(reqs), reqs, strict=True):
+        for got, c in zip(s.logprobs, r.choices, strict=True):
+            assert got is not None and abs(got - reference_logprob(b, r.prefix + r.query, c)) < 1e-4
+
+
+def test_greedy_search_can_stop_at_a_choice_that_another_continues():
+    # Choice 0 = [5], choice 1 = [5, 6, 7]; after token 5 the end token (9) is likelier than 6.
+    def expand_with(after_five: dict[int, float]):
+        trie = ChoiceTrie([[5], [5, 6, 7]], end_tokens=[9, None])
+
+        def expand(nodes: list[int]) -> None:
+            for i in nodes:
+                path = [trie.nodes[j].token for j in trie.path(i)]
+                table = {(): {5: -0.1}, (5,): after_five, (5, 6): {7: -0.01}}
+                trie.expand(i, table[tuple(path)])
+
+        expand([ROOT])
+        return trie.search("greedy", expand)
+
+    assert expand_with({9: -0.2, 6: -2.0}) == 0
+    assert expand_with({9: -2.0, 6: -0.2}) == 1
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize(("end", "picks_short"), [(" special", True), ("\n", False)])
+def test_constrained_greedy_stops_at_the_shorter_choice_when_its_end_is_likelier(
+    prefix_cache, end, picks_short
+):
+    # After " The" the shipped base model rates " special" above " old", and " old" far above
+    # a newline: so " The" wins against " The old bridge" exactly when the end is " special".
+    b = backend(SHIPPED / "tiny-base", prefix_cache=prefix_cache)
+    context = haystack.procedural_text(5, 300) + "\nAnswer:"
+    short, long = " The", " The old bridge"
+    enc_short = encode_prompt(b.tokenizer, context + short)
+    end_token = encode_prompt(b.tokenizer, context + short + end)[len(enc_short)]
+    cont = encode_prompt(b.tokenizer, context + long)[len(enc_short)]
+    with torch.inference_mode():
+        lp = torch.log_softmax(b.model(torch.tensor([enc_short])).logits[0, -1].float(), -1)
+    assert bool(lp[end_token] > lp[cont]) == picks_short
+    for choices in ((short, long), (long, short)):
+        [s] = b.score_choices([ChoiceRequest(context, "", choices, method="greedy", end=end)])
+        assert choices[s.best] == (short if picks_short else long)

@@ -1,7 +1,10 @@
 """The transformers backend: any causal LM from a folder, a hub id or a GGUF file.
 
-Scoring shares work the way a long-context harness must: a prefix (haystack, demonstrations) is
-encoded once and kept as a KV cache; each request's query extends it, and all of the request's
+Choices are tokenized as lm-eval does (context and choice encoded together, split after the
+context's tokens), so the model sees a natural prompt's tokens. Scoring then shares work the way a
+long-context harness must: the longest token prefix that a group of requests' contexts have in
+common (a haystack, demonstrations) is encoded once and kept as a KV cache; each request's rest
+of the context extends it, and all of the request's
 choices are then scored in *one* forward pass as a token tree (each choice attends to the cached
 context and to its own earlier tokens through a 4-D additive mask, with positions restarting
 after the query), after which the cache is cropped back to the prefix. No cache is ever copied,
@@ -29,7 +32,13 @@ from diffbench.api import (
 )
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method
 from diffbench.errors import DiffbenchError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 Progress = Callable[[int], None] | None
 # Most choices' first tokens that ride along in a query's pass; more would cost more compute than
@@ -125,14 +134,80 @@ class HFTokenizerView:
 
 def encode_prompt(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a prompt: BOS once (when the tokenizer uses one), never inside the text."""
-    ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+    return encode_prompts(tok, [text])[0]
+
+
+def encode_prompts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`encode_prompt` of several texts in one tokenizer call."""
+    encoded: list[list[int]] = tok(texts, add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
     adds_bos = bos is not None and len(tok("x", add_special_tokens=True)["input_ids"]) > len(
         tok("x", add_special_tokens=False)["input_ids"]
     )
-    if adds_bos and not (ids and ids[0] == bos):
-        ids = [int(bos), *ids]
-    return ids
+    return [
+        [int(bos), *ids] if adds_bos and not (ids and ids[0] == bos) else list(ids)
+        for ids in encoded
+    ]
+
+
+@dataclass(frozen=True)
+class EncodedChoices:
+    """A choice request in tokens: the context, each choice's continuation tokens, and the token
+    that ends a choice where another continues it (None where no search needs one)."""
+
+    context: list[int]
+    choices: list[list[int]]
+    end_tokens: list[int | None]
+
+
+def encode_choices(tok: PreTrainedTokenizerBase, r: ChoiceRequest) -> EncodedChoices:
+    """Tokens of a choice request, split as lm-eval's `_encode_pair` splits them: trailing
+    whitespace of the context moves to the choice, `context + choice` is encoded whole, and the
+    choice's tokens are what follows the context's own token count."""
+    context = r.prefix + r.query
+    stripped = context.rstrip()
+    moved = context[len(stripped) :]
+    ctx, *whole = encode_prompts(tok, [stripped, *(stripped + moved + c for c in r.choices)])
+    if not ctx:
+        raise DiffbenchError("a choice request has an empty context and the model has no BOS token")
+    conts = [w[len(ctx) :] for w in whole]
+    if any(not c for c in conts):
+        raise DiffbenchError("a choice encodes to no tokens")
+    end_tokens: list[int | None] = [None] * len(conts)
+    if r.method == "greedy":
+        extended = {
+            i for i, c in enumerate(conts) for o in conts if len(o) > len(c) and o[: len(c)] == c
+        }
+        for i in sorted(extended):
+            end_tokens[i] = _end_token(tok, stripped + moved + r.choices[i], whole[i], r.end)
+    return EncodedChoices(ctx, conts, end_tokens)
+
+
+def _end_token(tok: PreTrainedTokenizerBase, text: str, ids: list[int], end: str) -> int:
+    """The token that follows `text` (encoded as `ids`) when `end` comes next: EOS for no end."""
+    if not end:
+        if tok.eos_token_id is None:
+            raise DiffbenchError(
+                "greedy choice search needs an end token: give the request an `end` text, "
+                "the tokenizer has no end-of-sequence token"
+            )
+        return int(tok.eos_token_id)
+    after = encode_prompt(tok, text + end)
+    if len(after) > len(ids) and after[: len(ids)] == ids:
+        return after[len(ids)]
+    alone = tok(end, add_special_tokens=False)["input_ids"]
+    if not alone:
+        raise DiffbenchError(f"the end text {end!r} encodes to no tokens")
+    return int(alone[0])
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix all of `seqs` share."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return n
 
 
 def _resolve_dtype(name: str) -> torch.dtype | str:
@@ -159,6 +234,36 @@ def _resolve_device(name: str) -> torch.device:
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class _RowStops(StoppingCriteria):
+    """Each row of a generation batch stops at its own stop strings and its own token budget.
+
+    (transformers' `stop_strings` would stop every row at any row's strings, so a request's output
+    would depend on what it was batched with.) `finished_at[k]` is row k's token count when it
+    stopped, 0 while it runs."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, width: int, requests: Sequence[GenerateRequest]
+    ) -> None:
+        self.tokenizer, self.width = tokenizer, width
+        self.stops = [r.stop for r in requests]
+        self.budgets = [r.max_new_tokens for r in requests]
+        self.finished_at = [0] * len(requests)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.width :]
+        n = new.shape[1]
+        for k in range(new.shape[0]):
+            if self.finished_at[k]:
+                continue
+            if n >= self.budgets[k]:
+                self.finished_at[k] = n
+            elif self.stops[k]:
+                text = self.tokenizer.decode(new[k].tolist(), skip_special_tokens=True)
+                if any(s in text for s in self.stops[k]):
+                    self.finished_at[k] = n
+        return torch.tensor([bool(f) for f in self.finished_at], device=input_ids.device)
 
 
 class HFBackend:
@@ -267,29 +372,31 @@ class HFBackend:
         # Left padding: every row's last prompt token sits at the same column.
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-        max_new = max(r.max_new_tokens for r in requests)
-        stops = sorted({s for r in requests for s in r.stop})
+        stops = _RowStops(self.tokenizer, width, requests)
         out = self.model.generate(  # type: ignore[misc]
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
-            max_new_tokens=max_new,
+            max_new_tokens=max(r.max_new_tokens for r in requests),
             do_sample=False,
             temperature=None,
             top_p=None,
             top_k=None,
             pad_token_id=pad,
-            stop_strings=stops or None,
-            tokenizer=self.tokenizer if stops else None,
+            stopping_criteria=StoppingCriteriaList([stops]),
         )
+        eos = self.tokenizer.eos_token_id
         gens = []
-        for row, ids, r in zip(out[:, width:].tolist(), batch, requests, strict=True):
-            new = row[: r.max_new_tokens]
-            text = str(self.tokenizer.decode(new, skip_special_tokens=True))
+        for k, (row, ids, r) in enumerate(
+            zip(out[:, width:].tolist(), batch, requests, strict=True)
+        ):
+            # A row's own end: its stop string, its budget or EOS; what the batch ran on after
+            # that (padding, or tokens for longer budgets) is not part of it.
+            n_new = stops.finished_at[k] or len(row)
+            n_new = next((j + 1 for j, t in enumerate(row[:n_new]) if t == eos), n_new)
+            text = str(self.tokenizer.decode(row[:n_new], skip_special_tokens=True))
             cut = min((text.find(s) for s in r.stop if s in text), default=-1)
             if cut >= 0:
                 text = text[:cut]
-            eos = self.tokenizer.eos_token_id
-            n_new = next((k + 1 for k, t in enumerate(new) if t in (eos, pad)), len(new))
             gens.append(Generation(text=text, n_prompt_tokens=len(ids), n_new_tokens=n_new))
         return gens
 
@@ -304,60 +411,51 @@ class HFBackend:
             if not r.choices:
                 raise DiffbenchError("a choice request has no choices")
             groups.setdefault(r.prefix, []).append(i)
-        for prefix, members in groups.items():
-            prefix_ids = encode_prompt(self.tokenizer, prefix)
-            if not prefix_ids:
-                raise DiffbenchError("a choice request has an empty prefix and no BOS token")
-            parts = [self._encode_parts(requests[i]) for i in members]
-            for q, cs in parts:
-                longest = max(len(c) for c in cs)
-                self._check_fits(len(prefix_ids) + len(q) + longest, "a scoring request")
+        score = self._score_shared if self.options.prefix_cache else self._score_naive
+        for members in groups.values():
+            encoded = [encode_choices(self.tokenizer, requests[i]) for i in members]
+            for e in encoded:
+                longest = max(len(c) for c in e.choices)
+                self._check_fits(len(e.context) + longest, "a scoring request")
             methods: list[Method] = [requests[i].method for i in members]
-            score = self._score_shared if self.options.prefix_cache else self._score_naive
-            for i, s in zip(members, score(prefix_ids, parts, methods, progress), strict=True):
+            for i, s in zip(members, score(encoded, methods, progress), strict=True):
                 results[i] = s
         return [r for r in results if r is not None]
 
-    def _encode_parts(self, r: ChoiceRequest) -> tuple[list[int], list[list[int]]]:
-        enc = self.tokenizer
-        query = enc(r.query, add_special_tokens=False)["input_ids"] if r.query else []
-        choices = [enc(c, add_special_tokens=False)["input_ids"] for c in r.choices]
-        if any(not c for c in choices):
-            raise DiffbenchError("a choice encodes to no tokens")
-        return list(query), [list(c) for c in choices]
-
     @torch.inference_mode()
     def _score_naive(
-        self,
-        prefix: list[int],
-        parts: list[tuple[list[int], list[list[int]]]],
-        methods: list[Method],
-        progress: Progress,
+        self, encoded: list[EncodedChoices], methods: list[Method], progress: Progress
     ) -> list[ChoiceScores]:
-        """Reference scoring: one full forward pass per (prompt, choice) pair, no cache."""
+        """Reference scoring: one full forward pass per (context, choice) pair, no cache."""
         out = []
-        for (query, choices), method in zip(parts, methods, strict=True):
+        for e, method in zip(encoded, methods, strict=True):
             per_token: list[list[float]] = []
-            for c in choices:
-                ids = torch.tensor([prefix + query + c], device=self.device)
-                logits = self.model(ids, logits_to_keep=len(c) + 1).logits[0, :-1]
+            end_lp: list[float | None] = []
+            for c, end in zip(e.choices, e.end_tokens, strict=True):
+                ids = torch.tensor([e.context + c], device=self.device)
+                logits = self.model(ids, logits_to_keep=len(c) + 1).logits[0]
                 lp = torch.log_softmax(logits.float(), dim=-1)
                 target = torch.tensor(c, device=self.device)
-                per_token.append(lp.gather(1, target[:, None])[:, 0].tolist())
-            trie = ChoiceTrie(choices)
+                per_token.append(lp[:-1].gather(1, target[:, None])[:, 0].tolist())
+                end_lp.append(float(lp[-1, end]) if end is not None else None)
+            trie = ChoiceTrie(e.choices, e.end_tokens)
 
             def expand(
-                nodes: list[int], trie: ChoiceTrie = trie, per_token: list[list[float]] = per_token
+                nodes: list[int],
+                trie: ChoiceTrie = trie,
+                per_token: list[list[float]] = per_token,
+                end_lp: list[float | None] = end_lp,
             ) -> None:
                 # A child's next-token log-probability, read off a pass through that child.
                 for i in nodes:
-                    trie.expand(
-                        i,
-                        {
-                            t: per_token[trie.via[c][0]][trie.via[c][1]]
-                            for t, c in trie.nodes[i].children.items()
-                        },
-                    )
+                    node = trie.nodes[i]
+                    lps = {
+                        t: per_token[trie.via[c][0]][trie.via[c][1]]
+                        for t, c in node.children.items()
+                    }
+                    if node.end_token is not None:
+                        lps.setdefault(node.end_token, end_lp[node.ends[0]])
+                    trie.expand(i, lps)
 
             expand([ROOT])
             chosen = trie.search(method, expand)
@@ -365,29 +463,34 @@ class HFBackend:
                 logprobs: list[float | None] = [sum(t) for t in per_token]
             else:
                 logprobs = trie.choice_scores()
-            out.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in choices), chosen))
+            out.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in e.choices), chosen))
             if progress:
                 progress(1)
         return out
 
     @torch.inference_mode()
     def _score_shared(
-        self,
-        prefix: list[int],
-        parts: list[tuple[list[int], list[list[int]]]],
-        methods: list[Method],
-        progress: Progress,
+        self, encoded: list[EncodedChoices], methods: list[Method], progress: Progress
     ) -> list[ChoiceScores]:
-        """Prefix encoded once; each query extends the cache, then its choice trie is searched."""
-        ids = torch.tensor([prefix], device=self.device)
-        first = self.model(ids, use_cache=True, logits_to_keep=1)
+        """The contexts' common token prefix encoded once; each context's rest extends the
+        cache, then its choice trie is searched."""
+        n_prefix = common_prefix([e.context for e in encoded])
+        if n_prefix == 0:  # nothing in common (no BOS): each context is its own prefix
+            return [
+                self._score_shared([e], [m], progress)[0]
+                for e, m in zip(encoded, methods, strict=True)
+            ]
+        prefix = encoded[0].context[:n_prefix]
+        first = self.model(
+            torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1
+        )
         cache = first.past_key_values
         prefix_last = first.logits[0, -1]
-        n_prefix = len(prefix)
         out = []
-        for (query, choices), method in zip(parts, methods, strict=True):
-            trie = ChoiceTrie(choices)
-            n_context = n_prefix + len(query)
+        for e, method in zip(encoded, methods, strict=True):
+            query, choices = e.context[n_prefix:], e.choices
+            trie = ChoiceTrie(choices, e.end_tokens)
+            n_context = len(e.context)
             # The query's pass also runs the choices' first tokens (each seeing the query and
             # itself), so the trie's first level is known without a pass of its own. Those
             # results are held back and handed to the search only when it asks for them: the
@@ -446,7 +549,7 @@ class HFBackend:
     @staticmethod
     def _children_logprobs(logits: torch.Tensor, trie: ChoiceTrie, i: int) -> dict[int, float]:
         lp = torch.log_softmax(logits.float(), dim=-1)
-        tokens = list(trie.nodes[i].children)
+        tokens = trie.wanted(i)
         return dict(zip(tokens, lp[tokens].tolist(), strict=True))
 
     def _expand_nodes(self, cache: Any, n_context: int, trie: ChoiceTrie, nodes: list[int]) -> None:

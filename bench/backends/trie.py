@@ -9,6 +9,9 @@ are known; that gives its children their scores (summed log-probabilities from t
   it grows: once some complete choice scores s, no node scoring below s needs expanding. The
   argmax is exact; most of a large label set is never computed past its first token.
 - `greedy`: greedy decoding restricted to the choices' token sequences (Bertsch et al. 2024).
+  Where one choice ends and another continues (" The" and " The old bridge"), stopping is a
+  decision like any other: it is scored as the model's probability of the choice's *end token*
+  (what follows a complete choice: a separator or end-of-sequence), against each continuation.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ class Node:
     children: dict[int, int] = field(default_factory=dict)  # token -> node index
     ends: list[int] = field(default_factory=list)  # choices that end here
     score: float | None = None
+    # Where a choice ends here and others continue: the token that ends it, and the score of
+    # taking it (set when the node is expanded).
+    end_token: int | None = None
+    end_score: float | None = None
 
 
 class ChoiceTrie:
     """Choices' token sequences as a trie; parents always precede their children in `nodes`."""
 
-    def __init__(self, choices: list[list[int]]) -> None:
+    def __init__(self, choices: list[list[int]], end_tokens: list[int] | None = None) -> None:
+        """`end_tokens[c]`: the token that ends choice c, needed only where another choice
+        continues it and the search is `greedy`."""
         self.nodes = [Node(token=-1, parent=-1, depth=0, score=0.0)]
         self.end_of: list[int] = []
         # (choice, position) of the first choice whose path runs through each node.
@@ -52,6 +61,17 @@ class ChoiceTrie:
                 cur = nxt
             self.nodes[cur].ends.append(ci)
             self.end_of.append(cur)
+        if end_tokens is not None:
+            for ci, end in enumerate(self.end_of):
+                node = self.nodes[end]
+                if node.children and node.end_token is None:
+                    node.end_token = end_tokens[ci]
+
+    def wanted(self, i: int) -> list[int]:
+        """Tokens whose log-probabilities after node i's path its expansion needs."""
+        node = self.nodes[i]
+        extra = [node.end_token] if node.end_token is not None else []
+        return [*node.children, *(t for t in extra if t not in node.children)]
 
     def path(self, i: int) -> list[int]:
         """Node indices from the root's child down to `i` (the root itself excluded)."""
@@ -67,6 +87,8 @@ class ChoiceTrie:
         assert node.score is not None, "a node is expanded only after its parent"
         for tok, child in node.children.items():
             self.nodes[child].score = node.score + next_logprob[tok]
+        if node.end_token is not None:
+            node.end_score = node.score + next_logprob[node.end_token]
         self.expanded.add(i)
 
     def choice_scores(self) -> list[float | None]:
@@ -107,7 +129,16 @@ class ChoiceTrie:
         while nodes[cur].children:
             if cur not in self.expanded:
                 expand([cur])
-            cur = max(nodes[cur].children.values(), key=lambda c: (nodes[c].score, -c))
-            if nodes[cur].ends and not nodes[cur].children:
+            options = [(nodes[c].score, -c) for c in nodes[cur].children.values()]
+            if nodes[cur].ends:
+                if nodes[cur].end_score is None:
+                    raise ValueError(
+                        "greedy search over choices that extend one another needs "
+                        "each such choice's end token"
+                    )
+                options.append((nodes[cur].end_score, 1))  # ending wins a tie: it is shorter
+            best = max(options)
+            if best[1] == 1:
                 break
+            cur = -best[1]
         return nodes[cur].ends[0]
