@@ -2,7 +2,8 @@
 
 The generator writes plausible, topic-free English sentences from small word lists with a seeded
 RNG, so any length of haystack is reproducible from `(seed, index)` and never contains a magic
-number: every 7-digit number in a haystack is a needle.
+number: every 7-digit number in a prompt is one a task put there (a needle, or a score-mode
+decoy: the same sentence for a city that is never asked about).
 """
 
 from __future__ import annotations

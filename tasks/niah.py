@@ -3,16 +3,23 @@
 Protocol: ../shared/paper-protocols.md section 1 (LWM multi-needle wording). A context of
 `length` tokens (in each model's own tokenizer, the answer's room included) holds N needles
 "The special magic {city} number is: {number}."; R of the cities are asked for. The first queried
-needle sits at `depth` percent of the haystack; every other needle at a random depth. Needles
-sit between sentences. Cities, numbers and depths come from the seed alone, so every model sees
-the same needles; only where the haystack is cut depends on the tokenizer.
+needle sits at the sentence boundary nearest `depth` percent of the haystack's tokens; every other
+needle at a random depth. In score mode the context also holds decoys: the same sentence for
+other cities, carrying the choices no needle carries, so that every choice is in the context and
+only its city tells the true one apart. Cities, numbers and depths come from the seed alone, so
+every model sees the same needles; where the haystack is cut and where a needle lands depend on
+the tokenizer, and each sample records the needle's realised depth in tokens (`token_depth`).
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +52,9 @@ class NiahConfig:
     samples: int = 3
     mode: Literal["generate", "score", "both"] = "both"
     haystack: str = "procedural"  # or the path of a UTF-8 text file
-    distractors: int = 9  # score mode: wrong numbers ranked against the true one
+    # Score mode: wrong numbers ranked against the true one. Each sits in the context in a
+    # needle-shaped sentence (~16-22 tokens), so 4 keeps a 256-token context feasible.
+    distractors: int = 4
     answer_tokens: int = 16  # generation budget per queried needle
     chat: bool = True  # wrap the prompt in the model's chat template when it has one
     preset: str = ""
@@ -61,6 +70,11 @@ class NiahConfig:
                 raise ValueError(f"needles {pair!r}: need 1 <= R <= N <= {len(hs.CITIES)}")
         if self.samples < 1 or self.distractors < 1 or self.answer_tokens < 8:
             raise ValueError("samples and distractors must be >= 1 and answer_tokens >= 8")
+        if self.distractors >= len(hs.CITIES):
+            raise ValueError(
+                f"distractors must be < {len(hs.CITIES)}: each sits in the context keyed by "
+                "its own city"
+            )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -97,10 +111,14 @@ def _file_sentences(path: Path) -> list[str]:
     return sentences
 
 
-def _haystack_sentences(source: str, rng: random.Random, n_chars: int) -> list[str]:
-    """At least `n_chars` characters of whole sentences from the procedural stream or a file."""
+def _haystack_sentences(source: str, start: int, n_chars: int) -> list[str]:
+    """At least `n_chars` characters of whole sentences from the procedural stream or a file.
+
+    `start` seeds the procedural stream, or picks the file's first sentence, so that the modes
+    of one sample read the same haystack.
+    """
     if source == "procedural":
-        stream = hs.sentences(rng.randrange(2**31))
+        stream = hs.sentences(start)
         out, total = [], 0
         while total < n_chars:
             s = next(stream)
@@ -108,8 +126,7 @@ def _haystack_sentences(source: str, rng: random.Random, n_chars: int) -> list[s
             total += len(s) + 1
         return out
     sentences = _file_sentences(Path(source))
-    start = rng.randrange(len(sentences))
-    out, total, i = [], 0, start
+    out, total, i = [], 0, start % len(sentences)
     while total < n_chars:
         s = sentences[i % len(sentences)]
         out.append(s)
@@ -140,18 +157,84 @@ def _draw_needles(rng: random.Random, n: int, r: int, depth: float) -> list[Need
     return [Needle(c, x, d) for c, x, d in zip(cities, numbers, depths, strict=True)]
 
 
-def _insert(sentences: list[str], needles: list[Needle]) -> str:
-    """Haystack text with each needle placed at the sentence boundary nearest its depth."""
+def _draw_decoys(rng: random.Random, needles: list[Needle], distractors: int) -> list[Needle]:
+    """Score mode: needle-shaped sentences for unused cities, carrying the choices no needle has.
+
+    Each query ranks `distractors` + 1 numbers; the needles' own numbers come first, and the rest
+    must sit in the context too, or "pick the only number present" would score 100%.
+    """
+    k = max(0, distractors + 1 - len(needles))
+    used = {n.city for n in needles}
+    cities = rng.sample([c for c in hs.CITIES if c not in used], k)
+    taken = {n.number for n in needles}
+    numbers: list[str] = []
+    while len(numbers) < k:
+        num = hs.magic_number(rng)
+        if num not in taken:
+            taken.add(num)
+            numbers.append(num)
+    return [
+        Needle(c, x, round(rng.uniform(0, 100), 2)) for c, x in zip(cities, numbers, strict=True)
+    ]
+
+
+def _place(
+    tok: TokenizerView,
+    count_piece: Callable[[str], int],
+    sentences: list[str],
+    inserts: list[Needle],
+) -> tuple[str, list[float]]:
+    """The haystack with each insert at the sentence boundary nearest its depth, and the depths.
+
+    A depth is a percentage of the haystack's own tokens (inserts excluded) in the model's
+    tokenizer, not of its sentences: sentences differ in length, so a sentence index put 25% at
+    22-27% of the tokens, and further off in a file of long and short sentences. The realised
+    depths, in the same units, come back rounded to 0.01.
+    """
+    text = " ".join(sentences)
+    total = tok.count(text)
+    ends = [0]  # ends[i]: characters of the first i sentences joined by spaces
+    for k, s in enumerate(sentences):
+        ends.append(ends[-1] + (1 if k else 0) + len(s))
+    # Tokens before each boundary, from per-sentence counts (cached: haystacks repeat sentences).
+    # Exact when no token crosses a sentence join, which the total confirms; otherwise each
+    # candidate boundary's prefix is counted on the joined text, a long haystack at a time.
+    counts = list(
+        accumulate((count_piece(" " + s if k else s) for k, s in enumerate(sentences)), initial=0)
+    )
+    additive = counts[-1] == total
+    exact = {0: 0, len(sentences): total}
+
+    def before(i: int) -> int:
+        """Tokens of the haystack before boundary i, as the joined text encodes them."""
+        if additive:
+            return counts[i]
+        if i not in exact:
+            exact[i] = tok.count(text[: ends[i]])
+        return exact[i]
+
     slots: dict[int, list[str]] = {}
-    for nd in needles:
-        idx = round(nd.depth / 100 * len(sentences))
-        slots.setdefault(idx, []).append(hs.NEEDLE.format(city=nd.city, number=nd.number))
+    realised: list[float] = []
+    for nd in inserts:
+        target = nd.depth / 100 * total
+        if additive:
+            i = bisect.bisect_right(counts, target) - 1
+        else:
+            i = bisect.bisect_right(ends, tok.char_offset(text, round(target))) - 1
+            while i < len(sentences) and before(i + 1) <= target:
+                i += 1
+            while i > 0 and before(i) > target:
+                i -= 1
+        if i < len(sentences) and before(i + 1) - target < target - before(i):
+            i += 1
+        slots.setdefault(i, []).append(hs.NEEDLE.format(city=nd.city, number=nd.number))
+        realised.append(round(100 * before(i) / total, 2))
     parts: list[str] = []
     for i in range(len(sentences) + 1):
         parts.extend(slots.get(i, []))
         if i < len(sentences):
             parts.append(sentences[i])
-    return " ".join(parts)
+    return " ".join(parts), realised
 
 
 def _question(queried: list[Needle]) -> str:
@@ -160,29 +243,41 @@ def _question(queried: list[Needle]) -> str:
     return hs.QUESTION_MANY.format(cities=hs.join_cities([q.city for q in queried]))
 
 
+@dataclass(frozen=True)
+class Context:
+    """One prompt's context: the user text, the rendered prompt, and where things landed."""
+
+    user: str
+    prompt: str
+    n_prompt_tokens: int
+    n_sentences: int
+    token_depth: float  # realised depth of the first queried needle, % of haystack tokens
+
+
 def _build_prompt(
     cfg: NiahConfig,
     tok: TokenizerView,
-    rng: random.Random,
+    count_piece: Callable[[str], int],
+    hay_start: int,
     length: int,
-    needles: list[Needle],
+    inserts: list[Needle],
     r: int,
     answer_room: int,
-) -> tuple[str, str, int]:
-    """(user text, rendered prompt without answer prefix, haystack sentence count) for `length`."""
-    queried = needles[:r]
-    question = _question(queried)
+) -> Context:
+    """The context for `length` tokens holding `inserts` (needles first, the first R queried)."""
+    question = _question(inserts[:r])
     fixed = tok.prompt_tokens(tok.render(f"\n\n{question}", "", cfg.chat))
-    needle_tokens = sum(
-        tok.count(" " + hs.NEEDLE.format(city=n.city, number=n.number)) for n in needles
+    insert_tokens = sum(
+        tok.count(" " + hs.NEEDLE.format(city=n.city, number=n.number)) for n in inserts
     )
-    budget = length - answer_room - fixed - needle_tokens
+    budget = length - answer_room - fixed - insert_tokens
     if budget < 16:
         raise DiffbenchError(
             f"niah length {length} leaves no room for a haystack ({budget} tokens) after the "
-            f"question, {len(needles)} needles and {answer_room} answer tokens"
+            f"question, {len(inserts)} needles and decoys and {answer_room} answer tokens; "
+            "raise --set niah.lengths or lower niah.needles / niah.distractors"
         )
-    sentences = _haystack_sentences(cfg.haystack, rng, budget * 8)
+    sentences = _haystack_sentences(cfg.haystack, hay_start, budget * 8)
     text = " ".join(sentences)
     cut = tok.char_offset(text, budget)
     keep, total = 0, -1
@@ -192,10 +287,12 @@ def _build_prompt(
         total += 1 + len(s)
         keep += 1
     while keep > 0:
-        user = f"{_insert(sentences[:keep], needles)}\n\n{question}"
+        haystack, depths = _place(tok, count_piece, sentences[:keep], inserts)
+        user = f"{haystack}\n\n{question}"
         prompt = tok.render(user, "", cfg.chat)
-        if tok.prompt_tokens(prompt) + answer_room <= length:
-            return user, prompt, keep
+        n_tokens = tok.prompt_tokens(prompt)
+        if n_tokens + answer_room <= length:
+            return Context(user, prompt, n_tokens, keep, depths[0])
         keep -= 1  # tokenization at the joins can add a token or two
     raise DiffbenchError(f"niah length {length} is too short for its needles and question")
 
@@ -230,6 +327,7 @@ class NiahTask:
                     f"{tokenizer.max_context} tokens; lower --set niah.lengths"
                 )
         out: list[Item] = []
+        count_piece = functools.cache(tokenizer.count)
         for length in config.lengths:
             for depth in config.depths:
                 for pair in config.needles:
@@ -238,82 +336,82 @@ class NiahTask:
                         base_id = f"L{length}-d{depth:g}-n{n}r{r}-s{k}"
                         rng = random.Random(f"niah|{seed}|{base_id}")
                         needles = _draw_needles(rng, n, r, depth)
+                        hay_start = rng.randrange(2**31)
+                        decoy_rng = random.Random(rng.random())
                         room = _answer_room(config, tokenizer, needles, r)
-                        user, prompt, n_sent = _build_prompt(
-                            config, tokenizer, rng, length, needles, r, room
-                        )
                         setting = {"length": length, "depth": depth, "needles": n, "queries": r}
-                        meta = {
-                            "needle_list": [[x.city, x.number, x.depth] for x in needles],
-                            "n_prompt_tokens": tokenizer.prompt_tokens(prompt),
-                            "answer_room": room,
-                            "haystack_sentences": n_sent,
-                        }
-                        out.extend(
-                            self._mode_items(
-                                config,
-                                tokenizer,
-                                base_id,
-                                rng,
-                                user,
-                                prompt,
-                                needles,
-                                r,
-                                setting,
-                                meta,
+                        for mode in _modes(config):
+                            out.extend(
+                                self._mode_items(
+                                    config,
+                                    tokenizer,
+                                    count_piece,
+                                    mode,
+                                    base_id,
+                                    decoy_rng,
+                                    hay_start,
+                                    needles,
+                                    r,
+                                    room,
+                                    {"mode": mode, **setting},
+                                )
                             )
-                        )
         return out
 
     def _mode_items(
         self,
         cfg: NiahConfig,
         tok: TokenizerView,
+        count_piece: Callable[[str], int],
+        mode: str,
         base_id: str,
-        rng: random.Random,
-        user: str,
-        prompt: str,
+        decoy_rng: random.Random,
+        hay_start: int,
         needles: list[Needle],
         r: int,
+        room: int,
         setting: dict[str, Any],
-        meta: dict[str, Any],
     ) -> list[Item]:
-        items = []
         queried = needles[:r]
-        distractor_rng = random.Random(rng.random())
-        for mode in _modes(cfg):
-            s = {"mode": mode, **setting}
-            if mode == "generate":
-                answer_prefix = hs.ANSWER_PREFIX.format(city=queried[0].city) if r == 1 else ""
-                request = GenerateRequest(
-                    prompt=tok.render(user, answer_prefix, cfg.chat),
-                    max_new_tokens=cfg.answer_tokens * r,
-                    stop=("\n",) if r == 1 else ("\n\n",),
+        decoys = _draw_decoys(decoy_rng, needles, cfg.distractors) if mode == "score" else []
+        ctx = _build_prompt(
+            cfg, tok, count_piece, hay_start, setting["length"], needles + decoys, r, room
+        )
+        meta: dict[str, Any] = {
+            "needle_list": [[x.city, x.number, x.depth] for x in needles],
+            "token_depth": ctx.token_depth,
+            "n_prompt_tokens": ctx.n_prompt_tokens,
+            "answer_room": room,
+            "haystack_sentences": ctx.n_sentences,
+        }
+        if mode == "generate":
+            answer_prefix = hs.ANSWER_PREFIX.format(city=queried[0].city) if r == 1 else ""
+            request = GenerateRequest(
+                prompt=tok.render(ctx.user, answer_prefix, cfg.chat),
+                max_new_tokens=cfg.answer_tokens * r,
+                stop=("\n",) if r == 1 else ("\n\n",),
+            )
+            target = [q.number for q in queried]
+            return [Item(f"{base_id}-gen", request, setting, {**meta, "target": target})]
+        meta["decoy_list"] = [[x.city, x.number, x.depth] for x in decoys]
+        items = []
+        for qi, q in enumerate(queried):
+            others = [x.number for x in needles + decoys if x is not q]
+            choices = [q.number, *others[: cfg.distractors]]
+            decoy_rng.shuffle(choices)
+            request = ChoiceRequest(
+                prefix=ctx.prompt,
+                query=hs.ANSWER_PREFIX.format(city=q.city),
+                choices=tuple(" " + c for c in choices),
+            )
+            items.append(
+                Item(
+                    f"{base_id}-score-q{qi}",
+                    request,
+                    setting,
+                    {**meta, "target": q.number, "target_index": choices.index(q.number)},
                 )
-                target = [q.number for q in queried]
-                items.append(Item(f"{base_id}-gen", request, s, {**meta, "target": target}))
-                continue
-            for qi, q in enumerate(queried):
-                choices = [q.number] + [x.number for x in needles if x is not q]
-                while len(choices) < cfg.distractors + 1:
-                    num = hs.magic_number(distractor_rng)
-                    if num not in choices:
-                        choices.append(num)
-                choices = choices[: cfg.distractors + 1]
-                distractor_rng.shuffle(choices)
-                request = ChoiceRequest(
-                    prefix=prompt,
-                    query=hs.ANSWER_PREFIX.format(city=q.city),
-                    choices=tuple(" " + c for c in choices),
-                )
-                items.append(
-                    Item(
-                        f"{base_id}-score-q{qi}",
-                        request,
-                        s,
-                        {**meta, "target": q.number, "target_index": choices.index(q.number)},
-                    )
-                )
+            )
         return items
 
     def score(self, config: NiahConfig, item: Item, response: Response) -> Sample:

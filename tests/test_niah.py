@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from diffbench.api import ChoiceRequest, ChoiceScores, GenerateRequest, Generation, Item
-from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
+from diffbench.backends.hf import HFBackend, HFOptions, HFTokenizerView, LoadTarget
 from diffbench.config import build_config
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack
 from diffbench.tasks.niah import PRESETS, TASK, NiahConfig
+from tokenizers import Tokenizer, models, trainers
+from transformers import PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +75,107 @@ def test_score_mode_ranks_the_true_number_against_same_shape_distractors(view):
     assert items[0].request.prefix == items[1].request.prefix
 
 
+NEEDLE_RE = re.compile(r"The special magic (\w+) number is: (\d{7})\.")
+
+
+def _mixed_haystack_file(path: Path) -> Path:
+    """A file whose sentences run from two words to forty, in an irregular pattern."""
+    long = (
+        "The old bridge waits beside the town hall, and the quiet river drifts past the fish "
+        "market, while the morning train turns away from the northern hills and the library "
+        "rests under the evening fog as it always has."
+    )
+    short = ("It rains.", "Time moves slowly here.", "Nobody seems to mind.")
+    pattern = "LSSLLSSSLSLLLSSSSLS"
+    parts = [long if c == "L" else short[k % 3] for k, c in enumerate(pattern * 12)]
+    path.write_text(" ".join(parts), encoding="utf-8")
+    return path
+
+
+def _haystack_and_inserts(prompt: str) -> tuple[list[str], list[bool]]:
+    """The prompt's haystack as sentences, and which of them are needles or decoys."""
+    hay = prompt.split("\n\n")[0]
+    sentences = re.split(r"(?<=[.!?]) ", hay)
+    return sentences, [NEEDLE_RE.fullmatch(s) is not None for s in sentences]
+
+
+@pytest.fixture(scope="module")
+def joining_view():
+    """A real BPE without pre-tokenization: its tokens run across sentence joins ('. The ')."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    corpus = [haystack.procedural_text(i, 3000) for i in range(20)]
+    corpus += [haystack.NEEDLE.format(city=c, number="1234567") for c in haystack.CITIES]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>"], show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    view = HFTokenizerView(
+        PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>"), 1024, False
+    )
+    assert view.count("hall. The") < view.count("hall.") + view.count(" The")
+    return view
+
+
+@pytest.mark.parametrize(
+    ("source", "tokenizer"),
+    [("procedural", "tiny"), ("file", "tiny"), ("procedural", "joining")],
+)
+def test_needle_lands_at_the_sentence_boundary_nearest_its_token_depth(
+    request, source, tokenizer, tmp_path
+):
+    tok = request.getfixturevalue("view" if tokenizer == "tiny" else "joining_view")
+    hay = "procedural" if source == "procedural" else str(_mixed_haystack_file(tmp_path / "h.txt"))
+    cfg = NiahConfig(
+        lengths=(512,),
+        depths=(10.0, 25.0, 50.0, 75.0, 90.0),
+        needles=("1/1", "3/2"),
+        samples=2,
+        haystack=hay,
+        chat=False,
+    )
+    contexts = {}  # the queried needles of one score sample share one context
+    for it in TASK.items(cfg, tok, seed=5):
+        prompt = it.request.prefix if isinstance(it.request, ChoiceRequest) else it.request.prompt
+        contexts[prompt] = it
+    off, recorded = [], []
+    for prompt, it in contexts.items():
+        sentences, inserted = _haystack_and_inserts(prompt)
+        city, number, _ = it.meta["needle_list"][0]
+        at = sentences.index(haystack.NEEDLE.format(city=city, number=number))
+        plain = [s for s, ins in zip(sentences, inserted, strict=True) if not ins]
+        k = sum(not ins for ins in inserted[:at])  # haystack sentences before the needle
+        # Tokens before every sentence boundary of the haystack alone, as the model counts them.
+        before = [tok.count(" ".join(plain[:i])) for i in range(len(plain) + 1)]
+        asked = it.setting["depth"] / 100 * before[-1]
+        if abs(before[k] - asked) > min(abs(b - asked) for b in before):
+            off.append((it.id, round(100 * before[k] / before[-1], 1)))
+        recorded.append((it.meta.get("token_depth"), round(100 * before[k] / before[-1], 2)))
+    assert off == []  # the old sentence-index placement put 10% at 19.5%, 50% at 60.2%
+    assert all(got == realised for got, realised in recorded)
+    assert len(contexts) == 5 * 2 * 2 * 2  # score mode's context (with decoys) is its own
+
+
+def test_score_mode_puts_every_choice_in_the_context_keyed_by_its_own_city(view):
+    cfg = NiahConfig(lengths=(512,), needles=("1/1", "3/2", "8/1"), samples=2, distractors=5)
+    items = TASK.items(cfg, view, seed=4)
+    scored = [it for it in items if isinstance(it.request, ChoiceRequest)]
+    assert len(scored) == 5 * 2 * (1 + 2 + 1)
+    for it in scored:
+        req = it.request
+        keyed = NEEDLE_RE.findall(req.prefix)
+        by_city = dict(keyed)
+        by_number = {number: city for city, number in keyed}
+        assert len(by_city) == len(by_number) == len(keyed)  # one number per city, and back
+        assert {c.strip() for c in req.choices} <= set(by_number)  # every choice is in context
+        city = by_number[it.meta["target"]]
+        assert req.query == haystack.ANSWER_PREFIX.format(city=city)
+        assert req.prefix.count(f"magic {city} number") == 1
+        assert req.prefix.count(haystack.NEEDLE.format(city=city, number=it.meta["target"])) == 1
+        assert len(keyed) == max(it.setting["needles"], len(req.choices))
+    # Generate mode keeps the protocol's context: the N needles and nothing else.
+    for it in items:
+        if isinstance(it.request, GenerateRequest):
+            assert len(NEEDLE_RE.findall(it.request.prompt)) == it.setting["needles"]
+
+
 def test_generate_scoring_is_per_needle_substring_match():
     cfg = NiahConfig()
     it = Item("x", GenerateRequest("p", 8), {}, {"target": ["1234567", "7654321"]})
@@ -109,3 +215,5 @@ def test_presets_and_overrides_resolve_with_types():
         build_config("niah", NiahConfig, PRESETS, {"needles": "4-2"})
     with pytest.raises(DiffbenchError, match="R <= N"):
         build_config("niah", NiahConfig, PRESETS, {"needles": "2/3"})
+    with pytest.raises(DiffbenchError, match="distractors must be < 40"):
+        build_config("niah", NiahConfig, PRESETS, {"distractors": "40"})
