@@ -6,6 +6,11 @@ by class, grouped by class) under `orders` order seeds; every test example is an
 The answer is restricted to the label set: by default the most likely label (exact), or greedy
 decoding constrained to the labels' token sequences. All test examples of one prompt share its
 demonstrations as one cached prefix, so the demonstrations are encoded once per prompt.
+
+No demonstration pool holds a test example's text (`icl_datasets`). The samples of one test
+example at one shot count (every draw, arrangement and order) share a cluster: they measure the
+same example, so the `accuracy` stderr over draws and orders is a cluster-robust one over test
+examples, and statistics resample whole clusters.
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from diffbench.api import ChoiceRequest, ChoiceScores, Item, Response, Sample, TokenizerView
+from diffbench.api import (
+    CLUSTER_KEY,
+    SCORE_KEY,
+    ChoiceRequest,
+    ChoiceScores,
+    Item,
+    Response,
+    Sample,
+    TokenizerView,
+)
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import icl_datasets
 from diffbench.tasks.icl_datasets import Example, IclDataset
@@ -174,7 +188,8 @@ class IclTask:
                             method="best" if config.answer == "likelihood" else "greedy",
                         )
                         meta = {"text": ex.text, "target": ex.label, "test_index": t,
-                                "target_index": ds.labels.index(ex.label)}  # fmt: skip
+                                "target_index": ds.labels.index(ex.label),
+                                CLUSTER_KEY: f"k{k}-t{t}", **ds.dropped.as_meta()}  # fmt: skip
                         item_id = f"k{k}-d{d}-{arrangement}-o{o}-t{t}"
                         out.append(Item(item_id, request, setting, meta))
         return out
@@ -200,26 +215,35 @@ class IclTask:
         return {
             "output": request.choices[response.best].strip(),
             "logprob": response.logprobs[response.best],
-            "score": float(response.best == item.meta["target_index"]),
+            SCORE_KEY: float(response.best == item.meta["target_index"]),
         }
 
     def aggregate(self, config: IclConfig, samples: pd.DataFrame) -> pd.DataFrame:
-        """Accuracy per prompt (draw x order), and its mean, spread and margin over prompts."""
+        """Accuracy per prompt (draw x order), and its mean, spread and margin over prompts.
+
+        The mean's stderr is cluster-robust: the spread over test examples of each example's
+        mean score across the prompts, over the square root of the number of examples. The
+        spread of prompt accuracies alone would be 0 whenever the draws happen to agree.
+        """
         run_keys = ["model", "dataset", "arrangement", "shots", "draw", "order"]
         runs = (
-            samples.groupby(run_keys, sort=True)["score"]
+            samples.groupby(run_keys, sort=True)[SCORE_KEY]
             .agg(value="mean", n="count", stderr=_stderr)
             .reset_index()
         )
         runs["metric"] = "accuracy"
         keys = ["model", "dataset", "arrangement", "shots"]
+        # Samples stored before the cluster key existed still carry their test example's index.
+        cluster = CLUSTER_KEY if CLUSTER_KEY in samples.columns else "test_index"
+        per_example = samples.groupby([*keys, cluster], sort=True)[SCORE_KEY].mean()
+        cluster_se = per_example.groupby(level=keys, sort=True).agg(_stderr)
         rows = []
         for key, group in runs.groupby(keys, sort=True):
             accs = group["value"].to_numpy()
             n = int(group["n"].sum())
             spread = float(np.std(accs, ddof=1)) if len(accs) > 1 else float("nan")
             base = dict(zip(keys, key, strict=True), draw=ALL, order=ALL)
-            se = spread / np.sqrt(len(accs)) if len(accs) > 1 else _binomial_se(accs.mean(), n)
+            se = float(cluster_se.loc[key])
             rows += [
                 {**base, "metric": "accuracy", "value": float(accs.mean()), "n": n, "stderr": se},
                 {**base, "metric": "accuracy_std", "value": spread, "n": len(accs)},
@@ -243,10 +267,6 @@ class IclTask:
 
 def _stderr(x: pd.Series) -> float:
     return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-
-def _binomial_se(p: float, n: int) -> float:
-    return float(np.sqrt(p * (1 - p) / n)) if n > 0 else float("nan")
 
 
 TASK = IclTask()

@@ -4,22 +4,53 @@ Hub datasets (TREC, TREC-fine, Banking-77, Clinic-150) load with `datasets` wher
 cache holds them, with the label names and prompt formats of Bertsch et al. 2024. A local JSONL,
 CSV or Parquet file works with any text and label columns. `synthetic` is a deterministic
 intent-classification set generated here (dozens of classes), for offline runs and tests.
+
+Whatever the source, a demonstration pool never holds a test example's text: every adapter's
+pools go through `_separate`, which keeps the first row of each text (whitespace-normalised) and
+drops demonstrations whose text is a test example's. The dropped rows are counted in
+`IclDataset.dropped` and logged.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from diffbench.errors import DiffbenchError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Example:
     text: str
     label: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Rows left out so that no text repeats and no test text is a demonstration."""
+
+    duplicates: int = 0  # rows whose text an earlier row of the same pool already has
+    conflicting: int = 0  # of those, rows whose label differs from the kept row's
+    test_overlap: int = 0  # demonstration rows whose text is a test example's
+
+    @property
+    def total(self) -> int:
+        """Rows dropped in all."""
+        return self.duplicates + self.test_overlap
+
+    def as_meta(self) -> dict[str, int]:
+        """The counts as sample metadata keys."""
+        return {
+            "dropped_duplicates": self.duplicates,
+            "dropped_conflicting": self.conflicting,
+            "dropped_test_overlap": self.test_overlap,
+        }
 
 
 @dataclass(frozen=True)
@@ -32,6 +63,48 @@ class IclDataset:
     labels: tuple[str, ...]
     input_name: str = "utterance"
     label_name: str = "intent"
+    dropped: Dropped = field(default_factory=Dropped)
+
+
+def text_key(text: str) -> str:
+    """What makes two texts the same example: equal after collapsing whitespace."""
+    return " ".join(text.split())
+
+
+def _deduplicated(examples: Iterable[Example]) -> tuple[tuple[Example, ...], int, int]:
+    """The first row of each text, in order; and how many rows (and conflicting ones) went."""
+    first: dict[str, Example] = {}
+    dropped = conflicting = 0
+    for ex in examples:
+        kept = first.setdefault(text_key(ex.text), ex)
+        if kept is not ex:
+            dropped += 1
+            conflicting += kept.label != ex.label
+    return tuple(first.values()), dropped, conflicting
+
+
+def _separate(
+    train: Iterable[Example], test: Iterable[Example], earlier: Dropped | None = None
+) -> tuple[tuple[Example, ...], tuple[Example, ...], Dropped]:
+    """Pools without repeated texts, and demonstrations without any test example's text.
+
+    A text repeated with different labels keeps its first row's label (file order); a text in
+    both pools stays a test example and leaves the demonstrations.
+    """
+    test_kept, test_dup, test_conf = _deduplicated(test)
+    train_kept, train_dup, train_conf = _deduplicated(train)
+    test_keys = {text_key(ex.text) for ex in test_kept}
+    demos = tuple(ex for ex in train_kept if text_key(ex.text) not in test_keys)
+    earlier = earlier or Dropped()
+    return (
+        demos,
+        test_kept,
+        Dropped(
+            earlier.duplicates + test_dup + train_dup,
+            earlier.conflicting + test_conf + train_conf,
+            earlier.test_overlap + len(train_kept) - len(demos),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -88,10 +161,10 @@ def _from_hub(name: str) -> IclDataset:
             for t, y in zip(part[spec.text_field], part[spec.label_field], strict=True)
         )
 
-    train = rows("train")
+    train, test, dropped = _separate(rows("train"), rows(spec.test_split))
     return IclDataset(
-        name, train, rows(spec.test_split), tuple(sorted({e.label for e in train})),
-        spec.input_name, spec.label_name,
+        name, train, test, tuple(sorted({e.label for e in train})), spec.input_name,
+        spec.label_name, dropped,
     )  # fmt: skip
 
 
@@ -113,16 +186,17 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 def _examples(path: Path, text_field: str, label_field: str) -> tuple[Example, ...]:
     table = _read_table(path)
-    for field in (text_field, label_field):
-        if field not in table.columns:
+    for column in (text_field, label_field):
+        if column not in table.columns:
             raise DiffbenchError(
-                f"dataset file {path} has no field {field!r} (fields: {', '.join(table.columns)})"
+                f"dataset file {path} has no field {column!r} (fields: {', '.join(table.columns)})"
             )
     out = []
     for i, (text, label) in enumerate(zip(table[text_field], table[label_field], strict=True)):
-        for field, value in ((text_field, text), (label_field, label)):
-            if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
-                raise DiffbenchError(f"dataset file {path}: row {i + 1} has no {field!r}")
+        for column, value in ((text_field, text), (label_field, label)):
+            missing = value is None or (isinstance(value, float) and pd.isna(value))
+            if missing or not str(value).strip():
+                raise DiffbenchError(f"dataset file {path}: row {i + 1} has no {column!r}")
         out.append(Example(str(text).strip(), str(label).strip()))
     return tuple(out)
 
@@ -130,15 +204,17 @@ def _examples(path: Path, text_field: str, label_field: str) -> tuple[Example, .
 def _from_files(
     path: Path, test_file: str, text_field: str, label_field: str, test_size: int, seed: int
 ) -> IclDataset:
-    pool = _examples(path, text_field, label_field)
+    rows = _examples(path, text_field, label_field)
     if test_file:
-        train, test = pool, _examples(Path(test_file), text_field, label_field)
-    else:  # hold out a seeded test split from the one file
+        train, test, dropped = _separate(rows, _examples(Path(test_file), text_field, label_field))
+    else:  # hold out a seeded test split from the one file, once each text is there only once
+        pool, duplicates, conflicting = _deduplicated(rows)
         order = list(range(len(pool)))
         random.Random(f"icl-split|{seed}").shuffle(order)
         n_test = min(test_size, len(pool) // 2)
         test = tuple(pool[i] for i in sorted(order[:n_test]))
         train = tuple(pool[i] for i in sorted(order[n_test:]))
+        train, test, dropped = _separate(train, test, Dropped(duplicates, conflicting))
     labels = tuple(sorted({e.label for e in train}))
     if len(labels) < 2:
         raise DiffbenchError(f"dataset {path} needs at least two labels, found {len(labels)}")
@@ -147,7 +223,7 @@ def _from_files(
         raise DiffbenchError(
             f"test examples of {path} use labels never seen in its demonstrations: {unknown[:3]}"
         )
-    return IclDataset(path.name, train, test, labels)
+    return IclDataset(path.name, train, test, labels, dropped=dropped)
 
 
 # ---- the generated default: intents with keyword-rich utterances -------------------------------
@@ -226,33 +302,65 @@ FILLERS = {
 }
 
 
+# Openings and closings any utterance may take: they carry no label information, and with the
+# fillers they give every intent hundreds of distinct utterances (the templates alone give some
+# intents only three).
+OPENINGS = ("", "hey, ", "hi, ", "hello, ", "okay, ", "um, ", "quick one: ", "so ")
+CLOSINGS = ("", " please", " thanks", " thank you", " if you can", " for me")
+
+
+def _utterance(templates: tuple[str, ...], rng: random.Random) -> str:
+    text = rng.choice(templates)
+    for key, words in FILLERS.items():
+        text = text.replace("{" + key + "}", rng.choice(words))
+    closing = rng.choice(CLOSINGS)
+    if text.endswith(closing.strip()):
+        closing = ""
+    return rng.choice(OPENINGS) + text + closing
+
+
 def synthetic(test_size: int, seed: int, per_class: int = 30) -> IclDataset:
-    """The generated intent set: `per_class` utterances for each of the intents, seeded."""
+    """The generated intent set: `per_class` distinct utterances for each intent, seeded."""
     rng = random.Random(f"icl-synthetic|{seed}")
-    pool = []
+    pool, seen = [], set()
     for label, templates in INTENTS.items():
-        for _ in range(per_class):
-            text = rng.choice(templates)
-            for key, words in FILLERS.items():
-                text = text.replace("{" + key + "}", rng.choice(words))
-            pool.append(Example(text, label))
+        texts: list[str] = []
+        for _ in range(1000 * per_class):
+            text = _utterance(templates, rng)
+            if text_key(text) not in seen:  # distinct across intents too
+                seen.add(text_key(text))
+                texts.append(text)
+                if len(texts) == per_class:
+                    break
+        if len(texts) < per_class:
+            raise RuntimeError(f"intent {label!r} cannot make {per_class} distinct utterances")
+        pool += [Example(text, label) for text in texts]
     rng.shuffle(pool)
     n_test = min(test_size, len(pool) // 4)
-    return IclDataset(
-        "synthetic", tuple(pool[n_test:]), tuple(pool[:n_test]), tuple(sorted(INTENTS))
-    )
+    train, test, dropped = _separate(pool[n_test:], pool[:n_test])
+    return IclDataset("synthetic", train, test, tuple(sorted(INTENTS)), dropped=dropped)
 
 
 def load(name: str, test_file: str, text_field: str, label_field: str, test_size: int,
          seed: int) -> IclDataset:  # fmt: skip
     """The dataset named by `icl.dataset`: synthetic, a hub name, or a local file path."""
-    if name == "synthetic":
-        return synthetic(test_size, seed)
-    if name in HUB:
-        return _from_hub(name)
     path = Path(name).expanduser()
-    if path.suffix or path.exists():
-        return _from_files(path, test_file, text_field, label_field, test_size, seed)
-    raise DiffbenchError(
-        f"unknown dataset {name!r}: use synthetic, {', '.join(HUB)}, or a .jsonl/.csv/.parquet path"
-    )
+    if name == "synthetic":
+        ds = synthetic(test_size, seed)
+    elif name in HUB:
+        ds = _from_hub(name)
+    elif path.suffix or path.exists():
+        ds = _from_files(path, test_file, text_field, label_field, test_size, seed)
+    else:
+        raise DiffbenchError(
+            f"unknown dataset {name!r}: use synthetic, {', '.join(HUB)}, or a .jsonl/.csv/.parquet "
+            "path"
+        )
+    d = ds.dropped
+    log.info(
+        "icl dataset %s: %d demonstrations, %d test examples; dropped %d rows repeating an "
+        "earlier row's text (%d with another label; the first row's label is kept) and %d "
+        "demonstrations whose text is a test example's",
+        ds.name, len(ds.train), len(ds.test), d.duplicates, d.conflicting, d.test_overlap,
+    )  # fmt: skip
+    return ds

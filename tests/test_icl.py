@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from collections import Counter
 
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import kill_when, models_arg
+from diffbench.api import CLUSTER_KEY
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
-from diffbench.tasks import haystack
+from diffbench.tasks import haystack, icl_datasets
 from diffbench.tasks.icl import TASK, IclConfig, arrange, label_choices
 from diffbench.tasks.icl_datasets import Example
 from test_cli_errors import assert_one_line_error
@@ -129,9 +133,9 @@ def write_jsonl(path, rows):
 
 
 def test_local_jsonl_dataset_runs_end_to_end(cli, tiny_pair, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", [
-        {"utt": f"please {verb} the thing number {i}", "intent": verb}
-        for i, verb in enumerate(["open", "close", "move", "paint"] * 10)])  # fmt: skip
+    rows = [{"utt": f"please {verb} the thing number {i}", "intent": verb}
+            for i, verb in enumerate(["open", "close", "move", "paint"] * 10)]  # fmt: skip
+    data = write_jsonl(tmp_path / "train.jsonl", rows + rows[:3])
     out = tmp_path / "run"
     res = cli("run", "--tasks", "icl", "--models", models_arg(tiny_pair), "--set",
               f"icl.dataset={data}", "--set", "icl.text_field=utt", "--set",
@@ -143,7 +147,10 @@ def test_local_jsonl_dataset_runs_end_to_end(cli, tiny_pair, tmp_path):
     assert len(summary) == 2 * 2  # two models x two shot counts
     samples = (out / "samples" / "icl" / "diff.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 2 * 6  # shot counts x draws x test examples
-    assert json.loads(samples[0])["dataset"] == "train.jsonl"
+    first = json.loads(samples[0])
+    assert first["dataset"] == "train.jsonl"
+    assert first["dropped_duplicates"] == 3 and first[CLUSTER_KEY] == "k1-t0"
+    assert "dropped 3 rows repeating an earlier row's text" in res.stderr
     assert (out / "figures" / "icl_shots_train_random.png").exists()
 
 
@@ -186,3 +193,107 @@ def test_icl_run_killed_mid_sweep_resumes_to_identical_metrics(cli, tiny_pair, t
     ).read_bytes()
     ids = [json.loads(x)["id"] for x in target.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 5 * 2 * 12
+
+
+# ---- no test example among the demonstrations; clusters; an honest stderr ----------------------
+
+
+def leaked(items) -> list[tuple[str, str]]:
+    """(item id, test text) for every test text that is a demonstration in some item's prefix."""
+    texts = {it.meta["text"] for it in items}
+    prefixes = {it.request.prefix for it in items}
+    return [
+        (it.id, text)
+        for it in items
+        for text in texts
+        if it.request.prefix in prefixes
+        and f"\n\nutterance: {text}\n" in "\n\n" + it.request.prefix
+    ]
+
+
+def test_no_test_example_is_a_demonstration_in_the_default_config(views):
+    items = TASK.items(IclConfig(), views["tiny-base"].tokenizer_view(), seed=0)
+    assert len({it.meta["text"] for it in items}) == IclConfig().test_size
+    assert leaked(items) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_synthetic_texts_are_distinct_and_demonstrations_never_hold_a_test_text(seed):
+    ds = icl_datasets.synthetic(test_size=24, seed=seed)
+    texts = [e.text for e in ds.train + ds.test]
+    assert len(texts) == len(set(texts)) == 30 * len(icl_datasets.INTENTS)
+    assert ds.dropped.total == 0
+    assert Counter(e.label for e in ds.train + ds.test) == Counter(
+        {label: 30 for label in icl_datasets.INTENTS}
+    )
+
+
+def duplicated_rows() -> list[dict[str, str]]:
+    """24 distinct texts, each written three times, and one text given two labels."""
+    rows = [{"text": f"please {verb} box {i}", "label": verb}
+            for i, verb in enumerate(["open", "close", "move", "paint"] * 6)]  # fmt: skip
+    conflict = [
+        {"text": "do the usual", "label": "open"},
+        {"text": "do the usual", "label": "move"},
+    ]
+    return rows + conflict + rows + rows
+
+
+def test_a_local_file_with_duplicates_never_shows_a_test_text_and_reports_the_drops(
+    views, tmp_path, caplog
+):
+    data = write_jsonl(tmp_path / "dup.jsonl", duplicated_rows())
+    cfg = IclConfig(dataset=str(data), shots=(1, 4, 8), draws=3, test_size=8)
+    with caplog.at_level(logging.INFO, logger="diffbench"):
+        items = TASK.items(cfg, views["tiny-base"].tokenizer_view(), seed=0)
+    assert leaked(items) == []
+    # 48 repeated rows and the conflicting second "do the usual" row.
+    assert {(it.meta["dropped_duplicates"], it.meta["dropped_conflicting"],
+             it.meta["dropped_test_overlap"]) for it in items} == {(49, 1, 0)}  # fmt: skip
+    assert "dropped 49 rows repeating an earlier row's text (1 with another label" in caplog.text
+    ds = icl_datasets.load(str(data), "", "text", "label", 8, 0)
+    usual = [e.label for e in ds.train + ds.test if e.text == "do the usual"]
+    assert usual == ["open"]  # the first row's label is kept
+    assert len(ds.train) + len(ds.test) == 25
+
+
+def test_a_separate_test_file_removes_its_texts_from_the_demonstrations(views, tmp_path):
+    rows = duplicated_rows()[:26]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(
+        tmp_path / "test.jsonl", [rows[1], rows[2], {**rows[5], "text": " please  close box 5 "}]
+    )
+    cfg = IclConfig(dataset=str(train), test_file=str(test), shots=(4, 16), draws=2)
+    items = TASK.items(cfg, views["tiny-base"].tokenizer_view(), seed=0)
+    assert leaked(items) == []
+    assert items[0].meta["dropped_test_overlap"] == 3
+    assert items[0].meta["dropped_conflicting"] == 1
+
+
+def test_every_sample_of_one_test_example_at_one_shot_count_shares_a_cluster(views):
+    cfg = IclConfig(shots=(2, 4), draws=2, orders=2, arrangements=("random", "grouped"),
+                    test_size=5)  # fmt: skip
+    items = TASK.items(cfg, views["tiny-base"].tokenizer_view(), seed=0)
+    clusters: dict[str, list] = {}
+    for it in items:
+        clusters.setdefault(it.meta[CLUSTER_KEY], []).append(it)
+    assert len(clusters) == 2 * 5
+    for members in clusters.values():
+        assert len(members) == 2 * 2 * 2  # draws x orders x arrangements
+        assert len({(it.setting["shots"], it.meta["text"]) for it in members}) == 1
+
+
+def test_accuracy_stderr_is_not_zero_when_draws_agree():
+    scores = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    samples = pd.DataFrame(
+        [{"model": "m", "dataset": "d", "arrangement": "random", "shots": 4, "draw": d,
+          "order": 0, "test_index": t, CLUSTER_KEY: f"k4-t{t}", "score": s}
+         for d in range(2) for t, s in enumerate(scores)]
+    )  # fmt: skip
+    metrics = TASK.aggregate(IclConfig(), samples)
+    row = metrics[(metrics["draw"] == "all") & (metrics["metric"] == "accuracy")].iloc[0]
+    assert row["value"] == 0.5
+    # Draws agree, so the stderr is that of 10 test examples, not of 2 identical draws.
+    assert row["stderr"] == pytest.approx(np.std(scores, ddof=1) / np.sqrt(len(scores)))
+    spread = metrics[(metrics["draw"] == "all") & (metrics["metric"] == "accuracy_std")]
+    assert spread["value"].iloc[0] == 0.0
