@@ -106,15 +106,10 @@ def arrange(demos: list[Example], arrangement: str, rng: random.Random) -> list[
 
 
 def label_choices(labels: tuple[str, ...]) -> tuple[str, ...]:
-    """Labels as continuations; one that is a prefix of another gets the newline that follows
-    it in the prompt (as Bertsch et al. do), so constrained decoding can tell them apart."""
-    out = []
-    for lab in labels:
-        text = " " + lab
-        if any(o != lab and (" " + o).startswith(text) for o in labels):
-            text += "\n"
-        out.append(text)
-    return tuple(out)
+    """Labels as continuations of "<label name>:". Where one label is a prefix of another,
+    constrained decoding tells them apart by the request's `end` (the separator that follows a
+    label in the prompt, as Bertsch et al. do), not by changing the labels."""
+    return tuple(" " + lab for lab in labels)
 
 
 def _shot_counts(cfg: IclConfig) -> list[int]:
@@ -186,6 +181,7 @@ class IclTask:
                             query=f"{ds.input_name}: {ex.text}\n{ds.label_name}:",
                             choices=choices,
                             method="best" if config.answer == "likelihood" else "greedy",
+                            end=config.separator,
                         )
                         meta = {"text": ex.text, "target": ex.label, "test_index": t,
                                 "target_index": ds.labels.index(ex.label),

@@ -55,14 +55,19 @@ def test_alternating_arrangement_cycles_through_classes_round_robin():
     assert out[pos:] == expected
 
 
-def test_labels_that_prefix_another_get_the_following_newline():
-    assert label_choices(("pay", "pay bill", "rent")) == (" pay\n", " pay bill", " rent")
-
-
 @pytest.fixture(scope="module")
 def views(tiny_pair):
     return {name: HFBackend(name, str(p), LoadTarget(str(p)), HFOptions())
             for name, p in tiny_pair.items()}  # fmt: skip
+
+
+def test_labels_are_plain_continuations_and_end_at_the_separator(views):
+    # A label that prefixes another ("pay" / "pay bill") is told apart by the request's end
+    # text, the separator that follows every label in the prompt, not by an altered label.
+    assert label_choices(("pay", "pay bill", "rent")) == (" pay", " pay bill", " rent")
+    cfg = IclConfig(shots=(2,), draws=1, test_size=3, answer="constrained", separator="\n###\n")
+    items = TASK.items(cfg, views["tiny-base"].tokenizer_view(), seed=0)
+    assert {(it.request.method, it.request.end) for it in items} == {("greedy", "\n###\n")}
 
 
 def test_prompts_share_one_prefix_per_draw_and_order_and_fit_the_context(views):
