@@ -12,7 +12,9 @@ circuit appear within a CPU budget.
     python scripts/train_pair.py --preset default --out bench/models --seed 0 --threads 2
 
 That run is what ships in bench/models (about 35 minutes on 2 CPU cores); `--resume` continues
-one that was interrupted from its last saved state.
+one that was interrupted from its last saved state. The saved pair is then checked by diffbench
+itself: its niah task, run by `diffbench.runner.run` into OUT/.niah_eval, whose metrics.csv gives
+the accuracies printed and written into the model cards.
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffbench import runner
+from diffbench.models import ModelSpec
+from diffbench.runner import RunConfig
+from diffbench.store import RunStore
 from diffbench.tasks.haystack import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, magic_number, sentence
+from diffbench.tasks.niah import ALL_DEPTHS
 from diffbench.tiny import matched_configs, train_tokenizer
 from transformers import (
     DiffLlamaForCausalLM,
@@ -87,7 +95,11 @@ class Preset:
     checkpoint_every: int = 250  # training state for --resume, removed when training ends
     val_every: int = 500
     val_sequences: int = 32
-    eval_prompts: int = 100
+    # The finished pair's NIAH check: diffbench's niah task at one context length.
+    eval_length: int = 0  # 0: the final training length
+    eval_needles: tuple[str, ...] = ("1/1", "3/1")  # N/R pairs, one table row each
+    eval_samples: int = 20  # prompts per depth, at niah's five default depths
+    eval_distractors: int = 9  # wrong choices per score-mode query, each a decoy in context
     tokenizer_docs: int = 3000
     dtype: str = "float32"
 
@@ -98,6 +110,10 @@ class Preset:
     @property
     def final_len(self) -> int:
         return self.stages[-1].seq_len
+
+    @property
+    def niah_len(self) -> int:
+        return self.eval_length or self.final_len
 
 
 PRESETS = {
@@ -146,7 +162,11 @@ PRESETS = {
         val_every=20,
         checkpoint_every=20,
         val_sequences=4,
-        eval_prompts=4,
+        # Past the trained 128 tokens: in this tokenizer a needle or decoy is ~20 tokens and a
+        # haystack sentence up to ~45, so 128 tokens often cannot hold both beside the question.
+        eval_length=256,
+        eval_samples=1,
+        eval_distractors=2,
         tokenizer_docs=150,
     ),
     # A larger pair for one GPU (not run here): same curriculum shape, longer final context.
@@ -549,7 +569,7 @@ def train(
 
     def all_broke() -> bool:
         breaks = [r.break_step for r in runs]
-        return all(b is not None for b in breaks) and step - max(breaks) >= preset.break_margin  # type: ignore[type-var]
+        return all(b is not None for b in breaks) and step - max(breaks) >= preset.break_margin  # type: ignore[type-var,operator]
 
     def log_val(si: int, stage: Stage, val_batches: list) -> None:
         for run in runs:
@@ -700,70 +720,44 @@ def write_curves(rows: list[dict], out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# NIAH evaluation at the final training length, in the harness's exact prompt format.
+# NIAH check of the saved pair: diffbench's own niah task, run by its runner.
+
+EVAL_DIR = ".niah_eval"  # the check's run directory; hidden: neither committed nor packaged
+EVAL_MODES = ("score", "generate")
 
 
-def niah_prompt(
-    rng: random.Random, seq_len: int, n_needles: int, seg: SegmentLengths
-) -> tuple[str, str, list[str]]:
-    """(prompt, true number, other needles' numbers): needles at random depths in haystack."""
-    cities = rng.sample(CITIES, n_needles)
-    numbers = [magic_number(rng) for _ in cities]
-    needles = [NEEDLE.format(city=c, number=n) for c, n in zip(cities, numbers, strict=True)]
-    query = f"\n\n{QUESTION.format(city=cities[0])}\n{ANSWER_PREFIX.format(city=cities[0])}"
-    used = 1 + 8 + seg.n_tokens(query) + sum(seg.n_tokens(" " + n) for n in needles)
-    hay: list[str] = []
-    while True:
-        s = sentence(rng)
-        n = seg.n_tokens(" " + s)
-        if used + n > seq_len:
-            break
-        hay.append(s)
-        used += n
-    for nd in needles:
-        hay.insert(rng.randint(0, len(hay)), nd)
-    return " ".join(hay) + query, numbers[0], numbers[1:]
+def niah_options(preset: Preset) -> dict[str, Any]:
+    """The niah task options of the check (every other option keeps the task's default)."""
+    return {
+        "lengths": (preset.niah_len,),
+        "needles": preset.eval_needles,
+        "samples": preset.eval_samples,
+        "distractors": preset.eval_distractors,
+    }
 
 
-@torch.no_grad()
-def evaluate_niah(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerFast,
-    seq_len: int,
-    n_prompts: int,
-    n_needles: int,
-    seed: int,
-) -> dict[str, float]:
-    """Score-mode (true number vs 9 distractors) and greedy-generation NIAH accuracy."""
-    model.eval()
-    rng = random.Random(seed)
-    seg = SegmentLengths(tokenizer)
-    score_hits = gen_hits = 0
-    for _ in range(n_prompts):
-        prompt, number, others = niah_prompt(rng, seq_len, n_needles, seg)
-        distractors = list(others)
-        while len(distractors) < 9:
-            d = magic_number(rng)
-            if d != number and d not in distractors:
-                distractors.append(d)
-        candidates = [number, *distractors]
-        p = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        conts = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
-        ids = torch.cat([p.repeat(len(conts), 1), torch.tensor(conts)], dim=1)
-        logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
-        n_cont = len(conts[0])
-        target = ids[:, -n_cont:]
-        tok_lp = logp[:, -n_cont:].gather(-1, target[..., None])[..., 0]
-        # Only the 7 digit tokens count: the leading space token is common to every candidate.
-        summed = tok_lp[:, -7:].sum(-1)
-        score_hits += int(summed.argmax().item() == 0)
-        gen = model.generate(
-            p, attention_mask=torch.ones_like(p), max_new_tokens=8, do_sample=False
-        )
-        text = tokenizer.decode(gen[0, p.shape[1] :], skip_special_tokens=True)
-        gen_hits += int(number in text)
-    model.train()
-    return {"score_acc": score_hits / n_prompts, "generate_acc": gen_hits / n_prompts}
+def model_options(preset: Preset) -> dict[str, Any]:
+    """The hf backend options of the check: an accelerator when there is one, and the context."""
+    return {"device": "auto", "max_length": max(preset.niah_len, preset.final_len)}
+
+
+def evaluate_niah(names: list[str], preset: Preset, out: Path) -> dict[tuple[str, str, str], float]:
+    """Accuracy per (model, N/R, mode) over all depths, from the niah run's metrics.csv."""
+    run_dir = out / EVAL_DIR
+    # A run left by an earlier training holds other weights, which the runner refuses to resume.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = RunConfig(
+        tasks=("niah",),
+        models=tuple(ModelSpec(n, str((out / n).resolve()), model_options(preset)) for n in names),
+        task_options={"niah": niah_options(preset)},
+        output=run_dir,
+    )
+    metrics = RunStore(runner.run(cfg)).metrics()
+    rows = metrics[(metrics["metric"] == "accuracy") & (metrics["depth"] == ALL_DEPTHS)]
+    return {
+        (r.model, f"{r.needles}/{r.queries}", r.mode): float(r.value)
+        for r in rows.itertuples(index=False)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,26 +773,14 @@ def folder_mb(path: Path) -> float:
 
 
 def save_pair(
-    runs: list[Run],
-    tokenizer: PreTrainedTokenizerFast,
-    preset: Preset,
-    preset_name: str,
-    seed: int,
-    steps: list[int],
-    tokens: int,
-    evals: dict,
-    out: Path,
+    runs: list[Run], tokenizer: PreTrainedTokenizerFast, preset: Preset, out: Path
 ) -> None:
-    """HF folders with weights, tokenizer and a model card, each replaced atomically."""
+    """HF folders with weights and tokenizer, each replaced atomically."""
     dtype = getattr(torch, preset.dtype)
     for run in runs:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{run.name}-"))
         run.model.to(dtype).save_pretrained(tmp)
-        run.model.float()
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(
-            model_card(run, runs, preset, preset_name, seed, steps, tokens, evals)
-        )
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -806,6 +788,25 @@ def save_pair(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+
+def write_cards(
+    runs: list[Run],
+    preset: Preset,
+    preset_name: str,
+    seed: int,
+    steps: list[int],
+    tokens: int,
+    evals: dict[tuple[str, str, str], float],
+    out: Path,
+) -> None:
+    """Each saved folder's README.md (not part of a model's fingerprint), written atomically."""
+    for run in runs:
+        fd, tmp = tempfile.mkstemp(dir=out / run.name, suffix=".md")
+        with os.fdopen(fd, "w") as f:
+            f.write(model_card(run, runs, preset, preset_name, seed, steps, tokens, evals))
+        Path(tmp).chmod(0o644)
+        os.replace(tmp, out / run.name / "README.md")
 
 
 def model_card(
@@ -816,7 +817,7 @@ def model_card(
     seed: int,
     steps: list[int],
     tokens: int,
-    evals: dict,
+    evals: dict[tuple[str, str, str], float],
 ) -> str:
     """A README.md describing recipe, data, matching rule and results of one checkpoint."""
     base, diff = runs
@@ -827,13 +828,11 @@ def model_card(
         for i, (s, n) in enumerate(zip(preset.stages, steps, strict=True))
     )
     evals_rows = "\n".join(
-        f"| {name} | {n} | {e['score_acc']:.2f} | {e['generate_acc']:.2f} |"
-        for name, n, e in (
-            ("tiny-base", 1, evals["tiny-base"]["single"]),
-            ("tiny-base", 3, evals["tiny-base"]["multi"]),
-            ("tiny-diff", 1, evals["tiny-diff"]["single"]),
-            ("tiny-diff", 3, evals["tiny-diff"]["multi"]),
-        )
+        f"| {r.name} | {pair} | "
+        + " | ".join(f"{evals[(r.name, pair, mode)]:.2f}" for mode in EVAL_MODES)
+        + " |"
+        for r in runs
+        for pair in preset.eval_needles
     )
     loss_rows = "\n".join(
         f"| {r.name} | {n_params(r.model):,} | "
@@ -843,14 +842,26 @@ def model_card(
         + f" | {r.break_step or 'never'} | {r.seconds / 60:.1f} |"
         for r in runs
     )
-    single = [evals[r.name]["single"]["score_acc"] for r in runs]
+    pair = preset.eval_needles[0]
+    first = [evals[(r.name, pair, "score")] for r in runs]
     learned = (
-        "both retrieve a single needle's number at the training length (score accuracy at "
-        f"least {min(single):.2f}), so a score near chance points at the harness, not the model"
-        if min(single) >= 0.9
-        else "NOT both retrieve reliably at the training length (single-needle score accuracy "
-        f"base {single[0]:.2f}, diff {single[1]:.2f}), so low scores may be the model's, not the "
-        "harness's"
+        f"both retrieve the queried needle's number at context {preset.niah_len} ({pair} needles: "
+        f"score accuracy at least {min(first):.2f}), so a score near chance points at the "
+        "harness, not the model"
+        if min(first) >= 0.9
+        else f"NOT both retrieve reliably at context {preset.niah_len} ({pair} needles: score "
+        f"accuracy base {first[0]:.2f}, diff {first[1]:.2f}), so low scores may be the model's, "
+        "not the harness's"
+    )
+    niah_set = " ".join(
+        f"`--set niah.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}`"
+        for k, v in niah_options(preset).items()
+    )
+    model_set = ", ".join(f"`{k}={v}`" for k, v in model_options(preset).items())
+    beyond = (
+        f" (past the trained {preset.final_len} tokens)"
+        if preset.niah_len > preset.final_len
+        else ""
     )
     h = preset.n_heads
     return f"""---
@@ -915,12 +926,16 @@ running mean over {BREAK_WINDOW} steps fell below {BREAK_NATS}.
 |---|---|---|---|---|---|
 {loss_rows}
 
-NIAH at context {preset.final_len} in the harness's exact format, {preset.eval_prompts}
-held-out prompts per row. Score: the true number ranks first among 10 candidates (9 random
-7-digit distractors, including the other needles' numbers) by summed log-likelihood of its 7
-digit tokens (chance 0.10). Generate: 8 greedy tokens contain the number.
+NIAH at context {preset.niah_len}{beyond}: diffbench's own `niah` task, run on the saved
+checkpoints by `diffbench.runner.run` into `{EVAL_DIR}/` beside them (its `run.json` holds the
+configuration: {niah_set}, model options {model_set}, seed {RunConfig.seed}). Each number is
+that run's metrics.csv accuracy at depth `all`: the mean over niah's default depths of per-depth
+accuracy, prompts per depth: {preset.eval_samples}. Score: the queried number ranks first by
+summed log-likelihood among {preset.eval_distractors + 1} choices, every one of which stands in
+the context in a needle for its own city (chance {1 / (preset.eval_distractors + 1):.2f}).
+Generate: the greedy answer contains the number.
 
-| model | needles | score acc | generate acc |
+| model | needles N/R | score acc | generate acc |
 |---|---|---|---|
 {evals_rows}
 
@@ -952,7 +967,6 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    random.seed(args.seed)
     tokenizer = train_tokenizer(
         tokenizer_corpus(preset.tokenizer_docs, args.seed + 1), vocab_size=preset.vocab_size
     )
@@ -967,16 +981,16 @@ def main(argv: list[str] | None = None) -> int:
     rows, steps = train(preset, runs, seg, args.seed, out, args.resume)
     tokens = rows[-1]["tokens_seen"]
 
-    evals: dict = {}
+    save_pair(runs, tokenizer, preset, out)
+    evals = evaluate_niah([r.name for r in runs], preset, out)
     for run in runs:
-        evals[run.name] = {
-            label: evaluate_niah(
-                run.model, tokenizer, preset.final_len, preset.eval_prompts, n, seed=99 + n
+        for pair in preset.eval_needles:
+            print(
+                f"NIAH {run.name} {pair} @ {preset.niah_len}: "
+                + " ".join(f"{mode} {evals[(run.name, pair, mode)]:.2f}" for mode in EVAL_MODES),
+                flush=True,
             )
-            for label, n in (("single", 1), ("multi", 3))
-        }
-        print(f"NIAH {run.name} @ {preset.final_len}: {evals[run.name]}", flush=True)
-    save_pair(runs, tokenizer, preset, args.preset, args.seed, steps, tokens, evals, out)
+    write_cards(runs, preset, args.preset, args.seed, steps, tokens, evals, out)
     for run in runs:
         print(
             f"{run.name}: {n_params(run.model):,} params, train {run.seconds / 60:.1f} min, "

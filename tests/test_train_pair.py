@@ -1,8 +1,10 @@
-"""scripts/train_pair.py end to end: the smoke preset trains a loadable matched pair."""
+"""scripts/train_pair.py end to end: the smoke preset trains a loadable matched pair and checks
+it by running diffbench's niah task."""
 
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +17,22 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_pair.py"
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smoke_train(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The smoke preset's output folder and the script's stdout."""
     out = tmp_path_factory.mktemp("pair")
-    subprocess.run(
+    res = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--seed", "0"],
         check=True,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    return out
+    return out, res.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_train: tuple[Path, str]) -> Path:
+    return smoke_train[0]
 
 
 def test_smoke_training_loss_goes_down(smoke_run: Path) -> None:
@@ -56,21 +64,56 @@ def test_smoke_checkpoint_loads_and_runs_forward(
     assert torch.isfinite(logits).all()
 
 
-def test_smoke_pair_runs_through_tasks(smoke_run: Path, cli, tmp_path: Path) -> None:
+def test_smoke_niah_numbers_are_the_harness_runs(smoke_train: tuple[Path, str]) -> None:
+    out, stdout = smoke_train
+    run_dir = out / ".niah_eval"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert {m["architecture"] for m in run["models"].values()} == {
+        "LlamaForCausalLM",
+        "DiffLlamaForCausalLM",
+    }
+    niah = run["config"]["tasks"]["niah"]
+    assert niah["mode"] == "both" and niah["lengths"] == [256]
+    with (run_dir / "metrics.csv").open() as f:
+        overall = [r for r in csv.DictReader(f) if r["depth"] == "all"]
+    # Two models x two N/R settings x two modes, each an average over niah's five depths.
+    assert len(overall) == 8 and {r["n"] for r in overall} == {"5"}
+    acc = {
+        (r["model"], f"{r['needles']}/{r['queries']}", r["mode"]): float(r["value"])
+        for r in overall
+    }
+    for model in ("tiny-base", "tiny-diff"):
+        card = (out / model / "README.md").read_text()
+        for pair in ("1/1", "3/1"):
+            score, generate = acc[(model, pair, "score")], acc[(model, pair, "generate")]
+            assert f"| {model} | {pair} | {score:.2f} | {generate:.2f} |" in card
+            assert f"NIAH {model} {pair} @ 256: score {score:.2f} generate {generate:.2f}" in stdout
+
+
+def test_smoke_niah_score_check_holds_every_choice_in_context(smoke_run: Path) -> None:
+    for model in ("tiny-base", "tiny-diff"):
+        path = smoke_run / ".niah_eval" / "samples" / "niah" / f"{model}.jsonl"
+        samples = [json.loads(line) for line in path.read_text().splitlines()]
+        scored = [s for s in samples if s["mode"] == "score"]
+        assert len(scored) == 10
+        for s in scored:
+            in_context = {n[1] for n in s["needle_list"] + s["decoy_list"]}
+            # The smoke preset's 2 distractors: 3 choices, every one a number in the context.
+            assert len(s["logprobs"]) == 3 and len(in_context) >= 3
+            assert s["target"] in in_context
+
+
+def test_smoke_pair_runs_icl_through_the_cli(smoke_run: Path, cli, tmp_path: Path) -> None:
     models = f"diff={smoke_run / 'tiny-diff'},base={smoke_run / 'tiny-base'}"
     out = tmp_path / "run"
     res = cli(
-        "run", "--tasks", "niah,icl", "--models", models, "--output", str(out), "--no-report",
-        "--set", "niah.lengths=128", "--set", "niah.depths=0,100", "--set", "niah.samples=1",
+        "run", "--tasks", "icl", "--models", models, "--output", str(out), "--no-report",
         "--set", "icl.draws=1", "--set", "icl.test_size=4", "--set", "icl.max_shots=4",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    for task in ("niah", "icl"):
-        assert {r["model"] for r in rows if r["task"] == task} == {"diff", "base"}
-    run = (out / "run.json").read_text()
-    assert "DiffLlamaForCausalLM" in run and "LlamaForCausalLM" in run
+    assert {r["model"] for r in rows if r["task"] == "icl"} == {"diff", "base"}
 
 
 def test_smoke_pair_is_matched(smoke_run: Path) -> None:
