@@ -1,10 +1,13 @@
 """Runs and models side by side: load run directories, match their metric rows, gate on changes.
 
-Rows match on task, metric, model label and every setting column. A baseline row without a
-candidate row is "missing", the reverse is "new"; both are reported. Each metric's direction comes
-from its task (`lower_is_better`). A matched row is a regression when the candidate is worse by
-more than the metric's tolerance (and, if asked, significantly so by the paired test of
-`diffbench.stats`).
+Rows match on task, metric, model label and every setting column (numbers compared as numbers:
+`25.0` is `25`). A baseline row without a candidate value (absent, empty or NaN) is "missing",
+the reverse is "new"; a row whose samples were measured on different inputs (another
+`input_sha256` for the same sample id) is "inputs differ" and gets no paired test. Each metric's
+direction comes from its task (`lower_is_better`). A matched row is a regression when the
+candidate is worse by more than the metric's tolerance (and, if asked, significantly so by the
+paired test of `diffbench.stats`). A regression gate also fails on every row it cannot compare:
+missing rows and rows whose inputs differ.
 """
 
 from __future__ import annotations
@@ -21,11 +24,24 @@ from typing import Any
 import pandas as pd
 from diffbench import registry, stats
 from diffbench.errors import DiffbenchError
-from diffbench.stats import Difference, SampleIndex
+from diffbench.stats import Difference, SampleIndex, SampleScores
 from diffbench.store import METRIC_COLUMNS, RunStore, natural_key
 
-STATUSES = ("regression", "missing", "new", "improvement", "not significant", "unchanged")
-GATES = frozenset({"regression", "missing"})
+STATUSES = (
+    "regression",
+    "missing",
+    "inputs differ",
+    "new",
+    "improvement",
+    "not significant",
+    "unchanged",
+)
+# What each --fail-on value fails on: a regression gate cannot pass a row it cannot compare.
+GATE_STATUSES = {
+    "regression": ("regression", "missing", "inputs differ"),
+    "missing": ("missing",),
+}
+GATES = frozenset(GATE_STATUSES)
 # Float noise below this never counts as a change (metrics.csv keeps 10 significant digits).
 EPSILON = 1e-9
 
@@ -58,9 +74,17 @@ class Results:
         order = {k: i for i, k in enumerate(_task_setting_keys(task))}
         return sorted(used, key=lambda c: (order.get(c, len(order)), c))
 
-    def scores(self, task: str, metric: str, model: str, setting: Mapping[str, str]) -> Any:
-        """Per-sample scores behind a row (a Series by sample id), or None if it is no mean."""
-        if metric not in stats.sample_mean_metrics(task) or task not in self.samples:
+    def scores(
+        self, task: str, metric: str, model: str, setting: Mapping[str, str]
+    ) -> SampleScores | None:
+        """Per-sample scores behind a row (by sample id), or None if it is no mean of them."""
+        if metric not in stats.sample_mean_metrics(task):
+            return None
+        return self.samples_of(task, model, setting)
+
+    def samples_of(self, task: str, model: str, setting: Mapping[str, str]) -> SampleScores | None:
+        """The samples measured in a row's setting, whatever its metric (None if there are none)."""
+        if task not in self.samples:
             return None
         found = self.samples[task].scores(model, setting)
         return found if len(found) else None
@@ -79,6 +103,9 @@ def load_run(run_dir: Path) -> Results:
     store = RunStore.open_existing(run_dir)
     record = store.read_run()
     metrics = store.metrics()
+    for column in (c for c in metrics.columns if c not in METRIC_COLUMNS):
+        # A setting written 25.0 by one run and 25 by another is one setting.
+        metrics[column] = metrics[column].map(lambda v: "" if v == "" else stats.setting_text(v))
     samples: dict[str, SampleIndex] = {}
     for task in sorted(metrics["task"].unique()):
         keys = _task_setting_keys(task) or tuple(
@@ -225,9 +252,15 @@ class Comparison:
         return sum(c.status == status for c in self.changes)
 
     @property
+    def failing(self) -> tuple[str, ...]:
+        """The statuses the gate fails on, in STATUSES order."""
+        chosen = {s for gate in self.fail_on for s in GATE_STATUSES[gate]}
+        return tuple(s for s in STATUSES if s in chosen)
+
+    @property
     def failed(self) -> bool:
         """Whether a row's status is one the gate fails on."""
-        return any(c.status in self.fail_on for c in self.changes)
+        return any(c.status in self.failing for c in self.changes)
 
 
 @functools.cache
@@ -298,11 +331,22 @@ def compare(
     )
     key = ["task", "metric", *settings]
 
+    cache: dict[tuple[int, str, str, tuple[tuple[str, str], ...]], SampleScores | None] = {}
+
+    def samples_of(
+        results: Results, task: str, model: str, setting: tuple[tuple[str, str], ...]
+    ) -> SampleScores | None:
+        cache_key = (id(results), task, model, setting)
+        if cache_key not in cache:
+            cache[cache_key] = results.samples_of(task, model, dict(setting))
+        return cache[cache_key]
+
     def rows(results: Results, model: str | None) -> pd.DataFrame:
         frame = results.metrics[results.metrics["model"] == model]
         return frame.reindex(columns=[*METRIC_COLUMNS, *settings]).fillna({c: "" for c in settings})
 
     changes: list[Change] = []
+    untestable: list[Change] = []
     matched_any = False
     for a, b in pairs:
         joined = rows(baseline, a).merge(
@@ -341,15 +385,32 @@ def compare(
                 candidate_stderr=float(row["stderr_c"]),
                 level=level,
             )
-            gain = -diff.delta if lower else diff.delta
-            status = _status(gain, tol, diff, require_significance)
-            changes.append(
-                Change(task, metric, label, setting, base_v, cand_v, diff, lower, tol, status)
+            ref_samples = samples_of(baseline, task, a, setting)
+            cand_samples = samples_of(candidate, task, b, setting)
+            differ = diff.inputs_differ or (
+                ref_samples is not None
+                and cand_samples is not None
+                and stats.inputs_differ(ref_samples, cand_samples)
             )
+            gain = -diff.delta if lower else diff.delta
+            status = "inputs differ" if differ else _status(gain, tol, diff, require_significance)
+            change = Change(task, metric, label, setting, base_v, cand_v, diff, lower, tol, status)
+            if status == "not significant" and diff.test == "none":
+                untestable.append(change)
+            changes.append(change)
     if not matched_any:
         raise DiffbenchError(
             f"{names[0]} and {names[1]} have no rows in common (same task, metric, setting and "
             "model label); use --map OLD=NEW for a renamed model"
+        )
+    if untestable:
+        metrics = sorted({f"{c.task} {c.metric}" for c in untestable})
+        first = untestable[0]
+        raise DiffbenchError(
+            f"--require-significance cannot test {', '.join(metrics)}: no per-sample scores and "
+            f"no stderr, and {len(untestable)} such row(s) changed beyond tolerance (e.g. "
+            f"{first.model} {first.setting_text or first.metric}); drop the flag, or give them "
+            f"a --tolerance they stay within (e.g. {first.metric}=...)"
         )
     changes.sort(key=_order)
     return Comparison(
@@ -449,8 +510,10 @@ def _verdict(cmp: Comparison) -> str:
     counts = ", ".join(f"{cmp.count(s)} {s}" for s in STATUSES if cmp.count(s))
     if not cmp.fail_on:
         return f"{len(cmp.changes)} rows compared: {counts}"
-    word = "FAIL" if cmp.failed else "PASS"
-    return f"{word}: {len(cmp.changes)} rows compared: {counts}"
+    if not cmp.failed:
+        return f"PASS: {len(cmp.changes)} rows compared: {counts}"
+    causes = ", ".join(f"{cmp.count(s)} {s}" for s in cmp.failing if cmp.count(s))
+    return f"FAIL: {len(cmp.changes)} rows compared: {counts}; failed on {causes}"
 
 
 def render_text(cmp: Comparison) -> str:
@@ -469,7 +532,7 @@ def _md_table(rows: Sequence[Change], level: float) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in rows:
         cells = _cells(c)
-        if c.status in ("regression", "missing"):
+        if c.status in ("regression", "missing", "inputs differ"):
             cells[0] = f"**{c.status}**"
         out.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     return out
@@ -485,7 +548,7 @@ def render_markdown(cmp: Comparison) -> str:
     gate = (
         f"Tolerance {cmp.tolerance}"
         + (", significance required" if cmp.require_significance else "")
-        + f"; failing on {', '.join(sorted(cmp.fail_on)) or 'nothing'}."
+        + f"; failing on {', '.join(cmp.failing) or 'nothing'}."
     )
     out += ["", gate, ""]
     notable = [c for c in cmp.changes if c.status != "unchanged"]
@@ -498,8 +561,15 @@ def render_markdown(cmp: Comparison) -> str:
     out += ["", "</details>", ""]
     out.append(
         "Δ = candidate − baseline; ↑/↓: higher/lower is better. Intervals: paired bootstrap over "
-        "samples shared by id; p: McNemar's exact test for binary scores, else paired bootstrap."
+        "samples shared by id (whole clusters where samples share a `cluster`, e.g. one test "
+        "example under several draws); p: McNemar's exact test for binary scores without "
+        "clusters, else the sign-flip test on per-cluster sums of the paired differences; rows "
+        "without samples: normal approximation from both stderrs. Inputs differ: a sample id "
+        "was measured on different inputs in the two runs, so no paired test."
     )
+    tests = sorted({c.difference.test for c in cmp.changes if c.difference is not None} - {"none"})
+    if tests:
+        out.append(f"Tests used: {', '.join(tests)}.")
     return "\n".join(out) + "\n"
 
 
@@ -519,6 +589,8 @@ def _change_dict(c: Change) -> dict[str, Any]:
         "test": d.test if d else None,
         "significant": d.significant if d else None,
         "n_pairs": d.n_pairs if d else None,
+        "n_clusters": d.n_clusters if d else None,
+        "inputs_differ": c.status == "inputs differ",
         "lower_is_better": c.lower_is_better,
         "tolerance": c.tolerance,
         "status": c.status,
@@ -534,6 +606,7 @@ def render_json(cmp: Comparison) -> str:
         "tolerance": asdict(cmp.tolerance),
         "require_significance": cmp.require_significance,
         "fail_on": sorted(cmp.fail_on),
+        "failing_statuses": list(cmp.failing),
         "failed": cmp.failed,
         "counts": {s: cmp.count(s) for s in STATUSES},
         "changes": [_change_dict(c) for c in cmp.changes],
@@ -543,7 +616,7 @@ def render_json(cmp: Comparison) -> str:
 
 def render_junit(cmp: Comparison) -> str:
     """JUnit XML: one testcase per compared row; regressions (and gated rows) are failures."""
-    failing = {"regression"} | set(cmp.fail_on)
+    failing = {"regression"} | set(cmp.failing)
     suite = ET.Element(
         "testsuite",
         name="diffbench compare",

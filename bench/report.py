@@ -189,6 +189,8 @@ def _difference_text(line: Line, d: Difference | None) -> str:
         text += f" [{d.interval.low:+.3f}, {d.interval.high:+.3f}]"
     if d.p_value is not None:
         text += f" p={d.p_value:.2g}"
+    if d.inputs_differ:
+        text += " (inputs differ)"
     return text + MARKERS[_verdict(line, d)]
 
 
@@ -221,12 +223,38 @@ def _table(report: Report, rows: Sequence[Line], with_task: bool) -> tuple[list[
     return head, body
 
 
+TEST_NAMES = {
+    "McNemar exact": "McNemar's exact test",
+    "sign-flip": "sign-flip test",
+    "cluster sign-flip": "sign-flip test over clusters",
+    "normal": "normal approximation from the stderrs",
+}
+
+
+def _tests_used(report: Report) -> str:
+    """Which tests gave this report's p-values, with how many differences each."""
+    counts: dict[str, int] = {}
+    for section in report.tasks:
+        for ln in section.lines:
+            for d in ln.differences.values():
+                if d.test in TEST_NAMES:
+                    counts[d.test] = counts.get(d.test, 0) + 1
+    return "; ".join(f"{TEST_NAMES[t]}: {n}" for t, n in sorted(counts.items()))
+
+
 def _legend(report: Report) -> str:
+    used = _tests_used(report)
     return (
-        f"Values: {report.level:.0%} bootstrap interval over samples (normal from the stderr "
-        f"when the metric is no sample mean). Differences: model − {report.reference}, paired by "
-        "sample id (paired bootstrap interval); p: McNemar's exact test on binary scores, else "
-        f"paired bootstrap. ▲/▼: significantly better/worse than {report.reference} at "
+        f"Values: {report.level:.0%} bootstrap interval over samples, resampling whole clusters "
+        "where samples share a `cluster` (one test example under several draws or orders); "
+        "normal from the stderr when the metric is no sample mean. Differences: model − "
+        f"{report.reference}, paired by sample id (paired bootstrap interval); p: McNemar's exact "
+        "test on binary scores without clusters, else the sign-flip test on per-cluster sums of "
+        "the paired differences (a cluster counts once, so repeated draws of one example add no "
+        "significance). (inputs differ): a sample id was measured on different inputs, so no "
+        "paired test. "
+        + (f"Tests used (differences per test): {used}. " if used else "")
+        + f"▲/▼: significantly better/worse than {report.reference} at "
         f"α = {1 - report.level:.2g}, direction-aware (↑ higher is better, ↓ lower is better)."
     )
 

@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 from diffbench import compare
+from diffbench.api import INPUT_KEY
 from diffbench.errors import DiffbenchError
+from diffbench.stats import setting_text
 from test_cli_errors import assert_one_line_error
 from test_stats import shared_run
 
@@ -184,11 +186,11 @@ def loss_plugin(tmp_path, monkeypatch) -> Path:
     return site
 
 
-def add_loss_row(run: Path, value: float) -> None:
+def add_loss_row(run: Path, value: float, stderr: str = "0.05") -> None:
     def edit(frame: pd.DataFrame) -> pd.DataFrame:
         row = {c: "" for c in frame.columns}
         row.update(task="loss", metric="perplexity", model="diff", value=f"{value:g}")
-        row.update(n="100", stderr="0.05", length="256")
+        row.update(n="100", stderr=stderr, length="256")
         return pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
 
     edit_metrics(run, edit)
@@ -213,6 +215,31 @@ def test_direction_is_respected_for_lower_is_better_metrics(
     assert row["test"] == "normal"  # not a sample mean: interval from the stderr
 
 
+def test_require_significance_refuses_a_metric_it_cannot_test(
+    run_dir, tmp_path, loss_plugin, monkeypatch
+):
+    # A metric without per-sample scores or stderr has no test: the flag used to turn any change
+    # of it into "not significant", so the gate could never fail on it.
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    add_loss_row(base, 2.0, stderr="")
+    add_loss_row(cand, 2.5, stderr="")
+    monkeypatch.setenv("PYTHONPATH", str(loss_plugin))  # the plugin, for the CLI's subprocess
+    res = gate(base, cand, "--fail-on", "regression", "--require-significance")
+    assert_one_line_error(res, "--require-significance cannot test loss perplexity")
+    # Within a tolerance the row needs no test; without the flag it gates on tolerance.
+    ok = gate(
+        base,
+        cand,
+        "--fail-on",
+        "regression",
+        "--require-significance",
+        "--tolerance",
+        "perplexity=1",
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert gate(base, cand, "--fail-on", "regression").returncode == 1
+
+
 def test_missing_and_new_rows_are_reported(run_dir, tmp_path):
     base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
 
@@ -222,13 +249,74 @@ def test_missing_and_new_rows_are_reported(run_dir, tmp_path):
         return pd.concat([frame[~gone], extra], ignore_index=True)
 
     edit_metrics(cand, drop_one_add_one)
-    res = gate(base, cand, "--fail-on", "regression")
+    res = gate(base, cand)
     assert res.returncode == 0, res.stderr
     missing = [line for line in res.stdout.splitlines() if line.startswith("missing")]
     new = [line for line in res.stdout.splitlines() if line.startswith("new")]
     assert len(missing) == 1 and "depth=50" in missing[0]
     assert len(new) == 1 and "length=384" in new[0]
+    # A regression gate cannot pass a row it cannot see; a new row fails nothing.
+    assert gate(base, cand, "--fail-on", "regression").returncode == 1
     assert gate(base, cand, "--fail-on", "regression,missing").returncode == 1
+    assert gate(base, cand, "--fail-on", "missing").returncode == 1
+
+
+@pytest.mark.parametrize("value", [None, "nan", ""], ids=["absent", "nan", "empty"])
+def test_a_regression_gate_fails_on_a_metric_absent_nan_or_empty_in_the_candidate(
+    run_dir, tmp_path, value
+):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+
+    def blank(frame: pd.DataFrame) -> pd.DataFrame:
+        mask = (frame[list(HEADLINE)] == pd.Series(HEADLINE)).all(axis=1)
+        assert mask.sum() == 1
+        if value is None:
+            return frame[~mask]
+        frame.loc[mask, "value"] = value
+        return frame
+
+    edit_metrics(cand, blank)
+    res = gate(base, cand, "--fail-on", "regression")
+    assert res.returncode == 1, res.stdout + res.stderr
+    missing = [line for line in res.stdout.splitlines() if line.startswith("missing")]
+    assert len(missing) == 1 and "depth=all" in missing[0] and " diff " in missing[0]
+    assert res.stdout.rstrip().splitlines()[-1].endswith("failed on 1 missing")
+
+
+def test_a_setting_written_25_0_matches_25(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    respelled = {"0": "0.0", "25": "25.0", "100": "100.00"}
+    edit_metrics(cand, lambda f: f.assign(depth=f["depth"].replace(respelled)))
+    assert set(read_metrics(cand)["depth"]) >= {"25.0", "0.0"}
+    res = gate(base, cand, "--fail-on", "regression", "--format", "json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    counts = statuses(res)
+    assert counts["missing"] == counts["new"] == 0
+    assert counts["unchanged"] == len(read_metrics(base))
+
+
+def test_runs_measured_on_different_inputs_say_so_and_get_no_paired_test(run_dir, tmp_path):
+    base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
+    path = cand / "samples" / "niah" / "diff.jsonl"
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    changed = next(s for s in samples if setting_text(s["depth"]) == "25")
+    assert changed[INPUT_KEY]  # the runner records every sample's input identity
+    changed[INPUT_KEY] = "0" * 16  # another prompt under the same sample id
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    res = gate(base, cand, "--format", "json", "--fail-on", "regression")
+    assert res.returncode == 1, res.stdout + res.stderr
+    changes = json.loads(res.stdout)["changes"]
+    differ = [c for c in changes if c["status"] == "inputs differ"]
+    assert {(c["model"], c["setting"]["depth"]) for c in differ} == {
+        ("diff", "25"),
+        ("diff", "all"),
+    }
+    assert all(c["inputs_differ"] and c["n_pairs"] == 0 for c in differ)
+    assert all(c["test"] not in ("McNemar exact", "sign-flip", "cluster sign-flip") for c in differ)
+    assert all(c["status"] == "unchanged" for c in changes if c not in differ)
+    text = gate(base, cand, "--fail-on", "regression")
+    assert sum(line.startswith("inputs differ") for line in text.stdout.splitlines()) == 2
+    assert text.stdout.rstrip().endswith("failed on 2 inputs differ")
 
 
 def test_junit_output_parses_with_one_failure_per_regression(run_dir, tmp_path):

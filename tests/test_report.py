@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import run_cli
+from diffbench.api import CLUSTER_KEY
 from test_cli_errors import assert_one_line_error
 from test_stats import shared_run
 
@@ -115,3 +117,22 @@ def test_merging_runs_with_no_rows_in_common_fails(workdir, tmp_path):
     metrics.assign(length="8192").to_csv(other / "metrics.csv", index=False)
     res = run_cli(tmp_path, "report", str(workdir / "results" / "first"), str(other))
     assert_one_line_error(res, "no rows in common")
+
+
+def test_report_resamples_clusters_and_says_which_test_it_used(workdir, tmp_path):
+    run = tmp_path / "clustered"
+    shutil.copytree(workdir / "results" / "first", run)
+    for path in (run / "samples" / "niah").glob("*.jsonl"):
+        samples = [json.loads(line) for line in path.read_text().splitlines()]
+        # Synthetic clusters: one haystack sample index at every depth counts as one example.
+        for s in samples:
+            s[CLUSTER_KEY] = re.search(r"-s(\d+)", s["id"]).group(1)  # type: ignore[union-attr]
+        path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    res = run_cli(tmp_path, "report", str(run))
+    assert res.returncode == 0, res.stderr
+    summary = (run / "report.md").read_text().split("## niah")[0]
+    # Per depth every cluster holds one sample (McNemar); the depth=all rows pool 5 depths.
+    assert "Tests used (differences per test): McNemar's exact test: 10; " in summary
+    assert "sign-flip test over clusters: 2." in summary
+    twin = [row.split(" | ")[-1] for row in summary.splitlines() if row.startswith("| niah")]
+    assert twin and all(c.startswith("+0.000 [+0.000, +0.000] p=1 |") for c in twin)
