@@ -27,6 +27,21 @@ SCORE_KEY = "score"
 CLUSTER_KEY = "cluster"
 INPUT_KEY = "input_sha256"
 
+# metrics.csv's fixed columns, in order; a task's setting keys follow them.
+METRIC_COLUMNS = ("task", "metric", "model", "value", "n", "stderr")
+# A row's setting value that stands for every value of that setting (NIAH's depth="all", ICL's
+# draw="all"); an empty cell is a setting the row's task does not have.
+ALL = "all"
+WILDCARDS = frozenset({ALL, ""})
+# In a headline selector: the largest value that setting takes among a run's rows.
+LARGEST = "@max"
+
+
+def stderr_of_mean(values: Sequence[float] | pd.Series) -> float:
+    """Standard error of the mean of independent `values` (NaN for fewer than two)."""
+    x = pd.Series(values, dtype=float).dropna()
+    return float(x.std(ddof=1) / len(x) ** 0.5) if len(x) > 1 else float("nan")
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
@@ -176,24 +191,97 @@ class OptionSpec:
     help: str
 
 
+@dataclass(frozen=True)
+class Headline:
+    """Rows a task's report summary leads with: one metric, with the settings in `where` fixed
+    (to a value, to ALL, or to LARGEST); each value of the other settings is one summary row."""
+
+    metric: str
+    where: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a run directory records about each of its tasks, so that statistics, comparisons and
+    reports read a run without the task's plugin installed."""
+
+    name: str
+    description: str
+    metrics: tuple[str, ...]
+    setting_keys: tuple[str, ...]
+    lower_is_better: frozenset[str]
+    sample_mean_metrics: frozenset[str]
+    headline: tuple[Headline, ...]
+
+    @classmethod
+    def of(cls, task: Task) -> TaskInfo:
+        """A task plugin's self-description."""
+        return cls(
+            task.name,
+            task.description,
+            tuple(task.metrics),
+            tuple(task.setting_keys),
+            frozenset(task.lower_is_better),
+            frozenset(task.sample_mean_metrics),
+            tuple(task.headline),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as run.json stores it (sets as sorted lists)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "metrics": list(self.metrics),
+            "setting_keys": list(self.setting_keys),
+            "lower_is_better": sorted(self.lower_is_better),
+            "sample_mean_metrics": sorted(self.sample_mean_metrics),
+            "headline": [{"metric": h.metric, "where": dict(h.where)} for h in self.headline],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TaskInfo:
+        """The record read back from run.json."""
+        return cls(
+            str(data["name"]),
+            str(data.get("description", "")),
+            tuple(data.get("metrics", ())),
+            tuple(data.get("setting_keys", ())),
+            frozenset(data.get("lower_is_better", ())),
+            frozenset(data.get("sample_mean_metrics", ())),
+            tuple(
+                Headline(h["metric"], dict(h.get("where", {}))) for h in data.get("headline", ())
+            ),
+        )
+
+    def higher_is_better(self, metric: str) -> bool:
+        """The metric's direction."""
+        return metric not in self.lower_is_better
+
+
 @runtime_checkable
 class Task(Protocol):
     """A task plugin: config -> items, (item, response) -> sample, samples -> metric rows.
 
-    Optional attribute, read with getattr (so plugins without it still match the protocol):
-    `sample_mean_metrics: frozenset[str]`, the metrics whose value is the mean of the samples'
-    `score`; reports bootstrap their intervals over samples and pair models by sample id.
-    Default: none (intervals come from the row's stderr).
+    Everything a reader of a run needs about the task is in these attributes, and the runner
+    records them in run.json (`TaskInfo`); nothing reads a run through the plugin.
     """
 
     name: str
     description: str
     config_type: type
+    # Named option sets (`--set TASK.preset=NAME`): the paper's settings are one preset away.
+    presets: Mapping[str, Mapping[str, Any]]
     metrics: tuple[str, ...]
     # Setting columns this task writes into metrics.csv, in display order.
     setting_keys: tuple[str, ...]
     # Metric names where lower is better (all others are higher-is-better).
     lower_is_better: frozenset[str]
+    # Metrics whose value is the mean of the samples' `score`: reports bootstrap their intervals
+    # over samples (clusters) and pair models by sample id.
+    sample_mean_metrics: frozenset[str]
+    # The rows the report's summary leads with (the paper's own tables); the rest stay in the
+    # task's section.
+    headline: tuple[Headline, ...]
 
     def items(self, config: Any, tokenizer: TokenizerView, seed: int) -> Iterable[Item]: ...
 

@@ -23,14 +23,18 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from diffbench.api import (
+    ALL,
     CLUSTER_KEY,
+    LARGEST,
     SCORE_KEY,
     ChoiceRequest,
     ChoiceScores,
+    Headline,
     Item,
     Response,
     Sample,
     TokenizerView,
+    stderr_of_mean,
 )
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import icl_datasets
@@ -38,7 +42,6 @@ from diffbench.tasks.icl_datasets import Example, IclDataset
 
 ARRANGEMENTS = ("random", "alternating", "grouped")
 SETTING_KEYS = ("dataset", "arrangement", "shots", "draw", "order")
-ALL = "all"
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,12 @@ class IclTask:
     setting_keys = SETTING_KEYS
     lower_is_better = frozenset({"accuracy_std", "margin"})
     sample_mean_metrics = frozenset({"accuracy"})
+    # The paper's Figures 6 and 7: accuracy per shot count, and the best-worst order margin at
+    # the largest shot count.
+    headline = (
+        Headline("accuracy", {"draw": ALL, "order": ALL}),
+        Headline("margin", {"shots": LARGEST}),
+    )
 
     def items(self, config: IclConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (shots, draw, arrangement, order, test example) request for one model."""
@@ -224,7 +233,7 @@ class IclTask:
         run_keys = ["model", "dataset", "arrangement", "shots", "draw", "order"]
         runs = (
             samples.groupby(run_keys, sort=True)[SCORE_KEY]
-            .agg(value="mean", n="count", stderr=_stderr)
+            .agg(value="mean", n="count", stderr=stderr_of_mean)
             .reset_index()
         )
         runs["metric"] = "accuracy"
@@ -232,7 +241,7 @@ class IclTask:
         # Samples stored before the cluster key existed still carry their test example's index.
         cluster = CLUSTER_KEY if CLUSTER_KEY in samples.columns else "test_index"
         per_example = samples.groupby([*keys, cluster], sort=True)[SCORE_KEY].mean()
-        cluster_se = per_example.groupby(level=keys, sort=True).agg(_stderr)
+        cluster_se = per_example.groupby(level=keys, sort=True).agg(stderr_of_mean)
         rows = []
         for key, group in runs.groupby(keys, sort=True):
             accs = group["value"].to_numpy()
@@ -259,10 +268,6 @@ class IclTask:
         from diffbench.tasks import icl_plots
 
         return icl_plots.draw(metrics, out_dir)
-
-
-def _stderr(x: pd.Series) -> float:
-    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 TASK = IclTask()

@@ -23,23 +23,24 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 from diffbench.api import (
+    ALL,
     ChoiceRequest,
     ChoiceScores,
     GenerateRequest,
     Generation,
+    Headline,
     Item,
     Response,
     Sample,
     TokenizerView,
+    stderr_of_mean,
 )
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack as hs
 
 SETTING_KEYS = ("mode", "length", "depth", "needles", "queries")
-ALL_DEPTHS = "all"
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,8 @@ class NiahTask:
     setting_keys = SETTING_KEYS
     lower_is_better: frozenset[str] = frozenset()
     sample_mean_metrics: frozenset[str] = frozenset({"accuracy"})
+    # The paper's Table 2: accuracy per length and N/R, averaged over depths.
+    headline = (Headline("accuracy", {"depth": ALL}),)
 
     def items(self, config: NiahConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (mode, length, depth, N/R, sample) request for one model."""
@@ -438,7 +441,7 @@ class NiahTask:
         keys = ["model", "mode", "length", "needles", "queries"]
         cells = (
             samples.groupby([*keys, "depth"], sort=True)["score"]
-            .agg(value="mean", n="count", stderr=_stderr)
+            .agg(value="mean", n="count", stderr=stderr_of_mean)
             .reset_index()
         )
         # The paper's number: the mean over depths of per-depth accuracy.
@@ -447,9 +450,11 @@ class NiahTask:
             .agg(value=("value", "mean"), n=("n", "sum"))
             .reset_index()
         )
-        se = samples.groupby(keys, sort=True)["score"].agg(_stderr).reset_index(name="stderr")
+        se = (
+            samples.groupby(keys, sort=True)["score"].agg(stderr_of_mean).reset_index(name="stderr")
+        )
         overall = overall.merge(se, on=keys)
-        overall["depth"] = ALL_DEPTHS
+        overall["depth"] = ALL
         cells["depth"] = cells["depth"].map(lambda d: f"{float(d):g}")
         frame = pd.concat([cells, overall], ignore_index=True)
         frame["task"] = self.name
@@ -461,10 +466,6 @@ class NiahTask:
         from diffbench.tasks import niah_plots
 
         return niah_plots.draw(metrics, out_dir)
-
-
-def _stderr(x: pd.Series) -> float:
-    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 TASK = NiahTask()
