@@ -121,7 +121,7 @@ class ModelInfo:
     dtype: str
     max_context: int
     has_chat_template: bool
-    fingerprint: str  # sha256 of the weight files, or a hub commit
+    fingerprint: str  # sha256 of the weight files and of the tokenizer files, or a hub commit
 
 
 class TokenizerView(Protocol):

@@ -1,11 +1,14 @@
 """The runner: tasks' requests go to each model's backend in batches, scores go to the store.
 
 A run is identified by its resolved configuration; rerunning the same configuration into the same
-directory skips every sample already scored, so a killed run resumes where it stopped.
+directory skips every sample already scored on the same inputs, so a killed run resumes where it
+stopped. A resume refuses a model whose weights or tokenizer files changed, and re-scores a sample
+whose request changed. One process at a time writes a run directory (the store's lock).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 from diffbench import registry
-from diffbench.api import Backend, ChoiceRequest, GenerateRequest, Item, Task
+from diffbench.api import INPUT_KEY, Backend, ChoiceRequest, GenerateRequest, Item, Request, Task
 from diffbench.config import build_config, config_dict
 from diffbench.errors import DiffbenchError
 from diffbench.models import ModelSpec, coerce_options, load_backend, resolve_target
@@ -179,13 +182,12 @@ class Progress:
             self.bar.close()
 
 
-def input_digest(request: GenerateRequest | ChoiceRequest) -> str:
-    """sha256 (first 16 hex digits) of exactly what a request sends: the inputs' identity."""
-    if isinstance(request, GenerateRequest):
-        parts = [request.prompt]
-    else:
-        parts = [request.prefix, request.query, *request.choices]
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+def input_digest(request: Request) -> str:
+    """sha256 (first 16 hex digits) of everything a request asks (its kind and every field):
+    the inputs' identity, so a changed prompt, stop string or budget is re-scored on resume."""
+    fields = {"kind": type(request).__name__, **dataclasses.asdict(request)}
+    text = json.dumps(fields, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def score_items(
@@ -208,7 +210,7 @@ def score_items(
             responses = backend.score_choices(requests)
         for it, resp in zip(chunk, responses, strict=True):
             record = {"id": it.id, "task": task.name, "model": label, **it.setting}
-            record["input_sha256"] = input_digest(it.request)
+            record[INPUT_KEY] = input_digest(it.request)
             scored = task.score(cfg, it, resp)
             for part in (it.meta, scored):
                 clash = set(part) & set(record)
@@ -234,6 +236,27 @@ def aggregate(store: RunStore, prepared: dict[str, PreparedTask]) -> pd.DataFram
     return metrics
 
 
+def fingerprint_change(old: str, new: str) -> str | None:
+    """What differs between a model's recorded and current fingerprints, or None when nothing.
+
+    A fingerprint is `kind:value` parts joined by ';' (weights `sha256`, `tokenizer`, hub
+    `commit`, `hub` id). A part the recorded one lacks is not held against it: runs written before
+    diffbench hashed tokenizer files stay resumable, and record the tokenizer from then on.
+    """
+    old_parts = dict(p.partition(":")[::2] for p in old.split(";"))
+    new_parts = dict(p.partition(":")[::2] for p in new.split(";"))
+    changed = [k for k in old_parts if new_parts.get(k) != old_parts[k]]
+    if not changed:
+        return None
+    return ", ".join(
+        f"{FINGERPRINT_PARTS.get(k, k)} {old_parts[k][:12]} -> {new_parts.get(k, 'none')[:12]}"
+        for k in changed
+    )
+
+
+FINGERPRINT_PARTS = {"sha256": "weights", "tokenizer": "tokenizer files", "commit": "hub commit"}
+
+
 def run(cfg: RunConfig) -> Path:
     """Run (or resume) every task on every model; return the run directory."""
     prepared = prepare_tasks(cfg)
@@ -244,8 +267,20 @@ def run(cfg: RunConfig) -> Path:
     ident = identity(cfg, prepared)
     root = cfg.output or default_output(cfg, ident)
     store = RunStore(root)
+    # One writer per run directory: two would each score and append every sample.
+    with store.lock():
+        _run_locked(cfg, prepared, ident, store)
+    return root
+
+
+def _run_locked(
+    cfg: RunConfig, prepared: dict[str, PreparedTask], ident: dict[str, Any], store: RunStore
+) -> None:
+    """run()'s body, holding the run directory's lock."""
+    root = store.root
     record: dict[str, Any] = {}
-    if store.run_file.exists():
+    resuming = store.run_file.exists()
+    if resuming:
         record = store.read_run()
         if record.get("config") != json.loads(json.dumps(ident)):
             raise DiffbenchError(
@@ -264,17 +299,20 @@ def run(cfg: RunConfig) -> Path:
         }
     )
     record.setdefault("models", {})
-    store.write_run(record)
+    if not resuming:  # a resume rewrites run.json only once its first model is found unchanged
+        store.write_run(record)
     try:
         for spec in cfg.models:
             t0 = time.perf_counter()
             backend = load_backend(spec)
             info = backend.info.__dict__.copy()
             old = record["models"].get(spec.label)
-            if old and old.get("fingerprint") != info["fingerprint"]:
+            change = old and fingerprint_change(str(old.get("fingerprint")), info["fingerprint"])
+            if change:
+                backend.close()
                 raise DiffbenchError(
-                    f"model {spec.label!r} has changed since this run started "
-                    f"({old.get('fingerprint')} -> {info['fingerprint']}); use a new --output"
+                    f"model {spec.label!r} has changed since this run started ({change}); "
+                    "use a new --output"
                 )
             record["models"][spec.label] = info
             store.write_run(record)
@@ -292,12 +330,7 @@ def run(cfg: RunConfig) -> Path:
                     ids = [it.id for it in items]
                     if len(set(ids)) != len(ids):
                         raise RuntimeError(f"task {name} produced duplicate sample ids")
-                    done = store.scored_ids(name, spec.label)
-                    # Same-kind requests together, so each backend call gets a full batch.
-                    todo = sorted(
-                        (it for it in items if it.id not in done),
-                        key=lambda it: isinstance(it.request, ChoiceRequest),
-                    )
+                    todo = _unscored(store, name, spec.label, items)
                     bar = Progress(f"{name}/{spec.label}", len(items), len(items) - len(todo))
                     try:
                         score_items(backend, p, todo, store, spec.label, bar)
@@ -310,4 +343,23 @@ def run(cfg: RunConfig) -> Path:
     aggregate(store, prepared)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     store.write_run(record)
-    return root
+
+
+def _unscored(store: RunStore, task: str, label: str, items: list[Item]) -> list[Item]:
+    """Items to score: new ones, and stored ones whose inputs differ from today's request.
+
+    A re-scored sample is appended and supersedes its old line (readers take the last), so a
+    changed prompt is never mixed with results for the old one.
+    """
+    scored = store.scored_inputs(task, label)
+    todo = [it for it in items if scored.get(it.id, "") != input_digest(it.request)]
+    stale = sum(it.id in scored for it in todo)
+    if stale:
+        log.warning(
+            "%s/%s: re-scoring %d stored samples scored on other inputs (or recording none)",
+            task,
+            label,
+            stale,
+        )
+    # Same-kind requests together, so each backend call gets a full batch.
+    return sorted(todo, key=lambda it: isinstance(it.request, ChoiceRequest))

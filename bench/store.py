@@ -2,22 +2,34 @@
 
 Layout: `run.json` (resolved config, versions, model identities), `metrics.csv` (tidy: one row per
 task x setting x metric x model), `samples/<task>/<model>.jsonl` (one scored sample per line,
-appended and flushed as scored), `report.md` and `figures/`.
+appended and flushed as scored), `report.md` and `figures/`, and `.diffbench.lock`, held by the one
+process that writes the run.
+
+A sample line counts once its newline is written: readers skip a torn last line (a run killed
+mid-write) without touching the file, and the writer drops it before appending. A later line for
+the same (model, id) supersedes an earlier one (a resume re-scores a sample whose inputs changed).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
-from diffbench.api import Sample
+from diffbench.api import INPUT_KEY, Sample
 from diffbench.errors import DiffbenchError
+from filelock import FileLock, Timeout
+
+log = logging.getLogger("diffbench")
 
 METRIC_COLUMNS = ("task", "metric", "model", "value", "n", "stderr")
+LOCK_FILE = ".diffbench.lock"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -51,13 +63,57 @@ def natural_key(column: pd.Series) -> pd.Series:
 
 
 def _repair_tail(path: Path) -> None:
-    """Drop a partial last line left by a crash mid-write, so appends start on a fresh line."""
+    """Drop a torn last line left by a crash mid-write, so appends start on a fresh line.
+
+    Only the writer (holding the run's lock) calls this; readers skip the line instead.
+    """
     if not path.exists():
         return
     with path.open("rb+") as fh:
         data = fh.read()
         if data and not data.endswith(b"\n"):
             fh.truncate(data.rfind(b"\n") + 1)
+            return
+        start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        last = data[start:]
+        if last.strip():
+            try:
+                json.loads(last)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                fh.truncate(start)
+
+
+def read_samples(path: Path) -> list[Sample]:
+    """The complete sample lines of one samples file, in file order; a torn last line is skipped.
+
+    Only the last line can be torn (the writer drops it before appending), so a bad line anywhere
+    else is damage, not an interrupted write, and is an error.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    # After the last newline: empty for a complete file, else a line whose newline never landed.
+    torn = lines.pop()
+    if torn.strip():
+        log.warning("%s: skipping a torn last line (a run stopped mid-write)", path)
+    out: list[Sample] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if number == len(lines) and not torn.strip():
+                log.warning("%s: skipping an unreadable last line (%s)", path, err)
+                continue
+            raise DiffbenchError(
+                f"{path} line {number} is not a JSON sample ({err}); the file is damaged"
+            ) from None
+        if not isinstance(sample, dict) or "id" not in sample:
+            raise DiffbenchError(f"{path} line {number} is not a sample (no 'id')")
+        out.append(sample)
+    return out
 
 
 class RunStore:
@@ -92,6 +148,36 @@ class RunStore:
             raise DiffbenchError(f"{root} is not a diffbench run directory (no run.json)")
         return cls(root)
 
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for one writer; a second one gets a one-line error."""
+        if self.root.exists() and not self.root.is_dir():
+            raise DiffbenchError(
+                f"{self.root} is a file, not a run directory; choose another --output"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DiffbenchError(
+                f"cannot create run directory {self.root}: {err.strerror}"
+            ) from None
+        # An OS lock (flock) is released by the kernel when its holder dies, so a killed run never
+        # leaves a stale lock behind; the file itself stays, which is harmless.
+        lock = FileLock(self.root / LOCK_FILE, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise DiffbenchError(
+                f"{self.root} is being written by another diffbench process; wait for it to "
+                "finish or choose another --output"
+            ) from None
+        except OSError as err:
+            raise DiffbenchError(f"cannot lock run directory {self.root}: {err.strerror}") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
     # ---- run.json --------------------------------------------------------------------------
 
     def read_run(self) -> dict[str, Any]:
@@ -109,13 +195,19 @@ class RunStore:
     # ---- samples ---------------------------------------------------------------------------
 
     def scored_ids(self, task: str, model: str) -> set[str]:
-        """Ids already scored for (task, model), after repairing a crash-truncated tail."""
-        path = self.samples_file(task, model)
-        _repair_tail(path)
-        if not path.exists():
-            return set()
-        with path.open(encoding="utf-8") as fh:
-            return {json.loads(line)["id"] for line in fh if line.strip()}
+        """Ids already scored for (task, model)."""
+        return set(self.scored_inputs(task, model))
+
+    def scored_inputs(self, task: str, model: str) -> dict[str, str | None]:
+        """Id -> input digest of the sample in force (the last line) for (task, model).
+
+        None where the sample has no digest (written before digests were recorded).
+        """
+        out: dict[str, str | None] = {}
+        for sample in read_samples(self.samples_file(task, model)):
+            digest = sample.get(INPUT_KEY)
+            out[str(sample["id"])] = digest if isinstance(digest, str) else None
+        return out
 
     def append(self, task: str, model: str, sample: Sample) -> None:
         """Append one scored sample and flush it to disk."""
@@ -143,15 +235,15 @@ class RunStore:
 
     def samples(self, task: str) -> pd.DataFrame:
         """All models' samples of one task, one row per sample, sorted by model and id."""
-        rows: list[dict[str, object]] = []
+        rows: list[Sample] = []
         for path in sorted((self.root / "samples" / task).glob("*.jsonl")):
-            with path.open(encoding="utf-8") as fh:
-                rows.extend(json.loads(line) for line in fh if line.strip())
+            rows.extend(read_samples(path))
         frame = pd.DataFrame(rows)
         if frame.empty:
             return frame
-        # One line per id: a resumed run never duplicates, but be robust to a hand-merged file.
-        frame = frame.drop_duplicates(subset=["model", "id"], keep="first")
+        # One row per (model, id): the last line, which a resume writes when it re-scores a
+        # sample whose inputs changed.
+        frame = frame.drop_duplicates(subset=["model", "id"], keep="last")
         return frame.sort_values(["model", "id"], kind="stable").reset_index(drop=True)
 
     # ---- metrics ---------------------------------------------------------------------------

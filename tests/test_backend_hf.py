@@ -128,7 +128,9 @@ def test_model_info_records_identity(tiny_pair):
     assert b.info.n_parameters > 100_000
     assert b.info.max_context == 1024
     assert b.info.dtype == "float32"
-    assert len(b.info.fingerprint) == len("sha256:") + 64
+    weights, tokenizer = b.info.fingerprint.split(";")
+    assert weights.startswith("sha256:") and len(weights) == len("sha256:") + 64
+    assert tokenizer.startswith("tokenizer:") and len(tokenizer) == len("tokenizer:") + 64
     assert not b.info.has_chat_template
 
 

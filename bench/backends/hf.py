@@ -74,7 +74,10 @@ class LoadTarget:
 
 
 def _fingerprint(target: LoadTarget) -> str:
-    """sha256 over the weight files of a local checkpoint; the commit for a hub snapshot."""
+    """`sha256:<weights>;tokenizer:<files>` of a local checkpoint (a GGUF file holds both).
+
+    A hub snapshot adds `commit:<folder name>` in front; an id not on disk is `hub:<id>`.
+    """
     root = Path(target.path)
     if not root.exists():
         return f"hub:{target.path}"
@@ -87,9 +90,32 @@ def _fingerprint(target: LoadTarget) -> str:
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
+    parts = [f"sha256:{digest.hexdigest()}"]
+    if not target.gguf_file:
+        # Every file AutoTokenizer may read: the same weights behind other tokens are another
+        # model as far as scores go. Names are hashed too, so moving content between files counts.
+        tokenizer = hashlib.sha256()
+        names = (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "tokenizer.model",
+            "spiece.model",
+            "vocab.json",
+            "vocab.txt",
+            "merges.txt",
+            "chat_template.jinja",
+            "chat_template.json",
+        )
+        for name in names:
+            if (root / name).is_file():
+                tokenizer.update(f"{name}\0{(root / name).stat().st_size}\0".encode())
+                tokenizer.update((root / name).read_bytes())
+        parts.append(f"tokenizer:{tokenizer.hexdigest()}")
     if "snapshots" in root.parts:  # a hub cache snapshot: the folder name is the commit
-        return f"commit:{root.name};sha256:{digest.hexdigest()}"
-    return f"sha256:{digest.hexdigest()}"
+        parts.insert(0, f"commit:{root.name}")
+    return ";".join(parts)
 
 
 class HFTokenizerView:
