@@ -24,7 +24,16 @@ from typing import Any
 
 import pandas as pd
 from diffbench import registry
-from diffbench.api import INPUT_KEY, Backend, ChoiceRequest, GenerateRequest, Item, Request, Task
+from diffbench.api import (
+    INPUT_KEY,
+    Backend,
+    ChoiceRequest,
+    GenerateRequest,
+    Item,
+    Request,
+    Task,
+    TaskInfo,
+)
 from diffbench.config import build_config, config_dict
 from diffbench.errors import DiffbenchError
 from diffbench.models import ModelSpec, coerce_options, load_backend, resolve_target
@@ -290,8 +299,9 @@ def _run_locked(
         log.info("resuming the run in %s", root)
     record.update(
         {
-            "diffbench_run": 1,
+            "diffbench_run": 2,  # 2: run.json describes its tasks (`task_info`)
             "config": ident,
+            "task_info": {n: TaskInfo.of(p.task).to_json() for n, p in prepared.items()},
             "versions": versions(),
             "git_revision": git_revision(),
             "command": sys.argv,
