@@ -7,7 +7,7 @@ read only the store. Nothing here imports torch: tasks never see a tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
@@ -79,7 +79,27 @@ class ChoiceRequest:
     end: str = ""
 
 
-Request: TypeAlias = GenerateRequest | ChoiceRequest
+@dataclass(frozen=True)
+class RollingRequest:
+    """Log-probability of every token of a text (lm-eval's `loglikelihood_rolling`).
+
+    The text is encoded alone; its first token is predicted from the BOS token (the EOS token
+    where the model has no BOS). A text longer than the model's context is scored in windows of
+    the context's length: each window after the first predicts the next `stride` tokens (0: a
+    whole window, so windows are disjoint, as in lm-eval) from the tokens before them.
+    """
+
+    text: str
+    stride: int = 0
+
+
+Request: TypeAlias = GenerateRequest | ChoiceRequest | RollingRequest
+
+
+def shared_text(request: Request) -> str | None:
+    """The text a request shares with its neighbours in a batch (a choice request's prefix): the
+    runner never cuts a batch inside a run of requests that share one."""
+    return request.prefix if isinstance(request, ChoiceRequest) else None
 
 
 @dataclass(frozen=True)
@@ -88,12 +108,7 @@ class ChoiceScores:
 
     logprobs: tuple[float | None, ...]
     n_tokens: tuple[int, ...]
-    chosen: int
-
-    @property
-    def best(self) -> int:
-        """Index of the choice the request's method picked."""
-        return self.chosen
+    chosen: int  # the choice the request's method picked
 
 
 @dataclass(frozen=True)
@@ -105,7 +120,23 @@ class Generation:
     n_new_tokens: int
 
 
-Response: TypeAlias = Generation | ChoiceScores
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Each token of a text with the log-probability the model gave it."""
+
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+Response: TypeAlias = Generation | ChoiceScores | TokenLogprobs
+
+# The one dispatch table: each request kind and the backend method that answers a batch of it.
+# A new kind is a dataclass above, a row here, and one method per backend that answers it.
+VERBS: dict[type, str] = {
+    GenerateRequest: "generate",
+    ChoiceRequest: "score_choices",
+    RollingRequest: "rolling_logprobs",
+}
 
 
 @dataclass(frozen=True)
@@ -152,21 +183,23 @@ class TokenizerView(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model that answers requests; it never knows which task asked."""
+    """A loaded model that answers requests; it never knows which task asked. It answers each
+    request kind of VERBS that it has the method for (see `answers`)."""
 
     info: ModelInfo
 
     def tokenizer_view(self) -> TokenizerView: ...
 
-    def generate(
-        self, requests: Sequence[GenerateRequest], progress: Callable[[int], None] | None = None
-    ) -> list[Generation]: ...
-
-    def score_choices(
-        self, requests: Sequence[ChoiceRequest], progress: Callable[[int], None] | None = None
-    ) -> list[ChoiceScores]: ...
-
     def close(self) -> None: ...
+
+
+def answers(backend: Any, kind: type) -> bool:
+    """Whether a backend (instance or class) has the method that answers request `kind`; that
+    method takes a list of such requests and returns one response each, in order:
+    `generate(list[GenerateRequest]) -> list[Generation]`,
+    `score_choices(list[ChoiceRequest]) -> list[ChoiceScores]`,
+    `rolling_logprobs(list[RollingRequest]) -> list[TokenLogprobs]`."""
+    return callable(getattr(backend, VERBS[kind], None))
 
 
 @dataclass(frozen=True)
@@ -269,6 +302,9 @@ class Task(Protocol):
     name: str
     description: str
     config_type: type
+    # The request kinds its items use: a model whose backend does not answer one of them is refused
+    # before the run starts.
+    request_kinds: tuple[type, ...]
     # Named option sets (`--set TASK.preset=NAME`): the paper's settings are one preset away.
     presets: Mapping[str, Mapping[str, Any]]
     metrics: tuple[str, ...]

@@ -26,13 +26,14 @@ import pandas as pd
 from diffbench import registry
 from diffbench.api import (
     INPUT_KEY,
+    VERBS,
     Backend,
-    ChoiceRequest,
-    GenerateRequest,
     Item,
     Request,
     Task,
     TaskInfo,
+    answers,
+    shared_text,
 )
 from diffbench.config import build_config, config_dict
 from diffbench.errors import DiffbenchError
@@ -79,6 +80,19 @@ def prepare_tasks(cfg: RunConfig) -> dict[str, PreparedTask]:
             f"options given for tasks not in this run: {', '.join(sorted(unknown))}"
         )
     return out
+
+
+def check_answers(spec: ModelSpec, prepared: dict[str, PreparedTask]) -> None:
+    """Refuse, before any model loads, a model whose backend cannot answer a request kind that
+    one of the run's tasks sends."""
+    cls = registry.backend_class(spec.backend)
+    for name, p in prepared.items():
+        for kind in p.task.request_kinds:
+            if not answers(cls, kind):
+                raise DiffbenchError(
+                    f"model {spec.label!r} ({spec.backend} backend) cannot answer "
+                    f"{kind.__name__}, which task {name} sends"
+                )
 
 
 def identity(cfg: RunConfig, prepared: dict[str, PreparedTask]) -> dict[str, Any]:
@@ -145,18 +159,16 @@ def _limited(items: list[Item], limit: int | None) -> list[Item]:
 
 
 def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
-    """Runs of one request type, cut after `size` items but never inside a shared prefix."""
+    """Runs of one request kind, cut after `size` items but never inside a run of requests that
+    share a text (a choice request's prefix, whose cache the backend computes once)."""
     chunk: list[Item] = []
     for it in items:
         if chunk:
-            same_kind = type(chunk[-1].request) is type(it.request)
             prev, cur = chunk[-1].request, it.request
-            same_prefix = (
-                isinstance(prev, ChoiceRequest)
-                and isinstance(cur, ChoiceRequest)
-                and prev.prefix == cur.prefix
-            )
-            if not same_kind or (len(chunk) >= size and not same_prefix):
+            same_kind = type(prev) is type(cur)
+            shared = shared_text(prev)
+            sharing = shared is not None and shared == shared_text(cur)
+            if not same_kind or (len(chunk) >= size and not sharing):
                 yield chunk
                 chunk = []
         chunk.append(it)
@@ -212,11 +224,7 @@ def score_items(
     chunk_size = 16
     for chunk in _chunks(items, chunk_size):
         requests = [it.request for it in chunk]
-        responses: list[Any]
-        if isinstance(requests[0], GenerateRequest):
-            responses = backend.generate(requests)
-        else:
-            responses = backend.score_choices(requests)
+        responses: list[Any] = getattr(backend, VERBS[type(requests[0])])(requests)
         for it, resp in zip(chunk, responses, strict=True):
             record = {"id": it.id, "task": task.name, "model": label, **it.setting}
             record[INPUT_KEY] = input_digest(it.request)
@@ -269,7 +277,8 @@ FINGERPRINT_PARTS = {"sha256": "weights", "tokenizer": "tokenizer files", "commi
 def run(cfg: RunConfig) -> Path:
     """Run (or resume) every task on every model; return the run directory."""
     prepared = prepare_tasks(cfg)
-    for spec in cfg.models:  # bad paths and options fail before anything loads
+    for spec in cfg.models:  # bad paths, options and request kinds fail before anything loads
+        check_answers(spec, prepared)
         coerce_options(spec.label, spec.options)
         if spec.backend == "hf":
             resolve_target(spec)
@@ -372,4 +381,5 @@ def _unscored(store: RunStore, task: str, label: str, items: list[Item]) -> list
             stale,
         )
     # Same-kind requests together, so each backend call gets a full batch.
-    return sorted(todo, key=lambda it: isinstance(it.request, ChoiceRequest))
+    order = {kind: i for i, kind in enumerate(VERBS)}
+    return sorted(todo, key=lambda it: order[type(it.request)])

@@ -142,6 +142,7 @@ class IclTask:
         Headline("accuracy", {"draw": ALL, "order": ALL}),
         Headline("margin", {"shots": LARGEST}),
     )
+    request_kinds = (ChoiceRequest,)
 
     def items(self, config: IclConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (shots, draw, arrangement, order, test example) request for one model."""
@@ -218,9 +219,9 @@ class IclTask:
         request = item.request
         assert isinstance(request, ChoiceRequest)
         return {
-            "output": request.choices[response.best].strip(),
-            "logprob": response.logprobs[response.best],
-            SCORE_KEY: float(response.best == item.meta["target_index"]),
+            "output": request.choices[response.chosen].strip(),
+            "logprob": response.logprobs[response.chosen],
+            SCORE_KEY: float(response.chosen == item.meta["target_index"]),
         }
 
     def aggregate(self, config: IclConfig, samples: pd.DataFrame) -> pd.DataFrame:

@@ -320,6 +320,7 @@ class NiahTask:
     sample_mean_metrics: frozenset[str] = frozenset({"accuracy"})
     # The paper's Table 2: accuracy per length and N/R, averaged over depths.
     headline = (Headline("accuracy", {"depth": ALL}),)
+    request_kinds = (GenerateRequest, ChoiceRequest)
 
     def items(self, config: NiahConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (mode, length, depth, N/R, sample) request for one model."""
@@ -429,7 +430,7 @@ class NiahTask:
                 "n_new_tokens": response.n_new_tokens,
             }
         assert isinstance(response, ChoiceScores)
-        best = response.best
+        best = response.chosen
         return {
             "output": item.request.choices[best].strip(),
             "logprobs": [None if x is None else round(x, 6) for x in response.logprobs],

@@ -7,7 +7,7 @@ from pathlib import Path
 import diffbench
 import pytest
 import torch
-from diffbench.api import ChoiceRequest, GenerateRequest
+from diffbench.api import ChoiceRequest, GenerateRequest, RollingRequest
 from diffbench.backends import hf
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget, encode_prompt
 from diffbench.backends.trie import ROOT, ChoiceTrie
@@ -41,7 +41,7 @@ def test_prefix_shared_scoring_equals_naive_full_sequence_scoring(tiny_pair, arc
     assert len(shared) == len(naive) == 4
     for s, n in zip(shared, naive, strict=True):
         assert s.n_tokens == n.n_tokens
-        assert s.best == n.best
+        assert s.chosen == n.chosen
         for x, y in zip(s.logprobs, n.logprobs, strict=True):
             assert x is not None and y is not None
             assert abs(x - y) < 1e-4, (x, y)
@@ -72,13 +72,13 @@ def test_pruned_and_greedy_searches_agree_with_naive_scoring(tiny_pair, arch, me
     naive = backend(tiny_pair[arch], prefix_cache=False).score_choices(label_requests(method))
     full = backend(tiny_pair[arch], prefix_cache=False).score_choices(label_requests("full"))
     for s, n, f in zip(shared, naive, full, strict=True):
-        assert s.best == n.best
+        assert s.chosen == n.chosen
         for x, y in zip(s.logprobs, n.logprobs, strict=True):
             assert (x is None) == (y is None)
             assert x is None or abs(x - y) < 1e-4
         if method == "best":  # exact argmax of the full log-likelihoods
-            assert s.best == f.best
-            assert abs(s.logprobs[s.best] - f.logprobs[f.best]) < 1e-4
+            assert s.chosen == f.chosen
+            assert abs(s.logprobs[s.chosen] - f.logprobs[f.chosen]) < 1e-4
 
 
 @pytest.mark.parametrize("method", ["best", "greedy", "full"])
@@ -94,7 +94,7 @@ def test_first_tokens_in_the_query_pass_save_passes_and_change_nothing(
 
     without, n_without = scored(0)
     with_, n_with = scored(32)
-    assert [s.best for s in with_] == [s.best for s in without]
+    assert [s.chosen for s in with_] == [s.chosen for s in without]
     for w, wo in zip(with_, without, strict=True):
         assert [x is None for x in w.logprobs] == [x is None for x in wo.logprobs]
         pairs = zip(w.logprobs, wo.logprobs, strict=True)
@@ -253,4 +253,44 @@ def test_constrained_greedy_stops_at_the_shorter_choice_when_its_end_is_likelier
     assert bool(lp[end_token] > lp[cont]) == picks_short
     for choices in ((short, long), (long, short)):
         [s] = b.score_choices([ChoiceRequest(context, "", choices, method="greedy", end=end)])
-        assert choices[s.best] == (short if picks_short else long)
+        assert choices[s.chosen] == (short if picks_short else long)
+
+
+def plain_logprobs(b: HFBackend, ids: list[int]) -> list[float]:
+    """Log-probabilities of ids[1:] from one plain forward pass over `ids`."""
+    with torch.inference_mode():
+        lp = torch.log_softmax(b.model(torch.tensor([ids])).logits[0].float(), -1)
+    return [float(lp[k - 1, ids[k]]) for k in range(1, len(ids))]
+
+
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+def test_rolling_logprobs_of_a_text_that_fits_equal_one_plain_forward_pass(tiny_pair, arch):
+    b = backend(tiny_pair[arch])
+    text = haystack.procedural_text(11, 600)
+    [got] = b.rolling_logprobs([RollingRequest(text)])
+    ids = b.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert list(got.tokens) == ids
+    want = plain_logprobs(b, [b.tokenizer.bos_token_id, *ids])
+    assert len(got.logprobs) == len(ids)
+    assert max(abs(x - y) for x, y in zip(got.logprobs, want, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("stride", [0, 24])
+def test_rolling_windows_of_a_long_text_condition_each_token_on_its_window(tiny_pair, stride):
+    # A 64-token context over a ~300-token text: stride 0 gives lm-eval's disjoint windows,
+    # stride 24 windows that predict 24 new tokens each after 40 tokens of context.
+    b = backend(tiny_pair["tiny-base"], max_length=64)
+    text = haystack.procedural_text(12, 1200)
+    [got] = b.rolling_logprobs([RollingRequest(text, stride=stride)])
+    seq = [b.tokenizer.bos_token_id, *b.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert len(got.logprobs) == len(seq) - 1 > 64
+    want, done = [], 0
+    while done < len(seq) - 1:
+        n_new = min(64 if done == 0 or stride == 0 else stride, len(seq) - 1 - done)
+        end = done + n_new
+        window = seq[max(0, end - 64) : end + 1]
+        want += plain_logprobs(b, window)[-n_new:]
+        done = end
+    assert max(abs(x - y) for x, y in zip(got.logprobs, want, strict=True)) < 1e-4
+    with pytest.raises(DiffbenchError, match=r"stride of 65 tokens is outside 1\.\.64"):
+        b.rolling_logprobs([RollingRequest(text, stride=65)])

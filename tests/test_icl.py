@@ -108,9 +108,9 @@ def test_prefix_shared_scoring_equals_naive_scoring_on_icl_prompts(tiny_pair, vi
     shared = views[arch].score_choices(full)
     best = views[arch].score_choices([it.request for it in items])  # the task's own method
     for r, s, b in zip(reference, shared, best, strict=True):
-        assert r.best == s.best == b.best
+        assert r.chosen == s.chosen == b.chosen
         assert all(abs(x - y) < 1e-4 for x, y in zip(r.logprobs, s.logprobs, strict=True))
-        assert abs(b.logprobs[b.best] - r.logprobs[r.best]) < 1e-4
+        assert abs(b.logprobs[b.chosen] - r.logprobs[r.chosen]) < 1e-4
 
 
 def test_constrained_decoding_and_likelihood_agree_on_a_prefix_free_label_set(views, tmp_path):
@@ -127,7 +127,7 @@ def test_constrained_decoding_and_likelihood_agree_on_a_prefix_free_label_set(vi
     for answer in ("likelihood", "constrained"):
         cfg = IclConfig(dataset=str(data), shots=(4,), draws=2, test_size=10, answer=answer)
         items = TASK.items(cfg, view, seed=0)
-        answers[answer] = [s.best for s in views["tiny-base"].score_choices(
+        answers[answer] = [s.chosen for s in views["tiny-base"].score_choices(
             [it.request for it in items])]  # fmt: skip
     assert answers["likelihood"] == answers["constrained"]
 

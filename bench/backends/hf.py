@@ -29,6 +29,8 @@ from diffbench.api import (
     GenerateRequest,
     Generation,
     ModelInfo,
+    RollingRequest,
+    TokenLogprobs,
 )
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method
 from diffbench.errors import DiffbenchError
@@ -40,7 +42,6 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-Progress = Callable[[int], None] | None
 # Most choices' first tokens that ride along in a query's pass; more would cost more compute than
 # the pass they save (a CPU pass over a cached context costs about as much as ~30 new tokens).
 LOOKAHEAD_MAX = 32
@@ -364,9 +365,7 @@ class HFBackend:
 
     # ---- generation ------------------------------------------------------------------------
 
-    def generate(
-        self, requests: Sequence[GenerateRequest], progress: Progress = None
-    ) -> list[Generation]:
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         encoded = [encode_prompt(self.tokenizer, r.prompt) for r in requests]
         for ids, r in zip(encoded, requests, strict=True):
             self._check_fits(len(ids) + r.max_new_tokens, "a generation request")
@@ -385,8 +384,6 @@ class HFBackend:
             for i, gen in zip(chunk, gens, strict=True):
                 results[i] = gen
             start += len(chunk)
-            if progress:
-                progress(len(chunk))
         return [results[i] for i in range(len(requests))]
 
     @torch.inference_mode()
@@ -426,11 +423,49 @@ class HFBackend:
             gens.append(Generation(text=text, n_prompt_tokens=len(ids), n_new_tokens=n_new))
         return gens
 
+    # ---- rolling log-probabilities ---------------------------------------------------------
+
+    @torch.inference_mode()
+    def rolling_logprobs(self, requests: Sequence[RollingRequest]) -> list[TokenLogprobs]:
+        """Every token's log-probability, in windows of the context's length (see
+        RollingRequest): lm-eval's `loglikelihood_rolling` when the stride is a whole window."""
+        window = self.info.max_context
+        first = self.tokenizer.bos_token_id
+        if first is None:
+            first = self.tokenizer.eos_token_id
+        if first is None:
+            raise DiffbenchError(f"model {self.info.label!r} has neither a BOS nor an EOS token")
+        out = []
+        for r in requests:
+            stride = r.stride or window
+            if not 0 < stride <= window:
+                raise DiffbenchError(
+                    f"a rolling stride of {r.stride} tokens is outside 1..{window}, the "
+                    f"context of model {self.info.label!r}"
+                )
+            ids = list(self.tokenizer(r.text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise DiffbenchError("a rolling request's text encodes to no tokens")
+            seq = [int(first), *ids]  # seq[k + 1] is ids[k], predicted from seq[: k + 1]
+            logprobs: list[float] = []
+            done = 0
+            while done < len(ids):
+                n_new = min(window if done == 0 else stride, len(ids) - done)
+                end = done + n_new
+                inputs = torch.tensor([seq[max(0, end - window) : end]], device=self.device)
+                logits = self.model(inputs, logits_to_keep=n_new).logits[0]
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                targets = torch.tensor(seq[done + 1 : end + 1], device=self.device)
+                logprobs += lp.gather(1, targets[:, None])[:, 0].tolist()
+                done = end
+            if not all(math.isfinite(x) for x in logprobs):
+                raise DiffbenchError(f"model {self.info.label!r} gave non-finite log-probabilities")
+            out.append(TokenLogprobs(tuple(ids), tuple(logprobs)))
+        return out
+
     # ---- choice scoring --------------------------------------------------------------------
 
-    def score_choices(
-        self, requests: Sequence[ChoiceRequest], progress: Progress = None
-    ) -> list[ChoiceScores]:
+    def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceScores]:
         results: list[ChoiceScores | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
@@ -444,13 +479,13 @@ class HFBackend:
                 longest = max(len(c) for c in e.choices)
                 self._check_fits(len(e.context) + longest, "a scoring request")
             methods: list[Method] = [requests[i].method for i in members]
-            for i, s in zip(members, score(encoded, methods, progress), strict=True):
+            for i, s in zip(members, score(encoded, methods), strict=True):
                 results[i] = s
         return [r for r in results if r is not None]
 
     @torch.inference_mode()
     def _score_naive(
-        self, encoded: list[EncodedChoices], methods: list[Method], progress: Progress
+        self, encoded: list[EncodedChoices], methods: list[Method]
     ) -> list[ChoiceScores]:
         """Reference scoring: one full forward pass per (context, choice) pair, no cache."""
         out = []
@@ -490,22 +525,17 @@ class HFBackend:
             else:
                 logprobs = trie.choice_scores()
             out.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in e.choices), chosen))
-            if progress:
-                progress(1)
         return out
 
     @torch.inference_mode()
     def _score_shared(
-        self, encoded: list[EncodedChoices], methods: list[Method], progress: Progress
+        self, encoded: list[EncodedChoices], methods: list[Method]
     ) -> list[ChoiceScores]:
         """The contexts' common token prefix encoded once; each context's rest extends the
         cache, then its choice trie is searched."""
         n_prefix = common_prefix([e.context for e in encoded])
         if n_prefix == 0:  # nothing in common (no BOS): each context is its own prefix
-            return [
-                self._score_shared([e], [m], progress)[0]
-                for e, m in zip(encoded, methods, strict=True)
-            ]
+            return [self._score_shared([e], [m])[0] for e, m in zip(encoded, methods, strict=True)]
         prefix = encoded[0].context[:n_prefix]
         first = self.model(
             torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1
@@ -568,8 +598,6 @@ class HFBackend:
                 raise DiffbenchError(f"model {self.info.label!r} gave non-finite log-likelihoods")
             out.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in choices), chosen))
             cache.crop(n_prefix - cache.get_seq_length())  # back to the prefix alone
-            if progress:
-                progress(1)
         return out
 
     @staticmethod
