@@ -1,6 +1,6 @@
 """Uncertainty of metric rows: bootstrap intervals over samples and paired tests between models.
 
-A metric row whose value is the mean of its samples' score (the task lists it in
+A metric row whose value is the mean of its samples' score (run.json's task_info lists it in
 `sample_mean_metrics`) gets a percentile-bootstrap interval over those samples. Samples that share
 a `cluster` (one test example under several demonstration draws, say) are not independent: the
 bootstrap resamples whole clusters and the paired test treats each cluster as one unit. Two
@@ -14,15 +14,12 @@ stderr. Every draw is seeded, so a report is byte-for-byte reproducible.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from diffbench import registry
-from diffbench.api import CLUSTER_KEY, INPUT_KEY, SCORE_KEY
-from diffbench.errors import DiffbenchError
+from diffbench.api import CLUSTER_KEY, INPUT_KEY, SCORE_KEY, WILDCARDS
 from scipy.stats import binomtest, norm
 
 LEVEL = 0.95
@@ -38,9 +35,6 @@ MAX_DENOMINATOR = 120
 # Relative gap below which two numbers are equal: metrics.csv keeps 10 significant digits, and a
 # mean of per-depth means differs from the mean of their samples by float rounding alone.
 NOISE = 1e-9
-# A row's setting value that stands for every value of that setting (NIAH's depth="all"); an
-# empty cell is a setting the task does not have (another task's column in a shared metrics.csv).
-WILDCARDS = frozenset({"all", ""})
 
 
 @dataclass(frozen=True)
@@ -108,16 +102,6 @@ class SampleScores:
     def mean(self) -> float:
         """The mean score."""
         return float(self.score.mean())
-
-
-@functools.cache
-def sample_mean_metrics(task_name: str) -> frozenset[str]:
-    """Metrics of a task whose value is the mean of its samples' score (none if unknown)."""
-    try:
-        task = registry.load(task_name)
-    except DiffbenchError:
-        return frozenset()
-    return frozenset(getattr(task, "sample_mean_metrics", frozenset()))
 
 
 def setting_text(value: object) -> str:

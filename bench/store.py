@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
-from diffbench.api import INPUT_KEY, Sample
+from diffbench.api import INPUT_KEY, METRIC_COLUMNS, Sample
 from diffbench.errors import DiffbenchError
 from filelock import FileLock, Timeout
 
 log = logging.getLogger("diffbench")
 
-METRIC_COLUMNS = ("task", "metric", "model", "value", "n", "stderr")
 LOCK_FILE = ".diffbench.lock"
 
 

@@ -6,38 +6,42 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from diffbench.api import ALL
 from diffbench.figures import model_colors, new_figure, save
+from matplotlib.figure import Figure
 
-ALL = "all"
+
+def figures(metrics: pd.DataFrame) -> dict[str, Figure]:
+    """Every NIAH figure by file stem: a heatmap per mode and N/R, bars per mode."""
+    rows = metrics[(metrics["task"] == "niah") & (metrics["metric"] == "accuracy")].copy()
+    out: dict[str, Figure] = {}
+    if rows.empty:
+        return out
+    rows["length"] = rows["length"].astype(int)
+    for (mode, n, r), grid in rows.groupby(["mode", "needles", "queries"], sort=True):
+        out[f"niah_heatmap_{mode!s}_n{n!s}r{r!s}"] = heatmap(grid, f"N={n!s}, R={r!s}, {mode!s}")
+    for mode, grid in rows[rows["depth"] == ALL].groupby("mode", sort=True):
+        out[f"niah_bars_{mode!s}"] = bars(grid, str(mode))
+    return out
 
 
 def draw(metrics: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Every NIAH figure; return the files written."""
-    rows = metrics[(metrics["task"] == "niah") & (metrics["metric"] == "accuracy")].copy()
-    if rows.empty:
-        return []
-    rows["length"] = rows["length"].astype(int)
-    paths: list[Path] = []
-    for (mode, n, r), grid in rows.groupby(["mode", "needles", "queries"], sort=True):
-        paths += heatmap(
-            grid, out_dir, f"niah_heatmap_{mode!s}_n{n!s}r{r!s}", f"N={n!s}, R={r!s}, {mode!s}"
-        )
-    for mode, grid in rows[rows["depth"] == ALL].groupby("mode", sort=True):
-        paths += bars(grid, out_dir, f"niah_bars_{mode!s}", str(mode))
-    return paths
+    """Every NIAH figure as PNG and PDF; return the files written."""
+    return [p for stem, fig in figures(metrics).items() for p in save(fig, out_dir, stem)]
 
 
 def _depth_key(d: str) -> float:
     return float("inf") if d == ALL else float(d)
 
 
-def heatmap(rows: pd.DataFrame, out_dir: Path, stem: str, title: str) -> list[Path]:
-    """Depth on y, length on x, the mean over depths as the bottom row; a panel per model."""
+def heatmap(rows: pd.DataFrame, title: str) -> Figure:
+    """Depth on y, length on x, the mean over depths as the bottom row; a panel per model, the
+    panels sharing their axes and colour scale."""
     models = sorted(rows["model"].unique())
     lengths = sorted(rows["length"].unique())
     depths = sorted((d for d in rows["depth"].unique() if d != ALL), key=_depth_key)
     fig = new_figure(ncols=len(models), width=0.55 * len(lengths) + 2.2, height=2.9)
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    axes = fig.subplots(1, len(models), squeeze=False, sharex=True, sharey=True)[0]
     image = None
     for k, (ax, model) in enumerate(zip(axes, models, strict=True)):
         sub = rows[rows["model"] == model]
@@ -54,7 +58,7 @@ def heatmap(rows: pd.DataFrame, out_dir: Path, stem: str, title: str) -> list[Pa
         ax.axhline(len(depths) - 0.5, color="black", lw=1.2)
         ax.set_xticks(range(len(lengths)), [_k(x) for x in lengths])
         ticks = [f"{float(d):g}%" for d in depths] + ["mean"]
-        ax.set_yticks(range(len(depths) + 1), ticks if k == 0 else [""] * len(ticks))
+        ax.set_yticks(range(len(depths) + 1), ticks)  # shared: inner panels hide the labels
         ax.set_xlabel("context length (tokens)")
         if k == 0:
             ax.set_ylabel("answer needle depth")
@@ -62,10 +66,10 @@ def heatmap(rows: pd.DataFrame, out_dir: Path, stem: str, title: str) -> list[Pa
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.85, label="accuracy")
     fig.suptitle(f"Needle in a haystack ({title})", y=1.02)
-    return save(fig, out_dir, stem)
+    return fig
 
 
-def bars(rows: pd.DataFrame, out_dir: Path, stem: str, mode: str) -> list[Path]:
+def bars(rows: pd.DataFrame, mode: str) -> Figure:
     """Accuracy averaged over depths, grouped by N/R (and length), one bar per model."""
     rows = rows.assign(
         group=[
@@ -93,7 +97,7 @@ def bars(rows: pd.DataFrame, out_dir: Path, stem: str, mode: str) -> list[Path]:
     ax.set_ylabel("accuracy (mean over depths)")
     ax.set_title(f"Multi-needle retrieval ({mode})")
     ax.legend()
-    return save(fig, out_dir, stem)
+    return fig
 
 
 def _k(n: int) -> str:

@@ -13,16 +13,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import run_cli
-from diffbench import compare
 from diffbench.api import INPUT_KEY
 from diffbench.errors import DiffbenchError
+from diffbench.gate import compare_models, compare_runs, parse_tolerance
+from diffbench.render.gate import render_json, render_junit
 from diffbench.stats import setting_text
 from test_cli_errors import assert_one_line_error
 from test_stats import shared_run
 
 HEADLINE = {"model": "diff", "depth": "all"}
 
-# A task plugin whose metric is lower-is-better, registered through a real entry point.
+# A task whose metric is lower-is-better and that run.json does not describe (rows added by hand,
+# as in a run written before run.json described its tasks): its installed plugin, registered
+# through a real entry point, stands in.
 PLUGIN = """
 from dataclasses import dataclass
 
@@ -41,6 +44,10 @@ class LossTask:
     metrics = ("perplexity",)
     setting_keys = ("length",)
     lower_is_better = frozenset({"perplexity"})
+    sample_mean_metrics = frozenset()
+    headline = ()
+    presets = {}
+    request_kinds = ()
 
     def items(self, config, tokenizer, seed):
         return []
@@ -124,24 +131,18 @@ def test_regression_beyond_tolerance_fails_the_gate(run_dir, tmp_path):
 def test_change_within_tolerance_passes_the_gate(run_dir, tmp_path):
     base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
     shift_value(cand, HEADLINE, -0.03)
-    result = compare.compare_runs(
-        base, cand, {}, tolerance=compare.parse_tolerance("0.05"), fail_on=["regression"]
-    )
+    result = compare_runs(base, cand, {}, tolerance=parse_tolerance("0.05"), fail_on=["regression"])
     assert not result.failed
     assert result.count("regression") == 0
-    assert json.loads(compare.render_json(result))["failed"] is False
+    assert json.loads(render_json(result))["failed"] is False
 
 
 def test_per_metric_tolerance_overrides_the_global_one(run_dir, tmp_path):
     base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
     shift_value(cand, HEADLINE, -0.10)
     kwargs = {"fail_on": ["regression"]}
-    loose = compare.compare_runs(
-        base, cand, {}, tolerance=compare.parse_tolerance("0.01,accuracy=0.2"), **kwargs
-    )
-    strict = compare.compare_runs(
-        base, cand, {}, tolerance=compare.parse_tolerance("accuracy=0.05"), **kwargs
-    )
+    loose = compare_runs(base, cand, {}, tolerance=parse_tolerance("0.01,accuracy=0.2"), **kwargs)
+    strict = compare_runs(base, cand, {}, tolerance=parse_tolerance("accuracy=0.05"), **kwargs)
     assert not loose.failed and strict.failed
     assert strict.count("regression") == 1
 
@@ -151,15 +152,15 @@ def test_require_significance_fails_only_on_a_significant_regression(run_dir, tm
     base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
     shift_value(cand, HEADLINE, -0.10)
     args = {"fail_on": ["regression"], "require_significance": True}
-    result = compare.compare_runs(base, cand, {}, **args)
+    result = compare_runs(base, cand, {}, **args)
     assert not result.failed
     assert result.count("not significant") == 1
     # Planted in the samples: every diff sample right in the baseline and wrong in the candidate.
     set_scores(base, "diff", 1.0)
     set_scores(cand, "diff", 0.0)
-    result = compare.compare_runs(base, cand, {}, **args)
+    result = compare_runs(base, cand, {}, **args)
     assert result.failed
-    changes = json.loads(compare.render_json(result))["changes"]
+    changes = json.loads(render_json(result))["changes"]
     regressed = [c for c in changes if c["status"] == "regression"]
     # 20 discordant pairs over depths are significant; 4 per depth are not (p = 0.125).
     assert [c["setting"]["depth"] for c in regressed] == ["all"]
@@ -205,11 +206,9 @@ def test_direction_is_respected_for_lower_is_better_metrics(
     base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
     add_loss_row(base, 2.0)
     add_loss_row(cand, candidate)
-    result = compare.compare_runs(
-        base, cand, {}, tolerance=compare.parse_tolerance("0.1"), fail_on=["regression"]
-    )
+    result = compare_runs(base, cand, {}, tolerance=parse_tolerance("0.1"), fail_on=["regression"])
     assert result.failed is bool(exit_code)
-    (row,) = [c for c in json.loads(compare.render_json(result))["changes"] if c["task"] == "loss"]
+    (row,) = [c for c in json.loads(render_json(result))["changes"] if c["task"] == "loss"]
     assert row["lower_is_better"] is True
     assert row["status"] == status
     assert row["test"] == "normal"  # not a sample mean: interval from the stderr
@@ -322,8 +321,8 @@ def test_runs_measured_on_different_inputs_say_so_and_get_no_paired_test(run_dir
 def test_junit_output_parses_with_one_failure_per_regression(run_dir, tmp_path):
     base, cand = copy_run(run_dir, tmp_path / "base"), copy_run(run_dir, tmp_path / "cand")
     shift_value(cand, HEADLINE, -0.10)
-    result = compare.compare_runs(base, cand, {}, fail_on=["regression"])
-    root = ET.fromstring(compare.render_junit(result))
+    result = compare_runs(base, cand, {}, fail_on=["regression"])
+    root = ET.fromstring(render_junit(result))
     cases = root.findall(".//testcase")
     assert len(cases) == len(read_metrics(base))
     failures = [c for c in cases if c.find("failure") is not None]
@@ -342,7 +341,7 @@ def test_map_matches_a_renamed_model_label(run_dir, tmp_path):
     )
     old.unlink()
     per_model = len(read_metrics(base)) // 3
-    unmapped = compare.compare_runs(base, cand, {})
+    unmapped = compare_runs(base, cand, {})
     assert unmapped.count("missing") == unmapped.count("new") == per_model
     mapped = gate(base, cand, "--map", "diff=diff-v2", "--format", "json")
     counts = statuses(mapped)
@@ -358,7 +357,7 @@ def test_compare_two_models_of_one_run(run_dir):
     assert "| status | task | metric |" in res.stdout
     assert "base vs diff" in res.stdout
     with pytest.raises(DiffbenchError, match="'nope' is not a model"):
-        compare.compare_models(run_dir, "diff", "nope")
+        compare_models(run_dir, "diff", "nope")
 
 
 @pytest.mark.parametrize(

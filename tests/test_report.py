@@ -7,12 +7,14 @@ import re
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 from conftest import run_cli
 from diffbench.api import CLUSTER_KEY
+from diffbench.store import RunStore
 from test_cli_errors import assert_one_line_error
-from test_stats import shared_run
+from test_stats import cached_run, shared_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -23,6 +25,27 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
+
+
+def default_grid_run(basetemp: Path) -> Path:
+    """`diffbench run --tasks niah,icl` on the shipped pair, 2 samples per setting and NIAH depths
+    0 and 100 only: every summary row of the default run (its ICL grid; NIAH's summary averages
+    over depth). Made once per test session."""
+    sets = ("--set", "niah.depths=0,100")
+    return cached_run(basetemp, "default-grid", "--tasks", "niah,icl", "--limit", "2", *sets)
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory) -> Path:
+    """The shared default-grid run; never edited."""
+    return default_grid_run(tmp_path_factory.getbasetemp())
+
+
+def summary_rows(md: str) -> list[list[str]]:
+    """The cells of report.md's summary table, one list per row."""
+    table = md.split("## Summary\n")[1].split("\nValues: ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +159,96 @@ def test_report_resamples_clusters_and_says_which_test_it_used(workdir, tmp_path
     assert "sign-flip test over clusters: 2." in summary
     twin = [row.split(" | ")[-1] for row in summary.splitlines() if row.startswith("| niah")]
     assert twin and all(c.startswith("+0.000 [+0.000, +0.000] p=1 |") for c in twin)
+
+
+def test_the_default_runs_summary_leads_with_the_papers_rows_and_fits_one_screen(grid_run):
+    md = (grid_run / "report.md").read_text()
+    rows = summary_rows(md)
+    metrics = pd.read_csv(grid_run / "metrics.csv", dtype=str, keep_default_na=False)
+    shots = sorted({int(k) for k in metrics.loc[metrics["task"] == "icl", "shots"]})
+    icl = "dataset=synthetic, arrangement=random"
+    # ICL: accuracy per shot count over draws and orders (Fig. 6), the best-worst margin at the
+    # largest shot count (Fig. 7); NIAH: accuracy per mode and length over depths (Table 2).
+    expected = [("icl", "accuracy ↑", f"{icl}, shots={k}") for k in shots]
+    expected.append(("icl", "margin ↓", f"{icl}, shots={max(shots)}"))
+    expected += [
+        ("niah", "accuracy ↑", f"mode={mode}, length={length}, needles=1, queries=1")
+        for mode in ("generate", "score")
+        for length in (512, 1024)
+    ]
+    assert [tuple(r[:3]) for r in rows] == expected
+    assert len(rows) <= 20
+    # Every row of metrics.csv stays in its task's section.
+    for task in ("icl", "niah"):
+        section = md.split(f"\n## {task}\n")[1].split("\n## ")[0]
+        shown = [line for line in section.splitlines() if line.startswith("| ")][1:]
+        measured = metrics[metrics["task"] == task].drop(columns=["model", "value", "n", "stderr"])
+        assert len(shown) == len(measured.drop_duplicates())
+    assert "Summary rows: accuracy averaged over draw, order; margin at the largest shots." in md
+
+
+def test_the_html_summary_is_built_from_cells_and_fits_one_screen(grid_run):
+    from playwright.sync_api import sync_playwright
+
+    page_file = grid_run / "report.html"
+    n_rows = len(summary_rows((grid_run / "report.md").read_text()))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_file.as_uri(), wait_until="load")
+            headings = page.evaluate(
+                "Array.from(document.querySelectorAll('h2'), h => h.innerText)"
+            )
+            summary = page.evaluate(
+                """() => {
+                    const t = document.querySelector('table');
+                    const rows = Array.from(t.tBodies[0].rows, r => Array.from(r.cells, c => [
+                        c.childNodes[0].textContent,
+                        c.querySelector('.ci') ? c.querySelector('.ci').textContent : null]));
+                    return {height: t.getBoundingClientRect().height, rows: rows};
+                }"""
+            )
+        finally:
+            browser.close()
+    assert requests == [page_file.as_uri()]
+    assert headings == ["Summary", "icl", "niah", "Provenance"]
+    assert len(summary["rows"]) == n_rows
+    assert summary["height"] < 900  # the summary table fits one screen
+    margin = next(r for r in summary["rows"] if r[1][0] == "margin ↓")
+    # A difference cell: its number in the cell, nothing else; interval and p-value in small print.
+    niah = [r for r in summary["rows"] if r[0][0] == "niah"]
+    for number, detail in (r[-1] for r in niah):
+        assert re.fullmatch(r"[+-]\d\.\d{3}( [▲▼])?", number), number
+        assert detail is not None and re.fullmatch(
+            r"\[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] p=\S+", detail
+        )
+    assert margin[-1][1] is None  # no samples behind a margin: no interval to print
+
+
+def test_model_panels_share_their_axes_and_seed_axes_count_in_integers(grid_run):
+    from diffbench.tasks import icl_plots, niah_plots
+
+    metrics = RunStore(grid_run).metrics()
+    figures = {**icl_plots.figures(metrics), **niah_plots.figures(metrics)}
+    try:
+        seeds = figures["icl_seeds_synthetic_random"]
+        base, diff = seeds.axes[:2]
+        assert base.get_shared_y_axes().joined(base, diff)
+        assert base.get_ylim() == diff.get_ylim()
+        seeds.canvas.draw()
+        for ax in (base, diff):
+            labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+            assert labels and all(re.fullmatch(r"[−-]?\d+", t) for t in labels), labels
+        shots = figures["icl_shots_synthetic_random"]
+        shots.canvas.draw()
+        counts = sorted({int(k) for k in metrics.loc[metrics["task"] == "icl", "shots"]})
+        assert [t.get_text() for t in shots.axes[0].get_xticklabels()] == [str(k) for k in counts]
+        heat = figures["niah_heatmap_score_n1r1"]
+        left, right = heat.axes[:2]
+        assert left.get_shared_y_axes().joined(left, right)
+        assert left.get_shared_x_axes().joined(left, right)
+    finally:
+        plt.close("all")

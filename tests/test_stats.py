@@ -13,37 +13,29 @@ import pytest
 from conftest import run_cli
 from diffbench import stats
 from diffbench.api import CLUSTER_KEY
-from diffbench.compare import load_run
+from diffbench.results import load_run
 from scipy.stats import binomtest
 
 
-def shared_run(tiny_pair: dict[str, Path], basetemp: Path) -> Path:
-    """A real run (with report) of diff, base and twin (= diff's checkpoint again), 20 samples each.
-
-    Made once per test session and shared by the stats, compare and report tests, which copy it
-    before changing anything: one run instead of three keeps these modules fast.
-    """
-    run = basetemp / "shared-run" / "run"
+def cached_run(basetemp: Path, name: str, *args: str) -> Path:
+    """A real run (with report) of `diffbench run ARGS`, made once per test session under
+    `name`; the tests that share it copy it before changing anything."""
+    run = basetemp / name / "run"
     if not (run / "report.html").exists():
         shutil.rmtree(run, ignore_errors=True)
         run.parent.mkdir(parents=True, exist_ok=True)
-        diff, base = tiny_pair["tiny-diff"], tiny_pair["tiny-base"]
-        res = run_cli(
-            run.parent,
-            "run",
-            "--models",
-            f"diff={diff},base={base},twin={diff}",
-            "--set",
-            "niah.lengths=256",
-            "--set",
-            "niah.samples=4",
-            "--set",
-            "niah.mode=score",
-            "--output",
-            "run",
-        )
+        res = run_cli(run.parent, "run", *args, "--output", "run")
         assert res.returncode == 0, res.stderr
     return run
+
+
+def shared_run(tiny_pair: dict[str, Path], basetemp: Path) -> Path:
+    """A real run of diff, base and twin (= diff's checkpoint again), 20 NIAH samples each,
+    shared by the stats, compare and report tests: one run instead of three keeps them fast."""
+    diff, base = tiny_pair["tiny-diff"], tiny_pair["tiny-base"]
+    models = f"diff={diff},base={base},twin={diff}"
+    sets = ("--set", "niah.lengths=256", "--set", "niah.samples=4", "--set", "niah.mode=score")
+    return cached_run(basetemp, "shared-run", "--models", models, *sets)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +222,7 @@ def test_metrics_without_samples_get_a_normal_interval_from_their_stderr():
 
 def test_every_metric_row_maps_to_the_samples_it_averages(twin_run):
     results = load_run(twin_run)
-    assert stats.sample_mean_metrics("niah") == {"accuracy"}
+    assert results.info("niah").sample_mean_metrics == {"accuracy"}  # as run.json records it
     for _, row in results.metrics.iterrows():
         setting = {k: row[k] for k in results.setting_columns("niah")}
         scores = results.scores("niah", row["metric"], row["model"], setting)

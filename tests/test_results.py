@@ -1,0 +1,178 @@
+"""Reading a run needs no task plugin: run.json describes each task (metrics, directions, sample
+means, setting keys, headline rows), and reports and the gate read it from there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+from test_cli_errors import assert_one_line_error
+from test_report import default_grid_run
+
+# A task name no installed plugin has.
+UNPLUGGED = "icl_unplugged"
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory) -> Path:
+    """The shared default-grid run of the shipped pair (niah and icl); never edited."""
+    return default_grid_run(tmp_path_factory.getbasetemp())
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def edit_record(run: Path, edit) -> None:
+    record = json.loads((run / "run.json").read_text())
+    edit(record)
+    (run / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def rename_task(run: Path, old: str, new: str) -> None:
+    """Rename a task wherever a run names it: run.json, the samples, metrics.csv."""
+
+    def rename(record: dict) -> None:
+        if "task_info" in record:
+            record["task_info"][new] = {**record["task_info"].pop(old), "name": new}
+        record["config"]["tasks"][new] = record["config"]["tasks"].pop(old)
+
+    edit_record(run, rename)
+    folder = run / "samples" / new
+    (run / "samples" / old).rename(folder)
+    for path in folder.glob("*.jsonl"):
+        samples = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**s, "task": new}) + "\n" for s in samples))
+    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
+    metrics.assign(task=metrics["task"].replace({old: new})).to_csv(
+        run / "metrics.csv", index=False
+    )
+
+
+def forget_task_info(run: Path) -> None:
+    """The run as diffbench wrote it before run.json described its tasks."""
+    edit_record(run, lambda record: record.pop("task_info"))
+
+
+def plant_changes(run: Path, task: str) -> None:
+    """tiny-diff's margin at the largest shot count up by 0.2 (worse: lower is better) and its
+    1-shot accuracy up by 0.2 (better)."""
+    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
+    icl = (metrics["task"] == task) & (metrics["model"] == "tiny-diff")
+    shots = pd.to_numeric(metrics["shots"], errors="coerce")
+    margin = icl & (metrics["metric"] == "margin") & (shots == shots[icl].max())
+    accuracy = icl & (metrics["metric"] == "accuracy") & (metrics["shots"] == "1")
+    accuracy &= metrics["draw"] == "all"
+    assert margin.sum() == 1 and accuracy.sum() == 1
+    for mask in (margin, accuracy):
+        metrics.loc[mask, "value"] = f"{float(metrics.loc[mask, 'value'].iloc[0]) + 0.2:.10g}"
+    metrics.to_csv(run / "metrics.csv", index=False)
+
+
+def summary(run: Path, task: str = "icl") -> str:
+    """report.md's summary (table and legend), the task renamed back to `task`."""
+    text = (run / "report.md").read_text().split("## Summary\n")[1].split("\n![")[0]
+    return text.replace(UNPLUGGED, task)
+
+
+def verdicts(baseline: Path, candidate: Path) -> tuple[int, list[tuple]]:
+    """The gate's exit status and every row's identity, direction and status."""
+    res = run_cli(
+        baseline.parent,
+        "compare",
+        str(baseline),
+        str(candidate),
+        "--format",
+        "json",
+        "--tolerance",
+        "0.01",
+        "--fail-on",
+        "regression",
+    )
+    assert res.returncode in (0, 1), res.stderr
+    rows = [
+        (
+            c["task"].replace(UNPLUGGED, "icl"),
+            c["metric"],
+            c["model"],
+            json.dumps(c["setting"], sort_keys=True),
+            c["lower_is_better"],
+            c["status"],
+        )
+        for c in json.loads(res.stdout)["changes"]
+    ]
+    return res.returncode, rows
+
+
+def test_a_task_without_its_plugin_reports_and_gates_as_with_it(grid_run, tmp_path):
+    base, cand = copy_run(grid_run, tmp_path / "base"), copy_run(grid_run, tmp_path / "cand")
+    plant_changes(cand, "icl")
+    bare_base = copy_run(base, tmp_path / "bare" / "base")
+    bare_cand = copy_run(cand, tmp_path / "bare" / "cand")
+    for run in (bare_base, bare_cand):
+        rename_task(run, "icl", UNPLUGGED)
+    for run in (base, bare_base):
+        res = run_cli(tmp_path, "report", str(run))
+        assert res.returncode == 0, res.stderr
+    assert summary(bare_base) == summary(base)
+    assert "| icl | margin ↓ |" in summary(bare_base)  # lower is better, read from run.json
+
+    with_plugin, without = verdicts(base, cand), verdicts(bare_base, bare_cand)
+    assert without == with_plugin
+    status, rows = without
+    assert status == 1
+    changed = {(r[0], r[1], r[2]): (r[4], r[5]) for r in rows if r[5] != "unchanged"}
+    # Margin went up: worse, since lower is better; accuracy went up: better.
+    assert changed == {
+        ("icl", "margin", "tiny-diff"): (True, "regression"),
+        ("icl", "accuracy", "tiny-diff"): (False, "improvement"),
+    }
+
+
+def test_a_run_from_before_task_info_reads_through_the_installed_plugin(grid_run, tmp_path):
+    old = copy_run(grid_run, tmp_path / "old")
+    forget_task_info(old)
+    res = run_cli(tmp_path, "report", str(old))
+    assert res.returncode == 0, res.stderr
+    assert "run.json does not describe task 'icl' (an older run)" in res.stderr
+    assert summary(old) == summary(grid_run)
+    # Neither described nor installed: one line, the same from every reader of the run.
+    rename_task(old, "icl", UNPLUGGED)
+    for args in (["report", str(old)], ["compare", str(old), "--models", "tiny-base,tiny-diff"]):
+        assert_one_line_error(
+            run_cli(tmp_path, *args),
+            f"does not describe task '{UNPLUGGED}'",
+            "no installed plugin provides it",
+        )
+
+
+def test_redrawing_figures_without_the_task_plugin_says_so_in_one_line(grid_run, tmp_path):
+    run = copy_run(grid_run, tmp_path / "run")
+    rename_task(run, "icl", UNPLUGGED)
+    assert_one_line_error(
+        run_cli(tmp_path, "plot", str(run)),
+        f"drawing the figures of task '{UNPLUGGED}' needs its plugin",
+    )
+    # A report needs no plugin: with no figures to reuse, it draws the others and warns.
+    shutil.rmtree(run / "figures")
+    res = run_cli(tmp_path, "report", str(run))
+    assert res.returncode == 0, res.stderr
+    assert f"no figures of task '{UNPLUGGED}'" in res.stderr
+    assert (run / "figures" / "niah_heatmap_score_n1r1.png").exists()
+
+
+def test_runs_that_disagree_on_a_metrics_direction_are_refused(grid_run, tmp_path):
+    other = copy_run(grid_run, tmp_path / "other")
+    edit_record(other, lambda r: r["task_info"]["icl"].update(lower_is_better=["accuracy_std"]))
+    for args in (
+        ["compare", str(grid_run), str(other)],
+        ["report", str(grid_run), str(other), "--output", str(tmp_path / "merged")],
+    ):
+        assert_one_line_error(
+            run_cli(tmp_path, *args), "disagree on whether lower is better for icl margin"
+        )
