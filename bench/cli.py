@@ -20,6 +20,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"diffbench: error: {message} (see {self.prog} --help)\n")
 
 
+def _path(text: str) -> Path:
+    """argparse type: a path, refusing an empty one (which would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
+def _text(text: str) -> str:
+    """argparse type: a non-empty string (an empty one would quietly mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text.strip()
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -45,10 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LABEL:KEY=VALUE,...",
         help="backend options of one model (repeatable)",
     )
-    r.add_argument("--config", type=Path, help="a YAML file with tasks, models, options")
-    r.add_argument("--output", type=Path, help="run directory (default: named from the run)")
+    r.add_argument("--config", type=_path, help="a YAML file with tasks, models, options")
+    r.add_argument(
+        "--output",
+        type=_path,
+        help="run directory: new, empty, or a run to resume (default: named from the run)",
+    )
     r.add_argument("--seed", type=int, help="seed of every random draw (default 1234)")
-    r.add_argument("--limit", type=int, help="at most N samples per setting (smoke runs)")
+    r.add_argument("--limit", type=_positive_int, help="at most N samples per setting (smoke runs)")
     r.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     r.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub.add_parser("list", help="tasks with their options and metrics, and built-in models")
@@ -56,23 +85,25 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         help="write report.md and report.html of a run directory, or one merging several runs",
     )
-    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    rep.add_argument("run_dirs", type=_path, nargs="+", metavar="RUN_DIR")
     rep.add_argument(
         "--output",
-        type=Path,
+        type=_path,
         help="folder of the report (default: the run directory itself; for several runs "
         "results/report__<hash>)",
     )
-    rep.add_argument("--reference", help="model the others are compared with (default: the first)")
+    rep.add_argument(
+        "--reference", type=_text, help="model the others are compared with (default: the first)"
+    )
     pl = sub.add_parser("plot", help="redraw the figures of a run directory")
-    pl.add_argument("run_dir", type=Path)
+    pl.add_argument("run_dir", type=_path)
     cmp = sub.add_parser(
         "compare",
         help="compare a candidate run with a baseline run (or two models of one run); "
         "a CI gate with --fail-on",
     )
-    cmp.add_argument("baseline", type=Path, metavar="BASELINE_DIR")
-    cmp.add_argument("candidate", type=Path, nargs="?", metavar="CANDIDATE_DIR")
+    cmp.add_argument("baseline", type=_path, metavar="BASELINE_DIR")
+    cmp.add_argument("candidate", type=_path, nargs="?", metavar="CANDIDATE_DIR")
     cmp.add_argument(
         "--models",
         metavar="A,B",
@@ -97,81 +128,198 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument(
         "--fail-on",
-        default="",
         metavar="regression[,missing]",
         help="exit 1 when a row regresses (and/or a baseline row is missing)",
     )
     cmp.add_argument("--format", choices=("text", "md", "json", "junit"), default="text")
-    cmp.add_argument("--output", type=Path, help="write the table to this file, not stdout")
+    cmp.add_argument(
+        "--output",
+        type=_path,
+        help="write the table to this file, not stdout (its folder must exist)",
+    )
     runs = sub.add_parser("runs", help="list run directories (tasks, models, date)")
-    runs.add_argument("--root", type=Path, default=Path("results"), help="default: results/")
+    runs.add_argument("--root", type=_path, default=Path("results"), help="default: results/")
     return p
+
+
+CONFIG_KEYS = ("tasks", "models", "options", "seed", "limit", "output")
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: the problem and where it is."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    if path.is_dir():
+        raise DiffbenchError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise DiffbenchError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise DiffbenchError(f"cannot read config file {path}: {err}") from None
     except yaml.YAMLError as err:
-        raise DiffbenchError(f"config file {path} is not valid YAML: {err}") from None
+        raise DiffbenchError(
+            f"config file {path} is not valid YAML: {_yaml_problem(err)}"
+        ) from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise DiffbenchError(f"config file {path} must hold a mapping")
-    known = {"tasks", "models", "options", "seed", "limit", "output"}
-    unknown = set(data) - known
+        raise DiffbenchError(
+            f"config file {path} must hold a mapping with keys {', '.join(CONFIG_KEYS)}, "
+            f"not a {type(data).__name__}"
+        )
+    unknown = sorted(str(k) for k in set(data) - set(CONFIG_KEYS))
     if unknown:
         raise DiffbenchError(
-            f"unknown keys in {path}: {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(sorted(known))}"
+            f"unknown keys in {path}: {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}"
         )
-    return data
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _task_names(value: Any, what: str) -> list[str]:
+    """Task names from a comma-separated string or a YAML list; each named once."""
+    if isinstance(value, str):
+        names = value.split(",")
+    elif isinstance(value, list) and all(isinstance(t, str) for t in value):
+        names = value
+    else:
+        names = []
+    names = [t.strip() for t in names]
+    if not names or any(not t for t in names) or len(set(names)) != len(names):
+        raise DiffbenchError(f"malformed {what} {value!r}: expected task names, each once")
+    return names
+
+
+def _yaml_models(value: Any, where: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """YAML `models: {label: spec}` or `{label: {spec: ..., KEY: VALUE}}` as specs and options."""
+    from diffbench.models import ModelSpec, check_label
+
+    if not isinstance(value, dict) or not value:
+        raise DiffbenchError(
+            f"models in {where} must map labels to specs (label: SPEC, or label: "
+            f"{{spec: SPEC, OPTION: VALUE}}), not {value!r}"
+        )
+    specs: dict[str, str] = {}
+    options: dict[str, dict[str, Any]] = {}
+    for key, entry in value.items():
+        label = check_label(str(key), where)
+        raw = dict(entry) if isinstance(entry, dict) else {"spec": entry}
+        if "spec" not in raw:
+            raise DiffbenchError(f"model {label!r} in {where} has no spec")
+        spec = raw.pop("spec")
+        if not isinstance(spec, str) or not ModelSpec(label, spec).location.strip():
+            raise DiffbenchError(
+                f"model {label!r} in {where}: spec must be a folder, .gguf file, hub id or "
+                f"built-in name, not {spec!r}"
+            )
+        specs[label] = spec.strip()
+        options[label] = {str(k): v for k, v in raw.items()}
+    return specs, options
+
+
+def _yaml_options(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    """YAML `options: {task: {key: value}}`, checked to be mappings."""
+    if not isinstance(value, dict):
+        raise DiffbenchError(
+            f"options in {where} must map task names to their options "
+            f"(niah: {{samples: 20}}), not {value!r}"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for task, kv in value.items():
+        if kv is not None and not isinstance(kv, dict):
+            raise DiffbenchError(
+                f"options of {task!r} in {where} must map option names to values, not {kv!r}"
+            )
+        out[str(task)] = {str(k): v for k, v in (kv or {}).items()}
+    return out
+
+
+def _check_run_output(path: Path, explicit: bool) -> None:
+    """Refuse a run directory that is a file, a folder of other things, or has no parent."""
+    if path.exists() and not path.is_dir():
+        raise DiffbenchError(f"{path} is a file, not a run directory; choose another --output")
+    if path.is_dir():
+        if (path / "run.json").is_file():
+            return  # a resume: the runner checks that it is this run
+        if any(not p.name.startswith(".") for p in path.iterdir()):
+            raise DiffbenchError(
+                f"run directory {path} holds other files and no diffbench run (no run.json); "
+                "give --output a new or empty folder"
+            )
+        return
+    if explicit:
+        if not path.parent.is_dir():
+            raise DiffbenchError(f"--output {path}: {path.parent} is not an existing folder")
+        return
+    ancestor = next(p for p in path.parents if p.exists())
+    if not ancestor.is_dir():
+        raise DiffbenchError(
+            f"{ancestor} is a file, not a folder for run directory {path}; choose an --output"
+        )
 
 
 def _run_config(args: argparse.Namespace) -> Any:
-    from diffbench.config import parse_sets
-    from diffbench.models import DEFAULT_MODELS, ModelSpec, parse_model_args, parse_models
-    from diffbench.runner import RunConfig
+    """The run's configuration from the command line and the YAML file, checked for form.
+
+    Only light modules are imported until the form is known good, so that a malformed command
+    fails in a fraction of a second.
+    """
+    from diffbench.config import coerce, parse_sets
+    from diffbench.models import DEFAULT_MODELS, parse_model_args, parse_models
 
     data = _load_yaml(args.config) if args.config else {}
-    tasks_value = args.tasks or data.get("tasks") or "niah"
-    tasks = [
-        t.strip() for t in (tasks_value.split(",") if isinstance(tasks_value, str) else tasks_value)
-    ]
-    if any(not t for t in tasks) or len(set(tasks)) != len(tasks):
-        raise DiffbenchError(f"malformed --tasks {tasks_value!r}")
-    # Models: YAML `models: {label: spec}` or `{label: {spec: ..., KEY: VALUE}}`.
+    where = str(args.config)
+    if args.tasks is not None:
+        tasks = _task_names(args.tasks, "--tasks")
+    elif "tasks" in data:
+        tasks = _task_names(data["tasks"], f"tasks in {where}:")
+    else:
+        tasks = ["niah"]
     specs: dict[str, str] = {}
     options: dict[str, dict[str, Any]] = {}
-    for label, value in (data.get("models") or {}).items():
-        if isinstance(value, dict):
-            value = dict(value)
-            if "spec" not in value:
-                raise DiffbenchError(f"model {label!r} in {args.config} has no spec")
-            specs[str(label)] = str(value.pop("spec"))
-            options[str(label)] = value
-        else:
-            specs[str(label)] = str(value)
-    if args.models:
+    if "models" in data:
+        specs, options = _yaml_models(data["models"], where)
+    if args.models is not None:
         specs = parse_models(args.models)
         options = {k: v for k, v in options.items() if k in specs}
     if not specs:
         specs = dict(DEFAULT_MODELS)
     for label, kv in parse_model_args(args.model_args).items():
         if label not in specs:
-            raise DiffbenchError(f"--model-args names {label!r}, which is not a model of this run")
+            raise DiffbenchError(
+                f"--model-args names {label!r}, which is not a model of this run "
+                f"({', '.join(specs)})"
+            )
         options.setdefault(label, {}).update(kv)
-    task_options: dict[str, dict[str, Any]] = {
-        str(t): dict(v or {}) for t, v in (data.get("options") or {}).items()
-    }
+    task_options = _yaml_options(data["options"], where) if "options" in data else {}
     for task, kv in parse_sets(args.sets, tasks).items():
         task_options.setdefault(task, {}).update(kv)
-    seed = args.seed if args.seed is not None else int(data.get("seed", 1234))
-    limit = args.limit if args.limit is not None else data.get("limit")
-    if limit is not None and int(limit) < 1:
-        raise DiffbenchError("--limit must be a positive integer")
-    output = args.output or (Path(data["output"]) if data.get("output") else None)
+    seed = args.seed
+    if seed is None:
+        seed = coerce(f"seed in {where}", data["seed"], int) if "seed" in data else 1234
+    limit = args.limit
+    if limit is None and "limit" in data:
+        limit = coerce(f"limit in {where}", data["limit"], int)
+        if limit < 1:
+            raise DiffbenchError(f"limit in {where} must be a positive integer, not {limit}")
+    output = args.output
+    if output is None and "output" in data:
+        if not isinstance(data["output"], str) or not data["output"].strip():
+            raise DiffbenchError(f"output in {where} must be a folder path, not {data['output']!r}")
+        output = Path(data["output"])
+    if output is not None:
+        _check_run_output(output, explicit=True)
+
+    from diffbench.models import ModelSpec
+    from diffbench.runner import RunConfig
+
     return RunConfig(
         tasks=tuple(tasks),
         models=tuple(
@@ -179,15 +327,30 @@ def _run_config(args: argparse.Namespace) -> Any:
         ),
         task_options=task_options,
         seed=seed,
-        limit=int(limit) if limit is not None else None,
+        limit=limit,
         output=output,
     )
 
 
+def _check_run(cfg: Any) -> None:
+    """Refuse, before any model loads or any file is written, a run that cannot start."""
+    from diffbench import runner
+    from diffbench.models import check_spec
+
+    prepared = runner.prepare_tasks(cfg)
+    if cfg.output is None:
+        _check_run_output(runner.default_output(cfg, runner.identity(cfg, prepared)), False)
+    for spec in cfg.models:
+        check_spec(spec)
+        runner.check_answers(spec, prepared)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
+    _check_run(cfg)
+    _quiet_libraries()
     from diffbench import report, runner
 
-    cfg = _run_config(args)
     run_dir = runner.run(cfg)
     if not args.no_report:
         figures = report.plot(run_dir)
@@ -225,16 +388,63 @@ def _cmd_list() -> int:
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from diffbench import compare
-    from diffbench.store import write_atomic
+def _check_run_dir(path: Path) -> None:
+    """Refuse a path that is not a run directory (before any heavy import)."""
+    if not path.exists():
+        raise DiffbenchError(f"run directory {path} does not exist")
+    if not path.is_dir():
+        raise DiffbenchError(f"{path} is a file, not a diffbench run directory")
+    if not (path / "run.json").is_file():
+        raise DiffbenchError(f"{path} is not a diffbench run directory (no run.json)")
 
-    gate = {
-        "tolerance": compare.parse_tolerance(args.tolerance),
-        "require_significance": args.require_significance,
-        "fail_on": [x.strip() for x in args.fail_on.split(",") if x.strip()],
-    }
-    if args.models:
+
+def _check_output_folder(path: Path) -> None:
+    """Refuse an output folder that is a file or lies in a folder that does not exist."""
+    if path.exists() and not path.is_dir():
+        raise DiffbenchError(f"--output {path} is a file; give a folder for the report")
+    if not path.exists() and not path.parent.is_dir():
+        raise DiffbenchError(f"--output {path}: {path.parent} is not an existing folder")
+
+
+def _check_output_file(path: Path) -> None:
+    """Refuse an output file that is a folder or lies in a folder that does not exist."""
+    if path.is_dir():
+        raise DiffbenchError(f"--output {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise DiffbenchError(f"--output {path}: {path.parent} is not an existing folder")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    seen: set[Path] = set()
+    for run_dir in args.run_dirs:
+        _check_run_dir(run_dir)
+        if run_dir.resolve() in seen:
+            raise DiffbenchError(f"run directory {run_dir} is given twice")
+        seen.add(run_dir.resolve())
+    if args.output is not None:
+        _check_output_folder(args.output)
+    from diffbench import report
+
+    for path in report.write_any(args.run_dirs, args.output, args.reference):
+        print(path)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    _check_run_dir(args.run_dir)
+    from diffbench import report
+
+    for path in report.plot(args.run_dir):
+        print(path)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    fail_on = [x.strip() for x in (args.fail_on or "").split(",") if x.strip()]
+    if args.fail_on is not None and not fail_on:
+        raise DiffbenchError(f"malformed --fail-on {args.fail_on!r}: expected regression,missing")
+    labels: list[str] = []
+    if args.models is not None:
         if args.candidate is not None:
             raise DiffbenchError("--models compares two models of ONE run; give one directory")
         if args.map:
@@ -242,12 +452,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         labels = [x.strip() for x in args.models.split(",")]
         if len(labels) != 2 or not all(labels):
             raise DiffbenchError(f"malformed --models {args.models!r}: expected BASELINE,CANDIDATE")
+    elif args.candidate is None:
+        raise DiffbenchError("compare needs BASELINE_DIR CANDIDATE_DIR, or one DIR --models A,B")
+    for run_dir in (args.baseline, args.candidate):
+        if run_dir is not None:
+            _check_run_dir(run_dir)
+    if args.output is not None:
+        _check_output_file(args.output)
+    from diffbench import compare
+    from diffbench.store import write_atomic
+
+    gate = {
+        "tolerance": compare.parse_tolerance(args.tolerance),
+        "require_significance": args.require_significance,
+        "fail_on": fail_on,
+    }
+    if labels:
         result = compare.compare_models(args.baseline, labels[0], labels[1], **gate)
     else:
-        if args.candidate is None:
-            raise DiffbenchError(
-                "compare needs BASELINE_DIR CANDIDATE_DIR, or one DIR --models A,B"
-            )
         label_map = compare.parse_map(args.map)
         result = compare.compare_runs(args.baseline, args.candidate, label_map, **gate)
     text = compare.RENDERERS[args.format](result)
@@ -266,6 +488,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
+    if not args.root.is_dir():
+        raise DiffbenchError(f"{args.root} is not a directory; run something first or pass --root")
     from diffbench.compare import list_runs
 
     found = list_runs(args.root)
@@ -302,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     log.propagate = False
     try:
         if args.command == "run":
-            _quiet_libraries()
             return _cmd_run(args)
         if args.command == "list":
             _quiet_libraries()
@@ -311,17 +534,13 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_compare(args)
         if args.command == "runs":
             return _cmd_runs(args)
-        from diffbench import report
-
         if args.command == "report":
-            for path in report.write_any(args.run_dirs, args.output, args.reference):
-                print(path)
-        elif args.command == "plot":
-            for path in report.plot(args.run_dir):
-                print(path)
-        return 0
+            return _cmd_report(args)
+        return _cmd_plot(args)
     except DiffbenchError as err:
-        print(f"diffbench: error: {err}", file=sys.stderr)
+        # One line, whatever the message: a file name or a library's text may hold line breaks.
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"diffbench: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

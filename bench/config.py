@@ -62,12 +62,16 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             return False
         raise DiffbenchError(f"{name} expects true/false, got {value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
+        # int(2.5) would quietly be 2, and int(True) 1: a YAML value must already be the number.
+        whole = not isinstance(value, float) or value.is_integer()
+        if isinstance(value, bool | list | dict) or (tp is int and not whole):
             raise DiffbenchError(f"{name} expects {tp.__name__}, got {value!r}")
         try:
             return tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DiffbenchError(f"{name} expects {tp.__name__}, got {value!r}") from None
+    if isinstance(value, list | dict):
+        raise DiffbenchError(f"{name} expects {_type_name(tp)}, got {value!r}")
     return str(value)
 
 

