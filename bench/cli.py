@@ -370,9 +370,8 @@ def _cmd_list() -> int:
         task = registry.load(name)
         print(f"{name}: {task.description}")
         print(f"  metrics: {', '.join(task.metrics)}")
-        presets = getattr(task, "presets", {})
-        if presets:
-            print(f"  presets: {', '.join(presets)}")
+        if task.presets:
+            print(f"  presets: {', '.join(task.presets)}")
         print("  options:")
         for opt, typ, default in describe_options(task.config_type):
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
@@ -459,30 +458,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             _check_run_dir(run_dir)
     if args.output is not None:
         _check_output_file(args.output)
-    from diffbench import compare
+    from diffbench import gate
+    from diffbench.render.gate import RENDERERS
     from diffbench.store import write_atomic
 
-    gate = {
-        "tolerance": compare.parse_tolerance(args.tolerance),
+    gate_args = {
+        "tolerance": gate.parse_tolerance(args.tolerance),
         "require_significance": args.require_significance,
         "fail_on": fail_on,
     }
     if labels:
-        result = compare.compare_models(args.baseline, labels[0], labels[1], **gate)
+        result = gate.compare_models(args.baseline, labels[0], labels[1], **gate_args)
     else:
-        label_map = compare.parse_map(args.map)
-        result = compare.compare_runs(args.baseline, args.candidate, label_map, **gate)
-    text = compare.RENDERERS[args.format](result)
+        label_map = gate.parse_map(args.map)
+        result = gate.compare_runs(args.baseline, args.candidate, label_map, **gate_args)
+    text = RENDERERS[args.format](result)
     if args.output:
         write_atomic(args.output, text)
     else:
         sys.stdout.write(text)
     if result.failed:
-        log.warning(
-            "comparison failed: %d regression(s), %d missing row(s)",
-            result.count("regression"),
-            result.count("missing"),
-        )
+        causes = (f"{result.count(s)} {s}" for s in result.failing if result.count(s))
+        log.warning("comparison failed on %s", ", ".join(causes))
         return 1
     return 0
 
@@ -490,7 +487,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         raise DiffbenchError(f"{args.root} is not a directory; run something first or pass --root")
-    from diffbench.compare import list_runs
+    from diffbench.results import list_runs
 
     found = list_runs(args.root)
     if not found:
@@ -528,7 +525,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args)
         if args.command == "list":
-            _quiet_libraries()
             return _cmd_list()
         if args.command == "compare":
             return _cmd_compare(args)

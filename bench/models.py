@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from diffbench.config import coerce
+from diffbench import registry
+from diffbench.api import Backend
 from diffbench.errors import DiffbenchError
 
 # The backend (torch, transformers) is imported where a model is resolved or loaded, so that the
 # CLI refuses a malformed command line without paying for those imports.
-if TYPE_CHECKING:
-    from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODELS_DIR = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """Where the weights are: a folder or hub id, and optionally a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,22 @@ class ModelSpec:
 
     @property
     def backend(self) -> str:
-        """hf or vllm, from the spec's prefix (hf by default)."""
-        return "vllm" if self.spec.startswith("vllm:") else "hf"
+        """The backend the spec's prefix names (`hf:`, `vllm:`, any registered one); hf when it
+        has none."""
+        prefix, sep, _ = self.spec.partition(":")
+        return prefix if sep and prefix in known_backends() else "hf"
 
     @property
     def location(self) -> str:
         """The spec without its backend prefix."""
-        return self.spec.split(":", 1)[1] if self.spec.startswith(("hf:", "vllm:")) else self.spec
+        prefix, sep, rest = self.spec.partition(":")
+        return rest if sep and prefix in known_backends() else self.spec
+
+
+@functools.cache
+def known_backends() -> frozenset[str]:
+    """Backend names a spec prefix may give: the registered ones and those an extra installs."""
+    return frozenset(registry.backends()) | frozenset(registry.BACKEND_EXTRAS)
 
 
 def check_label(label: str, where: str) -> str:
@@ -129,46 +146,6 @@ def parse_model_args(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _check_attention(label: str, name: str) -> None:
-    """Refuse an attention implementation transformers would refuse only once loading."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
-    if name.removeprefix("paged|") in known or name in known or "/" in name:  # "/": a hub kernel
-        return
-    raise DiffbenchError(
-        f"{label}:attn_implementation {name!r} is not a registered attention; "
-        f"known: {', '.join(known)}"
-    )
-
-
-def coerce_options(label: str, raw: dict[str, Any]) -> HFOptions:
-    """HF backend options from raw strings or YAML values, refusing unknown keys and bad values."""
-    from diffbench.backends.hf import HFOptions, _resolve_device, _resolve_dtype
-
-    known = {f.name: f for f in fields(HFOptions)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise DiffbenchError(
-                f"unknown model option {key!r} for {label!r}; known: {', '.join(known)}"
-            )
-        default = getattr(HFOptions(), key)
-        values[key] = coerce(f"{label}:{key}", value, type(default))
-    opts = HFOptions(**values)
-    if opts.batch_size != "auto" and not (opts.batch_size.isdigit() and int(opts.batch_size) > 0):
-        raise DiffbenchError(f"{label}:batch_size must be a positive integer or auto")
-    if opts.max_length < 0:
-        raise DiffbenchError(
-            f"{label}:max_length must be 0 (the model's own) or a positive integer"
-        )
-    # Checked here, not when the model loads: by then the run directory has been written.
-    _resolve_dtype(opts.dtype)
-    _resolve_device(opts.device)
-    _check_attention(label, opts.attn_implementation)
-    return opts
-
-
 def _in_offline_cache(hub_id: str) -> bool | None:
     """Whether a hub id's config is in the local cache; None when the hub may be reached."""
     from huggingface_hub import constants, try_to_load_from_cache
@@ -179,8 +156,6 @@ def _in_offline_cache(hub_id: str) -> bool | None:
 
 
 def _load_target(path: str, gguf_file: str | None = None) -> LoadTarget:
-    from diffbench.backends.hf import LoadTarget
-
     return LoadTarget(path, gguf_file)
 
 
@@ -217,25 +192,12 @@ def resolve_target(spec: ModelSpec) -> LoadTarget:
     return _load_target(loc)
 
 
-def _check_backend(spec: ModelSpec) -> None:
-    if spec.backend == "vllm":
-        raise DiffbenchError(
-            f"model {spec.label!r}: the vllm backend is not available in this release; "
-            "use an hf: spec"
-        )
-
-
 def check_spec(spec: ModelSpec) -> None:
     """Refuse, before anything is written, a model that cannot load: backend, path, options."""
-    _check_backend(spec)
-    resolve_target(spec)
-    coerce_options(spec.label, spec.options)
+    registry.backend_class(spec.backend).check(spec)
 
 
-def load_backend(spec: ModelSpec) -> HFBackend:
-    """A loaded backend for one model spec."""
-    from diffbench.backends.hf import HFBackend
-
-    _check_backend(spec)
-    options = coerce_options(spec.label, spec.options)
-    return HFBackend(spec.label, spec.spec, resolve_target(spec), options)
+def load_backend(spec: ModelSpec) -> Backend:
+    """A loaded backend for one model spec, from the backend its spec's prefix names."""
+    backend: Backend = registry.backend_class(spec.backend).load(spec)
+    return backend

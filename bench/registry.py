@@ -12,7 +12,7 @@ from diffbench.errors import DiffbenchError
 GROUP = "diffbench.tasks"
 BACKENDS = "diffbench.backends"
 # How to install a backend that is not registered here, by its spec prefix.
-BACKEND_EXTRAS = {"vllm": "pip install 'diffbench[vllm]'"}
+BACKEND_EXTRAS = {"vllm": "diffbench[vllm]"}
 
 
 def available() -> dict[str, str]:
@@ -43,11 +43,14 @@ def backend_class(name: str) -> Any:
     extra = BACKEND_EXTRAS.get(name)
     if name not in eps:
         if extra:
-            raise DiffbenchError(f"backend {name!r} is not installed; install it with: {extra}")
+            raise DiffbenchError(
+                f"backend {name!r} is not installed in this environment; the {extra} extra "
+                "provides it"
+            )
         known = ", ".join(sorted(eps)) or "none (is diffbench installed?)"
         raise DiffbenchError(f"unknown backend {name!r}; installed backends: {known}")
     try:
         return eps[name].load()
     except ImportError as err:
-        how = f"; install it with: {extra}" if extra else ""
+        how = f"; the {extra} extra provides what it needs" if extra else ""
         raise DiffbenchError(f"backend {name!r} cannot be imported ({err}){how}") from None

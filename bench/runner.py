@@ -37,7 +37,7 @@ from diffbench.api import (
 )
 from diffbench.config import build_config, config_dict
 from diffbench.errors import DiffbenchError
-from diffbench.models import ModelSpec, coerce_options, load_backend, resolve_target
+from diffbench.models import ModelSpec, check_spec, load_backend
 from diffbench.store import RunStore
 from tqdm import tqdm
 
@@ -279,9 +279,7 @@ def run(cfg: RunConfig) -> Path:
     prepared = prepare_tasks(cfg)
     for spec in cfg.models:  # bad paths, options and request kinds fail before anything loads
         check_answers(spec, prepared)
-        coerce_options(spec.label, spec.options)
-        if spec.backend == "hf":
-            resolve_target(spec)
+        check_spec(spec)
     ident = identity(cfg, prepared)
     root = cfg.output or default_output(cfg, ident)
     store = RunStore(root)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import models_arg, run_cli
+from diffbench.backends.hf import coerce_options
 from diffbench.errors import DiffbenchError
-from diffbench.models import ModelSpec, coerce_options
+from diffbench.models import ModelSpec
 from test_stats import shared_run
 
 
@@ -116,10 +120,11 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--models", "a=./does/not/exist"], "'./does/not/exist' is not an existing path"),
     ([*RUN, "--models", "a=existing.txt"], "existing.txt is a file, neither a checkpoint"),
     ([*RUN, "--models", "a=folder"], "model 'a': folder holds no config.json or .gguf"),
-    ([*RUN, "--models", "a=vllm:tiny-base"], "the vllm backend is not available"),
+    ([*RUN, "--models", "a=vllm:tiny-base"], "backend 'vllm' is not installed in this"),
     ([*RUN, "--models", "a=nobody/not-cached"], "'nobody/not-cached' is not in the local cache"),
     # the one row that imports the backend (torch): the options' own table is below, in-process
     ([*RUN, "--models", "a=tiny-base", "--model-args", "a:batch_size=0"], "a:batch_size must be"),
+    ([*RUN, "--models", "m=tiny-base", "--model-args", "m:dtype=flaot16"], "m:dtype must be one"),
     # report
     (["report"], "required: RUN_DIR"),
     (["report", ""], "expected a path"),
@@ -226,7 +231,7 @@ def test_default_output_under_a_file_is_refused(tmp_path):
         ({"max_length": "1.5"}, "a:max_length expects int, got '1.5'"),
         ({"max_length": 1.5}, "a:max_length expects int, got 1.5"),
         ({"prefix_cache": "maybe"}, "a:prefix_cache expects true/false"),
-        ({"dtype": "float7"}, "unknown dtype 'float7'"),
+        ({"dtype": "flaot16"}, "a:dtype must be one of float32, bfloat16, float16, auto"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
         ({"attn_implementation": "bogus"}, "a:attn_implementation 'bogus' is not a registered"),
     ],
@@ -294,3 +299,64 @@ def test_resume_into_a_directory_of_another_run_is_refused(cli, tiny_pair, tmp_p
     ]
     assert cli(*base).returncode == 0
     assert_one_line_error(cli(*base, "--seed", "7"), "different configuration")
+
+
+def test_list_and_help_import_neither_torch_nor_transformers(tmp_path):
+    code = (
+        "import sys; from diffbench.cli import main\n"
+        "for argv in (['list'], ['--help'], ['run', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "tiny-diff" in out.stdout and "niah" in out.stdout
+
+
+PLUGIN = """
+class GenerateOnly:
+    \"\"\"A backend plugin that answers generation requests only.\"\"\"
+
+    @classmethod
+    def check(cls, spec):
+        pass
+
+    @classmethod
+    def load(cls, spec):
+        raise AssertionError("a model whose backend cannot answer the run is never loaded")
+
+    def generate(self, requests):
+        return []
+"""
+
+
+def test_a_backend_that_cannot_answer_a_tasks_requests_is_refused_before_any_model_loads(
+    tmp_path,
+):
+    # A real plugin, installed the way pip installs one: a module and a dist-info folder whose
+    # entry_points.txt registers it in the diffbench.backends group.
+    site = tmp_path / "site"
+    (site / "genonly-0.1.dist-info").mkdir(parents=True)
+    (site / "genonly_backend.py").write_text(PLUGIN)
+    (site / "genonly-0.1.dist-info" / "METADATA").write_text("Name: genonly\nVersion: 0.1\n")
+    (site / "genonly-0.1.dist-info" / "entry_points.txt").write_text(
+        "[diffbench.backends]\ngenonly = genonly_backend:GenerateOnly\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "diffbench.cli", "run", "--tasks", "niah,icl",
+         "--models", "a=tiny-base,g=genonly:anything", "--output", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines == [
+        "diffbench: error: model 'g' (genonly backend) cannot answer ChoiceRequest, "
+        "which task niah sends"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffbench.api import (
@@ -33,7 +33,9 @@ from diffbench.api import (
     TokenLogprobs,
 )
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method
+from diffbench.config import coerce, option_types
 from diffbench.errors import DiffbenchError
+from diffbench.models import LoadTarget, ModelSpec, resolve_target
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -51,27 +53,14 @@ LOOKAHEAD_MAX = 32
 class HFOptions:
     """Model options settable with `--model-args LABEL:KEY=VALUE`."""
 
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    device: str = "cpu"  # cpu | cuda | auto
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
     attn_implementation: str = "sdpa"  # sdpa | eager | a name registered in the attention registry
     batch_size: str = "8"  # an int, or auto: start high and halve on out-of-memory
     max_length: int = 0  # 0: the model config's max_position_embeddings
     chat_template: bool = True  # use the model's chat template when it has one
     trust_remote_code: bool = False
     prefix_cache: bool = True  # False: score every (prompt, choice) with its own full pass
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        """Names of the options."""
-        return tuple(f.name for f in fields(cls))
-
-
-@dataclass(frozen=True)
-class LoadTarget:
-    """Where the weights are: a folder or hub id, and optionally a GGUF file inside it."""
-
-    path: str
-    gguf_file: str | None = None
 
 
 def _fingerprint(target: LoadTarget) -> str:
@@ -263,6 +252,43 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def _check_attention(label: str, name: str) -> None:
+    """Refuse an attention implementation transformers would refuse only once loading."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name.removeprefix("paged|") in known or name in known or "/" in name:  # "/": a hub kernel
+        return
+    raise DiffbenchError(
+        f"{label}:attn_implementation {name!r} is not a registered attention; "
+        f"known: {', '.join(known)}"
+    )
+
+
+def coerce_options(label: str, raw: Mapping[str, Any]) -> HFOptions:
+    """HF backend options from raw strings or YAML values, typed by HFOptions' annotations
+    (Literal values checked), refusing unknown keys and bad values."""
+    known = option_types(HFOptions)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise DiffbenchError(
+                f"unknown model option {key!r} for {label!r}; known: {', '.join(known)}"
+            )
+        values[key] = coerce(f"{label}:{key}", value, known[key])
+    opts = HFOptions(**values)
+    if opts.batch_size != "auto" and not (opts.batch_size.isdigit() and int(opts.batch_size) > 0):
+        raise DiffbenchError(f"{label}:batch_size must be a positive integer or auto")
+    if opts.max_length < 0:
+        raise DiffbenchError(
+            f"{label}:max_length must be 0 (the model's own) or a positive integer"
+        )
+    # Checked here, not when the model loads: by then the run directory has been written.
+    _resolve_device(opts.device)
+    _check_attention(label, opts.attn_implementation)
+    return opts
+
+
 class _RowStops(StoppingCriteria):
     """Each row of a generation batch stops at its own stop strings and its own token budget.
 
@@ -333,6 +359,20 @@ class HFBackend:
             fingerprint=_fingerprint(target),
         )
         self._view = HFTokenizerView(self.tokenizer, max_context, options.chat_template)
+
+    @classmethod
+    def check(cls, spec: ModelSpec) -> None:
+        """Refuse a spec whose weights cannot be found or whose options are bad, loading
+        nothing."""
+        coerce_options(spec.label, spec.options)
+        resolve_target(spec)
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> HFBackend:
+        """The backend for a model spec (`hf:` or no prefix)."""
+        return cls(
+            spec.label, spec.spec, resolve_target(spec), coerce_options(spec.label, spec.options)
+        )
 
     def tokenizer_view(self) -> HFTokenizerView:
         return self._view
