@@ -26,6 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 from diffbench.api import (
     ALL,
+    CLUSTER_KEY,
     ChoiceRequest,
     ChoiceScores,
     GenerateRequest,
@@ -413,7 +414,13 @@ class NiahTask:
                     f"{base_id}-score-q{qi}",
                     request,
                     setting,
-                    {**meta, "target": q.number, "target_index": choices.index(q.number)},
+                    {
+                        **meta,
+                        "target": q.number,
+                        "target_index": choices.index(q.number),
+                        # The R queried needles of one prompt are not independent samples.
+                        **({CLUSTER_KEY: f"{base_id}-score"} if r > 1 else {}),
+                    },
                 )
             )
         return items

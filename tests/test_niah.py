@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from diffbench.api import ChoiceRequest, ChoiceScores, GenerateRequest, Generation, Item
+from diffbench.api import (
+    CLUSTER_KEY,
+    ChoiceRequest,
+    ChoiceScores,
+    GenerateRequest,
+    Generation,
+    Item,
+)
 from diffbench.backends.hf import HFBackend, HFOptions, HFTokenizerView, LoadTarget
 from diffbench.config import build_config
 from diffbench.errors import DiffbenchError
@@ -170,6 +178,10 @@ def test_score_mode_puts_every_choice_in_the_context_keyed_by_its_own_city(view)
         assert req.prefix.count(f"magic {city} number") == 1
         assert req.prefix.count(haystack.NEEDLE.format(city=city, number=it.meta["target"])) == 1
         assert len(keyed) == max(it.setting["needles"], len(req.choices))
+    # The R queried needles of one prompt form one cluster (they are not independent samples).
+    clusters = Counter(it.meta.get(CLUSTER_KEY) for it in scored)
+    assert clusters[None] == 5 * 2 * 2  # the R = 1 settings: every sample its own
+    assert sorted(set(clusters.values()) - {clusters[None]}) == [2]
     # Generate mode keeps the protocol's context: the N needles and nothing else.
     for it in items:
         if isinstance(it.request, GenerateRequest):
