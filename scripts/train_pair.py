@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffbench import runner
+from diffbench.api import ALL
 from diffbench.models import ModelSpec
 from diffbench.runner import RunConfig
 from diffbench.store import RunStore
 from diffbench.tasks.haystack import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, magic_number, sentence
-from diffbench.tasks.niah import ALL_DEPTHS
 from diffbench.tiny import matched_configs, train_tokenizer
 from transformers import (
     DiffLlamaForCausalLM,
@@ -753,7 +753,7 @@ def evaluate_niah(names: list[str], preset: Preset, out: Path) -> dict[tuple[str
         output=run_dir,
     )
     metrics = RunStore(runner.run(cfg)).metrics()
-    rows = metrics[(metrics["metric"] == "accuracy") & (metrics["depth"] == ALL_DEPTHS)]
+    rows = metrics[(metrics["metric"] == "accuracy") & (metrics["depth"] == ALL)]
     return {
         (r.model, f"{r.needles}/{r.queries}", r.mode): float(r.value)
         for r in rows.itertuples(index=False)
