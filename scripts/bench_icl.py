@@ -90,18 +90,26 @@ def label_subset(n: int, seed: int) -> list[str]:
 
 
 def generate_rows(labels: list[str], per_class: int, seed: int) -> list[dict[str, Any]]:
-    """`per_class` seeded utterances for each label, as JSONL rows (id, text, label)."""
+    """Up to `per_class` seeded, distinct utterances for each label, as JSONL rows (id, text,
+    label).
+
+    Drawn without replacement from every utterance the label's templates make (6 to 26 of them),
+    so no text repeats: the icl task drops repeated texts, and a test text is never a
+    demonstration."""
     rng = random.Random(f"bench-icl-data|{seed}")
     by_label = {pattern.format(d=d): (pattern, d) for d in DOMAINS for pattern in ACTIONS}
     rows = []
     for label in labels:
         pattern, domain = by_label[label]
-        for _ in range(per_class):
-            text = rng.choice(ACTIONS[pattern])
-            text = text.replace("{n}", rng.choice(DOMAINS[domain])).replace(
-                "{t}", rng.choice(TIMES)
-            )
-            rows.append({"text": text, "label": label})
+        texts = sorted(
+            {
+                template.replace("{n}", noun).replace("{t}", when)
+                for template in ACTIONS[pattern]
+                for noun in DOMAINS[domain]
+                for when in TIMES
+            }
+        )
+        rows += [{"text": t, "label": label} for t in rng.sample(texts, min(per_class, len(texts)))]
     rng.shuffle(rows)
     return [{"id": i, **row} for i, row in enumerate(rows)]
 
