@@ -39,7 +39,7 @@ from diffbench import runner
 from diffbench.api import ALL
 from diffbench.models import ModelSpec
 from diffbench.runner import RunConfig
-from diffbench.store import RunStore
+from diffbench.store import RunStore, write_atomic
 from diffbench.tasks.haystack import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, magic_number, sentence
 from diffbench.tiny import matched_configs, train_tokenizer
 from transformers import (
@@ -802,11 +802,8 @@ def write_cards(
 ) -> None:
     """Each saved folder's README.md (not part of a model's fingerprint), written atomically."""
     for run in runs:
-        fd, tmp = tempfile.mkstemp(dir=out / run.name, suffix=".md")
-        with os.fdopen(fd, "w") as f:
-            f.write(model_card(run, runs, preset, preset_name, seed, steps, tokens, evals))
-        Path(tmp).chmod(0o644)
-        os.replace(tmp, out / run.name / "README.md")
+        card = model_card(run, runs, preset, preset_name, seed, steps, tokens, evals)
+        write_atomic(out / run.name / "README.md", card)
 
 
 def model_card(
