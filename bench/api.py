@@ -93,7 +93,52 @@ class RollingRequest:
     stride: int = 0
 
 
-Request: TypeAlias = GenerateRequest | ChoiceRequest | RollingRequest
+@dataclass(frozen=True)
+class ActivationRequest:
+    """Statistics of a model's internal activations over one text (the outlier probe).
+
+    The backend encodes `text` (no truncation: the task sizes it) and summarises, per layer, each
+    activation type asked for: `attention_logits` (pre-softmax QK^T x scale at causal positions;
+    for a DIFF model the two maps together, map "both", and each alone, maps "1" and "2") and
+    `hidden_states` (each decoder layer's output). Nothing of size L x L leaves the backend.
+    """
+
+    text: str
+    activations: tuple[str, ...] = ("attention_logits", "hidden_states")
+    top_k: int = 100
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """Where the attention of a prompt's last token (the one that produces the answer) goes.
+
+    `spans` are character ranges [start, end) of `prompt`; the backend returns, per layer, the
+    attention mass (averaged over heads) that falls on the tokens overlapping each span.
+    """
+
+    prompt: str
+    spans: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ThroughputRequest:
+    """Time a forward over `n_tokens` tokens (prefill) and `new_tokens` greedy decode steps,
+    `warmup` untimed times then `repeats` timed times, on a synthetic token sequence."""
+
+    n_tokens: int
+    new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+
+
+Request: TypeAlias = (
+    GenerateRequest
+    | ChoiceRequest
+    | RollingRequest
+    | ActivationRequest
+    | AttentionRequest
+    | ThroughputRequest
+)
 
 
 def shared_text(request: Request) -> str | None:
@@ -128,7 +173,55 @@ class TokenLogprobs:
     logprobs: tuple[float, ...]
 
 
-Response: TypeAlias = Generation | ChoiceScores | TokenLogprobs
+# |x| histograms of the activation probe: bin b holds values in [2^(b/H), 2^((b+1)/H)) with
+# H = HIST_BINS_PER_OCTAVE, so a quantile read from it is within a relative error of
+# 2^(1/H) - 1 (1.1% for H = 64); exact zeros go to bin ZERO_BIN.
+HIST_BINS_PER_OCTAVE = 64
+ZERO_BIN = -(10**6)
+
+
+@dataclass(frozen=True)
+class ActivationSummary:
+    """Mergeable statistics of one activation type in one layer (and one DIFF map)."""
+
+    activation: str  # attention_logits | hidden_states
+    layer: int
+    map: str  # "" (hidden states; a Llama's logits), or "both", "1", "2" for a DIFF model's logits
+    count: int
+    # Sums of x, x^2, x^3, x^4 over the values (float64): mean, variance and kurtosis merge.
+    moments: tuple[float, float, float, float]
+    top: tuple[float, ...]  # the largest |x|, descending, at most the request's top_k
+    histogram: tuple[tuple[int, int], ...]  # (bin of |x|, count), bins as HIST_BINS_PER_OCTAVE
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    n_tokens: int
+    summaries: tuple[ActivationSummary, ...]
+
+
+@dataclass(frozen=True)
+class AttentionMass:
+    """Per layer, per requested span: the mass of the last token's attention (mean over heads).
+    For a DIFF model the differential map, normalised as the backend documents."""
+
+    masses: tuple[tuple[float, ...], ...]  # [layer][span]
+    n_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Each timed repeat's prefill and decode rates, and the peak memory of the timed work."""
+
+    prefill_tokens_per_s: tuple[float, ...]
+    decode_tokens_per_s: tuple[float, ...]
+    peak_memory_bytes: int
+    device: str
+
+
+Response: TypeAlias = (
+    Generation | ChoiceScores | TokenLogprobs | ActivationStats | AttentionMass | Throughput
+)
 
 # The one dispatch table: each request kind and the backend method that answers a batch of it.
 # A new kind is a dataclass above, a row here, and one method per backend that answers it.
@@ -136,6 +229,9 @@ VERBS: dict[type, str] = {
     GenerateRequest: "generate",
     ChoiceRequest: "score_choices",
     RollingRequest: "rolling_logprobs",
+    ActivationRequest: "activation_stats",
+    AttentionRequest: "attention_mass",
+    ThroughputRequest: "throughput",
 }
 
 
@@ -198,7 +294,10 @@ def answers(backend: Any, kind: type) -> bool:
     method takes a list of such requests and returns one response each, in order:
     `generate(list[GenerateRequest]) -> list[Generation]`,
     `score_choices(list[ChoiceRequest]) -> list[ChoiceScores]`,
-    `rolling_logprobs(list[RollingRequest]) -> list[TokenLogprobs]`."""
+    `rolling_logprobs(list[RollingRequest]) -> list[TokenLogprobs]`,
+    `activation_stats(list[ActivationRequest]) -> list[ActivationStats]`,
+    `attention_mass(list[AttentionRequest]) -> list[AttentionMass]`,
+    `throughput(list[ThroughputRequest]) -> list[Throughput]`."""
     return callable(getattr(backend, VERBS[kind], None))
 
 
