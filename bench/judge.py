@@ -1,0 +1,693 @@
+"""Judges of contextual hallucination: is an output supported by the document it was made from?
+
+Two kinds, behind one small interface (`Judge.judge(list[JudgeInput]) -> list[Verdict]`):
+
+- `overlap` (offline, no model): the share of the output's content units (content words, numbers,
+  names) that the source (document and question) also holds, a threshold for the binary call,
+  and ROUGE-L against the reference through `rouge-score`.
+- `llm`: the binary judge of Lookback Lens (Chuang et al. 2024), as the DIFF paper's Table 4 uses
+  it: the judge sees the document, the ground truth and the proposal and must end with
+  "Conclusion: True/False". It runs over any OpenAI-compatible chat endpoint (`EndpointJudge`,
+  with retries, backoff and a local response cache, so a rerun never pays twice) or locally
+  through a diffbench backend with any model (`BackendJudge`). A reply without a readable
+  conclusion counts as not hallucination-free and is marked `parsed=False`.
+
+Nothing here imports torch; `BackendJudge` loads a model through `diffbench.models` only when
+asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from diffbench.errors import DiffbenchError
+
+log = logging.getLogger("diffbench")
+
+Kind = Literal["summary", "answer"]
+
+
+@dataclass(frozen=True)
+class JudgeInput:
+    """One output to judge, with the document it was made from."""
+
+    id: str
+    document: str
+    output: str
+    question: str = ""
+    reference: str = ""
+
+    @property
+    def kind(self) -> Kind:
+        """An answer when there is a question, else a summary."""
+        return "answer" if self.question.strip() else "summary"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's call on one output, with the text it came from."""
+
+    supported: bool  # judged accurate and free of hallucination
+    support_score: float  # overlap: share of supported units; llm: 1.0 or 0.0
+    raw: str  # the judge's own text (llm), or the unsupported units (overlap)
+    parsed: bool = True  # False: the llm judge's reply had no readable conclusion
+    rouge_l: float | None = None  # ROUGE-L F1 against the reference (overlap judge)
+    spans: tuple[str, ...] = ()  # the problematic spans the judge named
+
+    def as_row(self) -> dict[str, Any]:
+        """The verdict as output columns."""
+        return {
+            "supported": self.supported,
+            "support_score": self.support_score,
+            "parsed": self.parsed,
+            "rouge_l": self.rouge_l,
+            "spans": list(self.spans),
+            "verdict": self.raw,
+        }
+
+
+class Judge(Protocol):
+    """Anything that judges outputs; `name` says which judge and settings made a verdict."""
+
+    @property
+    def name(self) -> str: ...
+
+    def judge(self, items: Sequence[JudgeInput]) -> list[Verdict]: ...
+
+
+# ---- overlap: support of the output's content units by the source ------------------------------
+
+STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each either few for
+    from further had has have having he her here hers herself him himself his how however i if in
+    into is it its itself just me more most my myself neither no nor not now of off on once only or
+    other our ours ourselves out over own same she should so some such than that the their theirs
+    them themselves then there these they this those through to too under until up very was we
+    were what when where which while who whom why will with would you your yours yourself
+    yourselves document summary answer article question according said says""".split()  # noqa: SIM905
+)
+_TOKEN = re.compile(r"\d[\d,.]*\d|\d|[^\W\d_]+(?:['’-][^\W\d_]+)*")
+
+
+@functools.cache
+def _stemmer() -> Any:
+    from nltk.stem import porter  # rouge-score's own dependency and stemmer
+
+    return porter.PorterStemmer()
+
+
+def content_units(text: str) -> list[tuple[str, str]]:
+    """The output's checkable units as (kind, normalised form): `number`, `name` (a capitalised
+    word that is not a stopword) or `word` (any other non-stopword of 3+ letters, stemmed)."""
+    out = []
+    for token in _TOKEN.findall(text):
+        if token[0].isdigit():
+            out.append(("number", token.replace(",", "").rstrip(".")))
+            continue
+        low = token.lower()
+        if low in STOPWORDS:
+            continue
+        if token[0].isupper():
+            out.append(("name", low))
+        elif len(low) >= 3:
+            out.append(("word", _stemmer().stem(low)))
+    return out
+
+
+def _source_forms(text: str) -> set[str]:
+    forms = set()
+    for token in _TOKEN.findall(text):
+        if token[0].isdigit():
+            forms.add(token.replace(",", "").rstrip("."))
+        else:
+            low = token.lower()
+            forms.update((low, _stemmer().stem(low)))
+    return forms
+
+
+@functools.cache
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(reference: str, output: str) -> float | None:
+    """ROUGE-L F1 of `output` against `reference` (None without a reference)."""
+    if not reference.strip():
+        return None
+    return float(_rouge().score(reference, output)["rougeL"].fmeasure)
+
+
+@dataclass(frozen=True)
+class OverlapJudge:
+    """Offline judge: supported when at least `threshold` of the output's content units occur in
+    the document or question and (with `strict`) every number and name does."""
+
+    threshold: float = 0.7
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise DiffbenchError(f"overlap threshold must lie in [0, 1], not {self.threshold}")
+
+    @property
+    def name(self) -> str:
+        return f"overlap(threshold={self.threshold:g},strict={str(self.strict).lower()})"
+
+    def judge(self, items: Sequence[JudgeInput]) -> list[Verdict]:
+        return [self.judge_one(it) for it in items]
+
+    def judge_one(self, item: JudgeInput) -> Verdict:
+        """The verdict on one output."""
+        source = _source_forms(f"{item.document}\n{item.question}")
+        units = content_units(item.output)
+        missing = [(k, u) for k, u in units if u not in source]
+        score = 1.0 - len(missing) / len(units) if units else 0.0
+        hard = [u for k, u in missing if k in ("number", "name")]
+        supported = bool(units) and score >= self.threshold and not (self.strict and hard)
+        spans = tuple(dict.fromkeys(u for _, u in missing))
+        raw = "unsupported: " + ", ".join(spans) if spans else "all units supported"
+        if not units:
+            raw = "no content units in the output"
+        return Verdict(
+            supported, round(score, 6), raw, True, rouge_l(item.reference, item.output), spans
+        )
+
+
+# ---- llm: the Lookback Lens binary judge -------------------------------------------------------
+
+JUDGE_SYSTEM = "You are a helpful assistant."
+# The protocol's instruction, in our words; {what} is "summary" or "answer".
+JUDGE_INSTRUCTION = (
+    "You will see a document and a proposed {what}. Decide whether the proposed {what} can be "
+    "directly inferred from the document. A {what} that holds any information the document does "
+    "not contain is false; a {what} that differs from the ground truth {what} can still be true "
+    "as long as nothing in it is false.\nExplain why the proposed {what} is true or false using "
+    "only the document's content, ignoring any outside knowledge.\nAfter the explanation, end "
+    "with **Conclusion: True** if the proposed {what} is completely accurate according to the "
+    "document, or **Conclusion: False** if it holds any incorrect or unsupported information. "
+    "When it is False, add **Problematic Spans: [the inaccurate spans of the {what}, as a Python "
+    "list of strings]**."
+)
+JUDGE_CLOSING = (
+    "Write the explanation first, then the final conclusion: **Conclusion: True** if the "
+    "proposed {what} is completely accurate according to the document, or **Conclusion: False** "
+    "if it holds any incorrect or unsupported information, followed by **Problematic Spans: "
+    "[...]** when it is False."
+)
+
+
+def judge_prompt(item: JudgeInput, document: str | None = None) -> str:
+    """The user message of the binary judge for one output (`document`: a shortened copy)."""
+    what = item.kind
+    doc = item.document if document is None else document
+    context = f"#Document#: {doc}"
+    if item.question.strip():
+        context += f"\n#Question#: {item.question.strip()}"
+    truth = "Summary" if what == "summary" else "Answer"
+    return (
+        f"{JUDGE_INSTRUCTION.format(what=what)}\n\n{context}\n\n"
+        f"#Ground Truth {truth}#: {item.reference.strip()}\n\n"
+        f"#Proposed {truth}#: {item.output.strip()}\n\n{JUDGE_CLOSING.format(what=what)}"
+    )
+
+
+_CONCLUSION = re.compile(r"conclusion\W{0,4}\s*(true|false)\b", re.IGNORECASE)
+_SPANS = re.compile(r"problematic spans\W{0,4}\s*(\[.*?\])", re.IGNORECASE | re.DOTALL)
+
+
+def parse_verdict(text: str) -> bool | None:
+    """The judge's conclusion: True, False, or None when it gives no readable one (the last
+    "Conclusion: True/False" counts, as a judge may quote the instruction first)."""
+    found = _CONCLUSION.findall(text)
+    return found[-1].lower() == "true" if found else None
+
+
+def parse_spans(text: str) -> tuple[str, ...]:
+    """The problematic spans the judge listed, as far as they can be read."""
+    m = _SPANS.search(text)
+    if not m:
+        return ()
+    try:
+        spans = json.loads(m.group(1))
+    except ValueError:
+        spans = [s.strip().strip("'\"") for s in m.group(1)[1:-1].split(",")]
+    return tuple(str(s) for s in spans if str(s).strip()) if isinstance(spans, list) else ()
+
+
+def llm_verdict(reply: str) -> Verdict:
+    """A judge reply as a verdict; an unreadable one is not hallucination-free."""
+    conclusion = parse_verdict(reply)
+    supported = conclusion is True
+    return Verdict(
+        supported, float(supported), reply, conclusion is not None, None, parse_spans(reply)
+    )
+
+
+def default_cache() -> Path:
+    """Where judge replies are cached: $XDG_CACHE_HOME (or ~/.cache)/diffbench/judge.jsonl."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "diffbench" / "judge.jsonl"
+
+
+@dataclass
+class ResponseCache:
+    """Judge replies by request digest, in a JSON Lines file shared safely between processes."""
+
+    path: Path
+    _entries: dict[str, str] = field(default_factory=dict)
+    _read_at: int = -1
+
+    def _refresh(self) -> None:
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size == self._read_at:
+            return
+        if size:
+            with self.path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        self._entries[entry["key"]] = entry["reply"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line from a killed writer
+        self._read_at = size
+
+    def get(self, key: str) -> str | None:
+        """The cached reply for `key`, if any."""
+        self._refresh()
+        return self._entries.get(key)
+
+    def put(self, key: str, reply: str) -> None:
+        """Append one reply under the file's lock."""
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"), self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+            f.flush()
+        self._entries[key] = reply
+
+
+@dataclass
+class EndpointJudge:
+    """The binary judge over an OpenAI-compatible chat endpoint.
+
+    The API key is read from the environment variable `api_key_env` at call time and goes
+    nowhere else: not into the cache, the output or any message. Transient failures (connection,
+    timeout, 429, 5xx) are retried `retries` times with exponential backoff; then one
+    DiffbenchError names the endpoint.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    cache: Path | None = None
+    retries: int = 4
+    backoff_s: float = 1.0
+    max_tokens: int = 512
+    timeout_s: float = 120.0
+    calls: int = 0  # replies fetched from the endpoint (not the cache): what a rerun must avoid
+    _client: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"llm({self.model}@{self.base_url})"
+
+    def _key(self, messages: list[dict[str, str]]) -> str:
+        ident = {"base_url": self.base_url.rstrip("/"), "model": self.model,
+                 "max_tokens": self.max_tokens, "temperature": 0, "messages": messages}  # fmt: skip
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    def _openai(self) -> Any:
+        if self._client is None:
+            import openai
+
+            key = os.environ.get(self.api_key_env) or "not-needed"  # a local server needs none
+            self._client = openai.OpenAI(
+                base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout_s
+            )
+        return self._client
+
+    def judge(self, items: Sequence[JudgeInput]) -> list[Verdict]:
+        return [llm_verdict(self.reply(judge_prompt(it))) for it in items]
+
+    def reply(self, prompt: str) -> str:
+        """The endpoint's reply to one judge prompt, from the cache when it holds it."""
+        messages = [
+            {"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": prompt},
+        ]
+        key = self._key(messages)
+        store = ResponseCache(self.cache or default_cache())
+        cached = store.get(key)
+        if cached is not None:
+            return cached
+        text = self._call(messages)
+        store.put(key, text)
+        self.calls += 1
+        return text
+
+    def _call(self, messages: list[dict[str, str]]) -> str:
+        import openai
+
+        transient = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+        for attempt in range(self.retries + 1):
+            try:
+                out = self._openai().chat.completions.create(
+                    model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens
+                )
+                return str(out.choices[0].message.content or "")
+            except transient as err:
+                if attempt == self.retries:
+                    raise DiffbenchError(
+                        f"judge endpoint {self.base_url} failed after {self.retries + 1} tries: "
+                        f"{type(err).__name__}; samples judged so far are kept, rerun to resume"
+                    ) from None
+                delay = self.backoff_s * 2**attempt
+                log.warning("judge endpoint: %s; retrying in %.1fs", type(err).__name__, delay)
+                time.sleep(delay)
+            except openai.APIStatusError as err:
+                hint = f" (is ${self.api_key_env} set?)" if err.status_code in (401, 403) else ""
+                raise DiffbenchError(
+                    f"judge endpoint {self.base_url} refused the request with HTTP "
+                    f"{err.status_code}{hint}: {_error_message(err)}"
+                ) from None
+        raise AssertionError("unreachable")
+
+
+def _error_message(err: Any) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return type(err).__name__
+
+
+@dataclass
+class BackendJudge:
+    """The binary judge run locally through a diffbench backend (any model it can load).
+
+    The judge prompt goes through the model's chat template when it has one; a document too long
+    for the judge's context is cut, in the judge's own tokens, to fit.
+    """
+
+    spec: Any  # diffbench.models.ModelSpec
+    max_tokens: int = 256
+    batch: int = 8
+    calls: int = 0
+    _backend: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"llm({self.spec.spec}, local)"
+
+    def _load(self) -> Any:
+        if self._backend is None:
+            from diffbench.models import check_spec, load_backend
+
+            check_spec(self.spec)
+            self._backend = load_backend(self.spec)
+        return self._backend
+
+    def judge(self, items: Sequence[JudgeInput]) -> list[Verdict]:
+        from diffbench.api import GenerateRequest
+
+        backend = self._load()
+        view = backend.tokenizer_view()
+        requests = []
+        for it in items:
+            user = f"{JUDGE_SYSTEM}\n\n{judge_prompt(it)}"
+            prompt = view.render(user)
+            room = view.max_context - self.max_tokens - view.prompt_tokens(prompt)
+            if room < 0:  # cut the document, keeping the instruction and both proposals
+                keep = max(0, view.count(it.document) + room - 8)
+                doc = it.document[: view.char_offset(it.document, keep)]
+                prompt = view.render(f"{JUDGE_SYSTEM}\n\n{judge_prompt(it, doc)}")
+            requests.append(GenerateRequest(prompt, self.max_tokens))
+        replies = backend.generate(requests)
+        self.calls += len(requests)
+        return [llm_verdict(g.text) for g in replies]
+
+    def close(self) -> None:
+        """Free the model."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+def make_judge(
+    kind: str,
+    *,
+    threshold: float = 0.7,
+    strict: bool = True,
+    base_url: str = "",
+    model: str = "",
+    api_key_env: str = "OPENAI_API_KEY",
+    cache: Path | None = None,
+    retries: int = 4,
+    backoff_s: float = 1.0,
+    local_model: str = "",
+    max_tokens: int = 512,
+) -> Judge:
+    """A judge from options: `overlap`, or `llm` over an endpoint (`base_url`, `model`) or a
+    local model (`local_model`, a diffbench model spec)."""
+    if kind == "overlap":
+        return OverlapJudge(threshold, strict)
+    if kind != "llm":
+        raise DiffbenchError(f"unknown judge {kind!r}: use overlap or llm")
+    if local_model:
+        if base_url:
+            raise DiffbenchError(
+                "the llm judge takes an endpoint (base URL) or a local model, not both"
+            )
+        from diffbench.models import ModelSpec
+
+        return BackendJudge(ModelSpec("judge", local_model), max_tokens=max_tokens)
+    if not base_url or not model:
+        raise DiffbenchError(
+            "the llm judge needs an endpoint and a model name (--base-url URL --model NAME) "
+            "or a local model (--judge-model SPEC)"
+        )
+    if not re.match(r"^https?://", base_url):
+        raise DiffbenchError(f"judge base URL {base_url!r} must start with http:// or https://")
+    if retries < 0:
+        raise DiffbenchError(f"judge retries must be >= 0, not {retries}")
+    return EndpointJudge(
+        base_url, model, api_key_env, cache, retries, backoff_s, max_tokens=max_tokens
+    )
+
+
+# ---- `diffbench judge FILE`: judge outputs made anywhere, resumably ---------------------------
+
+OUTPUT_COLUMNS = ("id", "supported", "support_score", "parsed", "rouge_l", "spans", "verdict",
+                  "judge")  # fmt: skip
+
+
+def read_inputs(path: Path) -> list[JudgeInput]:
+    """Rows of a JSON Lines file with `document` and `output` (and optional `question`,
+    `reference`, `id`; without an id a row is named by its line number)."""
+    if not path.is_file():
+        raise DiffbenchError(f"judge input {path} does not exist")
+    out: list[JudgeInput] = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise DiffbenchError(f"{path}: line {n} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise DiffbenchError(f"{path}: line {n} is not a JSON object")
+            for key in ("document", "output"):
+                if not isinstance(row.get(key), str):
+                    raise DiffbenchError(f"{path}: line {n} has no {key!r} text")
+            optional = {k: row.get(k) or "" for k in ("question", "reference")}
+            if not all(isinstance(v, str) for v in optional.values()):
+                raise DiffbenchError(f"{path}: line {n}: question and reference must be text")
+            rid = str(row["id"]) if row.get("id") not in (None, "") else f"line-{n}"
+            out.append(JudgeInput(rid, row["document"], row["output"], **optional))
+    ids = [it.id for it in out]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DiffbenchError(f"{path}: id {dup!r} appears more than once")
+    if not out:
+        raise DiffbenchError(f"{path} holds no rows to judge")
+    return out
+
+
+def _output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise DiffbenchError(f"judge --output {path}: use a .jsonl or .csv file name")
+    return suffix[1:]
+
+
+def _read_done(path: Path, fmt: str) -> list[dict[str, Any]]:
+    """Rows already judged in an output file (a torn last line is dropped)."""
+    if not path.exists():
+        return []
+    import csv
+
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "id" in row:
+                    rows.append(row)
+        else:
+            for row in csv.DictReader(f):
+                if row.get("judge") and row.get("verdict") is not None:
+                    rows.append(dict(row))
+    return rows
+
+
+def _write_rows(path: Path, fmt: str, rows: list[dict[str, Any]], mode: str) -> None:
+    import csv
+
+    with path.open(mode, encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+        else:
+            writer = csv.DictWriter(f, fieldnames=OUTPUT_COLUMNS)
+            if mode == "w":
+                writer.writeheader()
+            for row in rows:
+                spans = row["spans"]  # a list, or the text a CSV row read back holds
+                text = spans if isinstance(spans, str) else json.dumps(spans, ensure_ascii=False)
+                writer.writerow({**row, "spans": text})
+                f.flush()
+
+
+@dataclass(frozen=True)
+class JudgeSummary:
+    n: int
+    supported: int
+    unparseable: int
+    newly_judged: int
+
+    @property
+    def rate(self) -> float:
+        """The hallucination-free rate."""
+        return self.supported / self.n if self.n else float("nan")
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
+def judge_file(inputs: Path, output: Path, judge: Judge, progress: Any = None) -> JudgeSummary:
+    """Judge every row of `inputs` into `output` (JSON Lines or CSV by its extension), skipping
+    rows that file already holds; each verdict is written as soon as it is made (a local model
+    judges `batch` rows at a time)."""
+    chunk = int(getattr(judge, "batch", 1))
+    fmt = _output_format(output)
+    items = read_inputs(inputs)
+    done = _read_done(output, fmt)
+    others = sorted({str(r.get("judge")) for r in done} - {judge.name})
+    if others:
+        raise DiffbenchError(
+            f"{output} holds verdicts of another judge ({others[0]}); give a new --output"
+        )
+    known = {it.id for it in items}
+    done = [r for r in done if str(r["id"]) in known]
+    _write_rows(output, fmt, done, "w")  # drop a torn line before appending
+    judged = {str(r["id"]) for r in done}
+    todo = [it for it in items if it.id not in judged]
+    if todo:
+        log.info("judging %d rows with %s (%d already judged)", len(todo), judge.name, len(done))
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        rows = [{"id": it.id, **v.as_row(), "judge": judge.name}
+                for it, v in zip(part, judge.judge(part), strict=True)]  # fmt: skip
+        _write_rows(output, fmt, rows, "a")
+        done += rows
+        if progress is not None:
+            progress(len(done), len(items))
+    supported = sum(_truthy(r["supported"]) for r in done)
+    unparseable = sum(not _truthy(r["parsed"]) for r in done)
+    return JudgeSummary(len(done), supported, unparseable, len(todo))
+
+
+# ---- the `diffbench judge` command ------------------------------------------------------------
+
+
+def add_command(sub: Any, path_type: Any) -> None:
+    """Add `diffbench judge` to the CLI's subcommands."""
+    j = sub.add_parser(
+        "judge",
+        help="judge outputs made anywhere for contextual hallucination (resumable)",
+        description="Rows of FILE.jsonl need document and output (question, reference, id "
+        "optional); OUT gets one row per input with id, supported, support_score and the raw "
+        "verdict, as JSON Lines or CSV by its extension.",
+    )
+    j.add_argument("input", type=path_type, metavar="FILE.jsonl")
+    j.add_argument("--judge", choices=("overlap", "llm"), default="overlap")
+    j.add_argument("--output", type=path_type, required=True, metavar="OUT.jsonl|OUT.csv")
+    j.add_argument("--threshold", type=float, default=0.7, help="overlap: supported share")
+    j.add_argument("--base-url", default="", help="llm: an OpenAI-compatible endpoint (…/v1)")
+    j.add_argument("--model", default="", help="llm: the endpoint's model name")
+    j.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="llm: NAME of the environment variable holding the key (never stored)",
+    )
+    j.add_argument("--judge-model", default="", help="llm: judge locally with this model spec")
+    j.add_argument("--cache", type=path_type, help="llm: reply cache (default ~/.cache/diffbench)")
+    j.add_argument("--retries", type=int, default=4, help="llm: retries per request (backoff)")
+    j.add_argument("--max-tokens", type=int, default=512, help="llm: the judge's reply budget")
+
+
+def run_command(args: Any) -> int:
+    """`diffbench judge`: judge a file, print the hallucination-free rate."""
+    _output_format(args.output)
+    if args.output.is_dir():
+        raise DiffbenchError(f"--output {args.output} is a folder; give a .jsonl or .csv file")
+    if not args.output.parent.is_dir():
+        raise DiffbenchError(f"--output {args.output}: {args.output.parent} is not a folder")
+    if args.input.resolve() == args.output.resolve():
+        raise DiffbenchError("--output must not be the input file")
+    if args.max_tokens < 1:
+        raise DiffbenchError(f"--max-tokens must be >= 1, not {args.max_tokens}")
+    judge = make_judge(
+        args.judge,
+        threshold=args.threshold,
+        base_url=args.base_url,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        cache=args.cache,
+        retries=args.retries,
+        local_model=args.judge_model,
+        max_tokens=args.max_tokens,
+    )
+    read_inputs(args.input)  # bad input fails before any model loads
+    try:
+        summary = judge_file(args.input, args.output, judge)
+    finally:
+        if isinstance(judge, BackendJudge):
+            judge.close()
+    print(
+        f"hallucination-free: {summary.rate:.3f} ({summary.supported}/{summary.n}); "
+        f"unparseable verdicts: {summary.unparseable}; newly judged: {summary.newly_judged}; "
+        f"judge: {judge.name}; wrote {args.output}"
+    )
+    return 0
