@@ -1,0 +1,360 @@
+"""Any lm-eval task (or group) as a diffbench task: `diffbench run --tasks lm-eval:NAME`.
+
+lm-eval builds the requests from its own task definition (prompt, few-shot examples, choices,
+generation arguments); each document becomes one diffbench request (its choices as one choice
+request, its generation, or its rolling log-likelihood) that the runner sends to any backend; the
+answer goes back through lm-eval's own filters and `process_results`, so each document's metrics
+(acc, acc_norm, exact_match, ...) are lm-eval's, and the metric rows are lm-eval's aggregations
+with lm-eval's standard errors. Each document's first mean-aggregated metric is its `score`, so
+paired intervals, McNemar's test, the report and `diffbench compare` work as on any task.
+
+Options: `include_path` (a folder of task YAMLs, searched with lm-eval's own and with the offline
+tasks shipped in `lm_eval_local/`; `--set lm-eval.include_path=DIR` gives it to every lm-eval
+task of a run), `num_fewshot` (-1: the task's own), `limit` (documents per subtask,
+0: all), `bootstrap_iters` (lm-eval's, for metrics without a closed-form stderr). The run's seed
+is lm-eval's few-shot seed (both default to 1234).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from diffbench.api import (
+    ALL,
+    SCORE_KEY,
+    ChoiceRequest,
+    GenerateRequest,
+    Headline,
+    Item,
+    Request,
+    Response,
+    RollingRequest,
+    Sample,
+    TokenizerView,
+    stderr_of_mean,
+)
+from diffbench.errors import DiffbenchError
+from diffbench.lm_eval import block_prefixes, choice_request, generate_request, lm_eval_result
+
+PREFIX = "lm-eval:"
+SETTING_KEYS = ("subtask",)
+# diffbench request kind by lm-eval output type.
+KIND_OF_OUTPUT = {
+    "multiple_choice": ChoiceRequest,
+    "loglikelihood": ChoiceRequest,
+    "loglikelihood_rolling": RollingRequest,
+    "generate_until": GenerateRequest,
+}
+
+
+@dataclass(frozen=True)
+class LmEvalConfig:
+    """Options of an lm-eval task run through diffbench."""
+
+    include_path: str = ""  # a folder of lm-eval task YAMLs (searched before lm-eval's own)
+    num_fewshot: int = -1  # -1: the task's own setting
+    limit: int = 0  # documents per subtask (0: all)
+    bootstrap_iters: int = 100000  # lm-eval's default
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        if self.include_path and not Path(self.include_path).expanduser().is_dir():
+            raise ValueError(f"include_path {self.include_path} is not an existing folder")
+        if self.num_fewshot < -1 or self.limit < 0 or self.bootstrap_iters < 0:
+            raise ValueError("num_fewshot (-1: the task's), limit and bootstrap_iters must be >= 0")
+
+
+def metric_name(metric: str, filter_key: str) -> str:
+    """A metric's name in metrics.csv: lm-eval's, with a filter other than `none` after ':'."""
+    return metric if filter_key == "none" else f"{metric}:{filter_key}"
+
+
+def jsonable(value: Any) -> Any:
+    """A per-document metric value as JSON (tuples as lists, numpy scalars as numbers)."""
+    if isinstance(value, tuple | list):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _restored(value: Any) -> Any:
+    """A stored metric value as lm-eval's aggregation expects it (lists back to tuples)."""
+    return tuple(_restored(v) for v in value) if isinstance(value, list) else value
+
+
+# The offline lm-eval tasks shipped with diffbench: always searched, after the user's folder.
+SHIPPED = Path(__file__).with_name("lm_eval_local")
+_MANAGERS: dict[tuple[str, bool], Any] = {}
+_LOADED: dict[tuple[str, str, int], dict[str, Any]] = {}
+
+
+def _manager(include_path: str, defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    key = (include_path, defaults)
+    if key not in _MANAGERS:
+        paths = [str(SHIPPED), *([include_path] if include_path else [])]
+        _MANAGERS[key] = TaskManager(include_path=paths, include_defaults=defaults)
+    return _MANAGERS[key]
+
+
+def load_subtasks(name: str, include_path: str, num_fewshot: int) -> dict[str, Any]:
+    """lm-eval's task objects of task or group `name`, by subtask name (cached per process)."""
+    key = (name, include_path, num_fewshot)
+    if key in _LOADED:
+        return _LOADED[key]
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    path = str(Path(include_path).expanduser()) if include_path else ""
+    # A folder's own index is quick; lm-eval's full index (thousands of YAMLs) only when needed.
+    manager = _manager(path, False)
+    if name not in manager.all_tasks:
+        manager = _manager(path, True)
+    if name not in manager.all_tasks:
+        close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+        where = f" in {path} or lm-eval's own tasks" if path else ""
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown lm-eval task {name!r}{where}{hint}")
+    try:
+        loaded = manager.load([name])["tasks"]
+    except Exception as err:  # a dataset that cannot be read or reached, a broken YAML
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"lm-eval cannot load task {name!r}: {first}") from None
+    for task in loaded.values():
+        own = task.get_config("num_fewshot")
+        if num_fewshot >= 0 and own != 0:  # lm-eval keeps a task's explicit 0, as its CLI does
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif own is None:
+            task.set_config(key="num_fewshot", value=0)
+        if task.OUTPUT_TYPE not in KIND_OF_OUTPUT:
+            raise ValueError(f"lm-eval task {task.task_name}: output type {task.OUTPUT_TYPE}")
+    _LOADED[key] = dict(sorted(loaded.items()))
+    return _LOADED[key]
+
+
+class LmEvalTask:
+    """One lm-eval task or group, bound to its lm-eval definition when its config is built."""
+
+    presets: dict[str, dict[str, Any]] = {}  # noqa: RUF012
+    setting_keys = SETTING_KEYS
+
+    def __init__(self, lm_name: str) -> None:
+        self.lm_name = lm_name
+        self.name = PREFIX + lm_name
+        self.description = f"lm-eval task {lm_name}"
+        self._subtasks: dict[str, Any] = {}
+        self._docs: dict[str, tuple[Any, Any, list[Any]]] = {}
+        owner = self
+
+        @dataclass(frozen=True)
+        class Config(LmEvalConfig):
+            def __post_init__(self) -> None:
+                super().__post_init__()
+                owner.bind(self)
+
+        self.config_type = Config
+
+    def bind(self, config: LmEvalConfig) -> None:
+        """Load the lm-eval definition the config names (unknown task: ValueError)."""
+        self._subtasks = load_subtasks(self.lm_name, config.include_path, config.num_fewshot)
+        n = len(self._subtasks)
+        self.description = f"lm-eval task {self.lm_name}" + (f" ({n} subtasks)" if n > 1 else "")
+
+    # ---- what run.json records ----------------------------------------------------------------
+
+    def _metric_table(self) -> list[tuple[str, str, str, Any]]:
+        """(subtask, diffbench metric name, lm-eval metric, aggregation) of every metric."""
+        rows = []
+        for sub, task in self._subtasks.items():
+            aggregation = task.aggregation()
+            filters = [f.name for f in task._filters]
+            for f in filters:
+                for m in task._metric_fn_list:
+                    rows.append((sub, metric_name(m, f), m, aggregation.get(m)))
+        return rows
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for _, name, _, _ in self._metric_table()))
+
+    @property
+    def primary(self) -> str | None:
+        """The first mean-aggregated metric: each document's `score`."""
+        from lm_eval.api.metrics import mean
+
+        return next((n for _, n, _, agg in self._metric_table() if agg is mean), None)
+
+    @property
+    def lower_is_better(self) -> frozenset[str]:
+        out = set()
+        for sub, name, m, _ in self._metric_table():
+            if self._subtasks[sub].higher_is_better().get(m) is False:
+                out.add(name)
+        return frozenset(out)
+
+    @property
+    def sample_mean_metrics(self) -> frozenset[str]:
+        return frozenset({self.primary} if self.primary else ())
+
+    @property
+    def headline(self) -> tuple[Headline, ...]:
+        if not self.primary:
+            return ()
+        where = {"subtask": ALL} if len(self._subtasks) > 1 else {}
+        return (Headline(self.primary, where),)
+
+    @property
+    def request_kinds(self) -> tuple[type, ...]:
+        kinds = (KIND_OF_OUTPUT[t.OUTPUT_TYPE] for t in self._subtasks.values())
+        return tuple(dict.fromkeys(kinds))
+
+    # ---- config -> items -> samples -> rows ----------------------------------------------------
+
+    def items(self, config: LmEvalConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
+        """One item per document of every subtask, built by lm-eval with the run's few-shot seed."""
+        out: list[Item] = []
+        self._docs = {}
+        for sub, task in self._subtasks.items():
+            task.set_fewshot_seed(seed=seed)
+            task.build_all_requests(limit=config.limit or None, rank=0, world_size=1)
+            by_doc: dict[int, list[Any]] = {}
+            for inst in task.instances:
+                by_doc.setdefault(inst.doc_id, []).append(inst)
+            doc_ids = sorted(by_doc)
+            contexts = [by_doc[d][0].args[0] for d in doc_ids]
+            prefixes = block_prefixes(contexts)
+            for doc_id, prefix in zip(doc_ids, prefixes, strict=True):
+                instances = sorted(by_doc[doc_id], key=lambda i: i.idx)
+                request, meta = self._request(sub, doc_id, instances, prefix)
+                item_id = f"{sub}/{doc_id}"
+                self._docs[item_id] = (task, instances[0].doc, instances)
+                out.append(Item(item_id, request, {"subtask": sub}, {"doc_id": doc_id, **meta}))
+        return out
+
+    @staticmethod
+    def _request(
+        sub: str, doc_id: int, instances: list[Any], prefix: str
+    ) -> tuple[Request, dict[str, Any]]:
+        kinds = {inst.request_type for inst in instances}
+        if len(kinds) > 1:
+            raise DiffbenchError(
+                f"lm-eval task {sub}: document {doc_id} sends several request types "
+                f"({', '.join(sorted(kinds))}); diffbench answers one per document"
+            )
+        kind = kinds.pop()
+        if kind == "loglikelihood":
+            contexts = {inst.args[0] for inst in instances}
+            if len(contexts) > 1:
+                raise DiffbenchError(
+                    f"lm-eval task {sub} scores a document's choices under different contexts "
+                    "(winogrande-style partial scoring), which a choice request cannot express yet"
+                )
+            context = instances[0].args[0]
+            if not context:
+                raise DiffbenchError(f"lm-eval task {sub}: document {doc_id} has an empty context")
+            conts = list(dict.fromkeys(inst.args[1] for inst in instances))
+            index = [conts.index(inst.args[1]) for inst in instances]
+            return choice_request(prefix, context, conts), {"choice_index": index}
+        if len(instances) > 1:
+            raise DiffbenchError(
+                f"lm-eval task {sub}: document {doc_id} sends {len(instances)} {kind} requests; "
+                "diffbench answers one per document"
+            )
+        if kind == "loglikelihood_rolling":
+            return RollingRequest(text=instances[0].args[0]), {}
+        return generate_request(instances[0].args[0], instances[0].args[1]), {}
+
+    def score(self, config: LmEvalConfig, item: Item, response: Response) -> Sample:
+        """lm-eval's filters and `process_results` on the document's answers."""
+        task, doc, instances = self._docs[item.id]
+        index = item.meta.get("choice_index") or [0] * len(instances)
+        for inst, i in zip(instances, index, strict=True):
+            inst.resps = [lm_eval_result(item.request, response, i)] * (inst.repeats or 1)
+            inst.filtered_resps = {}
+        for ensemble in task._filters:
+            ensemble.apply(instances)
+        metrics: dict[str, Any] = {}
+        for key in instances[0].filtered_resps:
+            found = task.process_results(doc, [inst.filtered_resps[key] for inst in instances])
+            for m, value in found.items():
+                metrics[metric_name(m, key)] = jsonable(value)
+        primary = self.primary
+        score = metrics.get(primary) if primary else None
+        sample: Sample = {
+            "lm_eval": metrics,
+            SCORE_KEY: float(score) if isinstance(score, int | float) else None,
+        }
+        if isinstance(item.request, ChoiceRequest):
+            lls = [lm_eval_result(item.request, response, i)[0] for i in index]
+            sample["logprobs"] = lls
+            sample["prediction"] = max(range(len(lls)), key=lambda k: (lls[k], -k))
+        elif isinstance(item.request, GenerateRequest):
+            sample["output"] = lm_eval_result(item.request, response)
+        else:
+            sample["logprob"] = lm_eval_result(item.request, response)
+        return sample
+
+    def aggregate(self, config: LmEvalConfig, samples: pd.DataFrame) -> pd.DataFrame:
+        """lm-eval's aggregation and stderr of each metric per subtask; with several subtasks, the
+        mean-aggregated metrics over every document too (subtask `all`: a size-weighted mean)."""
+        from lm_eval.api.metrics import mean, stderr_for_metric
+
+        rows = []
+        table = self._metric_table()
+        for (model, sub), group in samples.groupby(["model", "subtask"], sort=True):
+            records = list(group["lm_eval"])
+            for s, name, _, agg in table:
+                if s != sub:
+                    continue
+                values = [_restored(r[name]) for r in records if isinstance(r, dict) and name in r]
+                if not values:
+                    continue
+                agg = agg or mean
+                fn = stderr_for_metric(agg, config.bootstrap_iters)
+                stderr = float(fn(values)) if fn and len(values) > 1 else float("nan")
+                rows.append(
+                    {"model": model, "subtask": sub, "metric": name,
+                     "value": float(agg(values)), "n": len(values), "stderr": stderr}
+                )  # fmt: skip
+        if len(self._subtasks) > 1:
+            pooled = {name for _, name, _, agg in table if agg is mean}
+            for model, group in samples.groupby("model", sort=True):
+                records = [r for r in group["lm_eval"] if isinstance(r, dict)]
+                for name in sorted(pooled):
+                    values = [float(r[name]) for r in records if name in r]
+                    if values:
+                        rows.append(
+                            {"model": model, "subtask": ALL, "metric": name,
+                             "value": sum(values) / len(values), "n": len(values),
+                             "stderr": stderr_of_mean(values)}
+                        )  # fmt: skip
+        frame = pd.DataFrame(rows)
+        frame["task"] = self.name
+        return frame
+
+    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
+        """lm-eval tasks draw no figures of their own: their rows are in the report's tables."""
+        return []
+
+
+def task_for(lm_name: str) -> LmEvalTask:
+    """The diffbench task of lm-eval task or group `lm_name` (bound when its config is built)."""
+    if not lm_name.strip():
+        raise DiffbenchError("an lm-eval task needs a name: --tasks lm-eval:NAME")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise DiffbenchError(
+            "lm-eval tasks need the lm-eval package: pip install 'diffbench[lm-eval]'"
+        ) from None
+    return LmEvalTask(lm_name.strip())

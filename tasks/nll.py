@@ -1,0 +1,182 @@
+"""Negative log-likelihood by token position over long texts (the paper's Figure 4).
+
+Each sequence is `length` tokens of one text (a generated haystack corpus by default, or UTF-8
+files cut into consecutive pieces), scored as one rolling request: every token's log-probability
+given all tokens before it. Per-token NLL is averaged within log-spaced position buckets (so the
+first tokens, where NLL falls fastest, get buckets of their own); a bucket's interval is over
+sequences, which are independent. `nll` (position `all`) is each sequence's mean NLL averaged over
+sequences: the sample score, so two models pair by sequence.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from diffbench.api import (
+    ALL,
+    SCORE_KEY,
+    Headline,
+    Item,
+    Response,
+    RollingRequest,
+    Sample,
+    TokenizerView,
+    TokenLogprobs,
+    stderr_of_mean,
+)
+from diffbench.errors import DiffbenchError
+
+SETTING_KEYS = ("source", "length", "position")
+
+
+@dataclass(frozen=True)
+class NllConfig:
+    """Options of the nll task; the defaults run in a minute per small model on a CPU."""
+
+    text: tuple[str, ...] = ()  # UTF-8 files (cut into `length`-token pieces); empty: generated
+    length: int = 512  # tokens per sequence
+    sequences: int = 8
+    buckets: int = 8  # log-spaced position buckets
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        if self.length < 2 or self.sequences < 1 or self.buckets < 1:
+            raise ValueError("length must be >= 2, sequences and buckets >= 1")
+        for f in self.text:
+            if not Path(f).expanduser().is_file():
+                raise ValueError(f"text file {f} does not exist")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Figure 4: book-length sequences, per-position NLL out to the model's context.
+    "paper": {"length": 65536, "sequences": 32, "buckets": 16},
+}
+
+
+def bucket_edges(n: int, buckets: int) -> list[int]:
+    """Log-spaced boundaries 0 = e0 < e1 < ... = n: bucket b holds positions [e_b, e_b+1)."""
+    edges = np.unique(np.round(np.geomspace(1, n + 1, buckets + 1)).astype(int) - 1)
+    edges[0], edges[-1] = 0, n
+    return [int(e) for e in np.unique(edges)]
+
+
+def _pieces(cfg: NllConfig, tok: TokenizerView, seed: int) -> list[tuple[str, str]]:
+    """(source, text of `length` tokens) for each sequence."""
+    out: list[tuple[str, str]] = []
+    if not cfg.text:
+        from diffbench.tasks.haystack import procedural_text
+
+        for i in range(cfg.sequences):
+            text = procedural_text(seed * 1000 + i, cfg.length * 8)
+            if tok.count(text) < cfg.length:
+                raise DiffbenchError(f"nll: generated text shorter than {cfg.length} tokens")
+            out.append(("generated", text[: tok.char_offset(text, cfg.length)]))
+        return out
+    for f in cfg.text:
+        rest = Path(f).expanduser().read_text(encoding="utf-8")
+        while len(out) < cfg.sequences and tok.count(rest) >= cfg.length:
+            cut = tok.char_offset(rest, cfg.length)
+            out.append((Path(f).name, rest[:cut]))
+            rest = rest[cut:]
+    if not out:
+        raise DiffbenchError(f"nll: no text file holds {cfg.length} tokens")
+    return out
+
+
+class NllTask:
+    """The NLL-by-position task plugin."""
+
+    name = "nll"
+    description = "Per-token negative log-likelihood vs position in long texts (paper Fig. 4)"
+    config_type = NllConfig
+    presets = PRESETS
+    metrics = ("nll", "nll_at")
+    setting_keys = SETTING_KEYS
+    lower_is_better = frozenset({"nll", "nll_at"})
+    sample_mean_metrics = frozenset({"nll"})
+    headline = (Headline("nll", {"position": ALL}),)
+    request_kinds = (RollingRequest,)
+
+    def items(self, config: NllConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
+        """One rolling request per sequence."""
+        if config.length + 1 > tokenizer.max_context:
+            raise DiffbenchError(
+                f"nll: {config.length} tokens (and BOS) exceed the model's context of "
+                f"{tokenizer.max_context}; lower --set nll.length"
+            )
+        return [
+            Item(
+                f"s{i}",
+                RollingRequest(text=text),
+                {"source": src, "length": config.length},
+                {"sequence": i},
+            )
+            for i, (src, text) in enumerate(_pieces(config, tokenizer, seed))
+        ]
+
+    def score(self, config: NllConfig, item: Item, response: Response) -> Sample:
+        """Each bucket's mean NLL, and the sequence's mean."""
+        assert isinstance(response, TokenLogprobs)
+        nll = -np.asarray(response.logprobs, dtype=float)
+        edges = bucket_edges(len(nll), config.buckets)
+        per_bucket = [float(nll[a:b].mean()) for a, b in itertools.pairwise(edges)]
+        return {"n_tokens": len(nll), "edges": edges, "bucket_nll": per_bucket,
+                SCORE_KEY: float(nll.mean())}  # fmt: skip
+
+    def aggregate(self, config: NllConfig, samples: pd.DataFrame) -> pd.DataFrame:
+        """Per model: mean NLL over sequences (position all) and per position bucket (position:
+        the bucket's last token position, 1-based), each with its stderr over sequences."""
+        rows = []
+        for (model, source, length), group in samples.groupby(
+            ["model", "source", "length"], sort=True
+        ):
+            base = {"model": model, "source": source, "length": length}
+            scores = group[SCORE_KEY].astype(float)
+            rows.append({**base, "position": ALL, "metric": "nll", "value": float(scores.mean()),
+                         "n": len(scores), "stderr": stderr_of_mean(scores)})  # fmt: skip
+            edges = group["edges"].iloc[0]
+            table = np.array([list(b) for b in group["bucket_nll"]], dtype=float)
+            for k, end in enumerate(edges[1:]):
+                col = table[:, k]
+                rows.append({**base, "position": str(end), "metric": "nll_at",
+                             "value": float(col.mean()), "n": len(col),
+                             "stderr": stderr_of_mean(col)})  # fmt: skip
+        frame = pd.DataFrame(rows)
+        frame["task"] = self.name
+        return frame
+
+    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
+        """NLL vs position (log x), one line per model, a 95% band from the stderr."""
+        from diffbench.figures import model_colors, new_figure, save
+
+        rows = metrics[(metrics["task"] == self.name) & (metrics["metric"] == "nll_at")].copy()
+        out: list[Path] = []
+        if rows.empty:
+            return out
+        rows["pos"] = pd.to_numeric(rows["position"])
+        for (source, length), grid in rows.groupby(["source", "length"], sort=True):
+            fig = new_figure()
+            ax = fig.add_subplot()
+            colors = model_colors(grid["model"])
+            for model, sub in grid.groupby("model", sort=True):
+                sub = sub.sort_values("pos")
+                color = colors[str(model)]
+                y, se = sub["value"].to_numpy(float), sub["stderr"].to_numpy(float)
+                ax.plot(sub["pos"], y, marker="o", ms=3, color=color, label=str(model))
+                ax.fill_between(sub["pos"], y - 1.96 * se, y + 1.96 * se, color=color,
+                                alpha=0.18, lw=0)  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel("token position")
+            ax.set_ylabel("NLL (nats / token)")
+            ax.set_title(f"{source}, {length} tokens")
+            ax.legend()
+            out += save(fig, out_dir, f"nll_position_{Path(str(source)).stem}_{length}")
+        return out
+
+
+TASK = NllTask()
