@@ -93,6 +93,10 @@ class RollingRequest:
     stride: int = 0
 
 
+# The activation types an ActivationRequest may ask for.
+ACTIVATION_TYPES = ("attention_logits", "hidden_states")
+
+
 @dataclass(frozen=True)
 class ActivationRequest:
     """Statistics of a model's internal activations over one text (the outlier probe).
@@ -143,8 +147,9 @@ Request: TypeAlias = (
 
 def shared_text(request: Request) -> str | None:
     """The text a request shares with its neighbours in a batch (a choice request's prefix): the
-    runner never cuts a batch inside a run of requests that share one."""
-    return request.prefix if isinstance(request, ChoiceRequest) else None
+    runner never cuts a batch inside a run of requests that share one. An empty prefix shares
+    nothing (else every prefix-less request would join one unbounded batch)."""
+    return request.prefix or None if isinstance(request, ChoiceRequest) else None
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,64 @@ class ActivationSummary:
 class ActivationStats:
     n_tokens: int
     summaries: tuple[ActivationSummary, ...]
+
+
+def merge_summaries(
+    parts: Sequence[ActivationSummary], layer: int | None = None, map: str | None = None
+) -> ActivationSummary:
+    """One summary of the values of all `parts` (of one activation type): counts, moments and
+    histograms add, the top values merge (as many as the longest part kept). `layer` and `map`
+    label the result (default: the first part's); use -1 for a summary over all layers."""
+    if not parts:
+        raise ValueError("merge_summaries needs at least one summary")
+    first = parts[0]
+    k = max(len(p.top) for p in parts)
+    hist: dict[int, int] = {}
+    for p in parts:
+        for b, c in p.histogram:
+            hist[b] = hist.get(b, 0) + c
+    return ActivationSummary(
+        activation=first.activation,
+        layer=first.layer if layer is None else layer,
+        map=first.map if map is None else map,
+        count=sum(p.count for p in parts),
+        moments=(
+            sum(p.moments[0] for p in parts),
+            sum(p.moments[1] for p in parts),
+            sum(p.moments[2] for p in parts),
+            sum(p.moments[3] for p in parts),
+        ),
+        top=tuple(sorted((v for p in parts for v in p.top), reverse=True)[:k]),
+        histogram=tuple(sorted(hist.items())),
+    )
+
+
+def summary_quantile(summary: ActivationSummary, q: float) -> float:
+    """The q-quantile of |x| read from the histogram: the value of rank floor(q * (count - 1))
+    (q = 0.5: the lower median, as `torch.median`), as its bin's geometric centre, so within a
+    relative error of 2^(1 / (2 * HIST_BINS_PER_OCTAVE)) - 1 (0.54%) of the exact value."""
+    if summary.count == 0:
+        return float("nan")
+    rank = int(q * (summary.count - 1))
+    seen = 0
+    for b, c in sorted(summary.histogram):
+        seen += c
+        if seen > rank:
+            return 0.0 if b == ZERO_BIN else 2.0 ** ((b + 0.5) / HIST_BINS_PER_OCTAVE)
+    return summary.top[0] if summary.top else float("nan")
+
+
+def summary_kurtosis(summary: ActivationSummary) -> float:
+    """Pearson kurtosis of x (3 for a normal distribution) from the summary's moment sums."""
+    n = summary.count
+    if n == 0:
+        return float("nan")
+    s1, s2, s3, s4 = (m / n for m in summary.moments)
+    var = s2 - s1 * s1
+    if var <= 0:
+        return float("nan")
+    m4 = s4 - 4 * s1 * s3 + 6 * s1 * s1 * s2 - 3 * s1**4
+    return m4 / (var * var)
 
 
 @dataclass(frozen=True)

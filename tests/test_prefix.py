@@ -66,3 +66,13 @@ def test_common_prefix_of_token_sequences():
     assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix([[1], [2]]) == 0
     assert common_prefix([]) == 0
+
+
+def test_choice_requests_without_a_prefix_are_batched_like_any_other():
+    from diffbench.api import ChoiceRequest, Item
+    from diffbench.runner import _chunks
+
+    items = [Item(str(i), ChoiceRequest("", f"q{i}", (" a", " b")), {}) for i in range(10)]
+    assert [len(c) for c in _chunks(items, 4)] == [4, 4, 2]
+    shared = [Item(str(i), ChoiceRequest("P", f"q{i}", (" a",)), {}) for i in range(10)]
+    assert [len(c) for c in _chunks(shared, 4)] == [10]
