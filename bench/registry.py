@@ -20,8 +20,18 @@ def available() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=GROUP)}
 
 
+# Task names under this prefix are lm-eval tasks or groups (`lm-eval:arc_easy`), built on demand.
+LM_EVAL_PREFIX = "lm-eval:"
+# `--set lm-eval.KEY=VALUE` (or `options: {lm-eval: ...}` in YAML) sets KEY of every lm-eval task.
+LM_EVAL_GROUP = "lm-eval"
+
+
 def load(name: str) -> Task:
-    """The task registered under `name`."""
+    """The task registered under `name`; `lm-eval:NAME` is lm-eval's task or group NAME."""
+    if name.startswith(LM_EVAL_PREFIX):
+        from diffbench.tasks.lm_eval_tasks import task_for
+
+        return task_for(name[len(LM_EVAL_PREFIX) :])
     eps = {ep.name: ep for ep in entry_points(group=GROUP)}
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none (is diffbench installed?)"
@@ -30,6 +40,34 @@ def load(name: str) -> Task:
     if not isinstance(task, Task):
         raise DiffbenchError(f"entry point {name!r} ({eps[name].value}) is not a diffbench Task")
     return task
+
+
+def expand_sets(items: list[str], tasks: list[str]) -> list[str]:
+    """`--set lm-eval.KEY=VALUE` as one `--set` per lm-eval task of the run (others unchanged)."""
+    lm_tasks = [t for t in tasks if t.startswith(LM_EVAL_PREFIX)]
+    out = []
+    for item in items:
+        head, dot, rest = item.partition(".")
+        if dot and head.strip() == LM_EVAL_GROUP and lm_tasks:
+            out += [f"{t}.{rest}" for t in lm_tasks]
+        else:
+            out.append(item)
+    return out
+
+
+def expand_options(
+    options: dict[str, dict[str, Any]], tasks: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Task options with an `lm-eval` entry copied under each lm-eval task of the run (a task's
+    own entry wins)."""
+    shared = options.get(LM_EVAL_GROUP)
+    lm_tasks = [t for t in tasks if t.startswith(LM_EVAL_PREFIX)]
+    if shared is None or not lm_tasks:
+        return options
+    out = {k: dict(v) for k, v in options.items() if k != LM_EVAL_GROUP}
+    for t in lm_tasks:
+        out[t] = {**shared, **out.get(t, {})}
+    return out
 
 
 def backends() -> dict[str, str]:
