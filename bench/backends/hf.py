@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import resource
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +26,21 @@ from typing import Any, Literal
 
 import torch
 from diffbench.api import (
+    ActivationRequest,
+    ActivationStats,
+    AttentionMass,
+    AttentionRequest,
     ChoiceRequest,
     ChoiceScores,
     GenerateRequest,
     Generation,
     ModelInfo,
     RollingRequest,
+    Throughput,
+    ThroughputRequest,
     TokenLogprobs,
 )
+from diffbench.backends import probes
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method
 from diffbench.config import coerce, option_types
 from diffbench.errors import DiffbenchError
@@ -61,13 +70,27 @@ class HFOptions:
     chat_template: bool = True  # use the model's chat template when it has one
     trust_remote_code: bool = False
     prefix_cache: bool = True  # False: score every (prompt, choice) with its own full pass
+    # Attention-logit quantization (the paper's Figure 8): bits of the absmax grid, 16 = off; the
+    # scale per query token over all heads (tensor) or per head. Below 16 the model runs
+    # diffbench's registered attention function, whatever attn_implementation says.
+    logit_bits: int = 16
+    logit_quant: Literal["tensor", "head"] = "tensor"
 
 
-def _fingerprint(target: LoadTarget) -> str:
+def _fingerprint(target: LoadTarget, options: HFOptions | None = None) -> str:
     """`sha256:<weights>;tokenizer:<files>` of a local checkpoint (a GGUF file holds both).
 
-    A hub snapshot adds `commit:<folder name>` in front; an id not on disk is `hub:<id>`.
+    A hub snapshot adds `commit:<folder name>` in front; an id not on disk is `hub:<id>`. Logit
+    quantization changes every score, so it is part of the identity: `logits:<bits>bit-<mode>`
+    at the end (absent at 16 bits, so unquantized fingerprints are what they always were).
     """
+    quant = ""
+    if options is not None and options.logit_bits < 16:
+        quant = f";logits:{options.logit_bits}bit-{options.logit_quant}"
+    return _weights_fingerprint(target) + quant
+
+
+def _weights_fingerprint(target: LoadTarget) -> str:
     root = Path(target.path)
     if not root.exists():
         return f"hub:{target.path}"
@@ -284,6 +307,7 @@ def coerce_options(label: str, raw: Mapping[str, Any]) -> HFOptions:
             f"{label}:max_length must be 0 (the model's own) or a positive integer"
         )
     # Checked here, not when the model loads: by then the run directory has been written.
+    probes.check_quantization(label, opts.logit_bits, opts.logit_quant)
     _resolve_device(opts.device)
     _check_attention(label, opts.attn_implementation)
     return opts
@@ -328,18 +352,21 @@ class HFBackend:
         kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
         if target.gguf_file:
             kwargs["gguf_file"] = target.gguf_file
+        quantized = options.logit_bits < 16
+        attn = probes.ATTENTION if quantized else options.attn_implementation
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(target.path, **kwargs)
             self.model = AutoModelForCausalLM.from_pretrained(
-                target.path,
-                dtype=_resolve_dtype(options.dtype),
-                attn_implementation=options.attn_implementation,
-                **kwargs,
+                target.path, dtype=_resolve_dtype(options.dtype), attn_implementation=attn, **kwargs
             )
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DiffbenchError(f"cannot load model {label!r} from {spec!r}: {first}") from err
         self.model.to(self.device).eval()  # type: ignore[arg-type]
+        if quantized:
+            quant = probes.Quantization(options.logit_bits, options.logit_quant)
+            probes.attach(self.model, quant)
+            probes.check_routed(self.model)  # a family that bypasses the registry: refused
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config_max = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
@@ -356,7 +383,7 @@ class HFBackend:
             dtype=str(self.model.dtype).removeprefix("torch."),
             max_context=max_context,
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
-            fingerprint=_fingerprint(target),
+            fingerprint=_fingerprint(target, options),
         )
         self._view = HFTokenizerView(self.tokenizer, max_context, options.chat_template)
 
@@ -689,3 +716,196 @@ class HFBackend:
             use_cache=True,
             logits_to_keep=torch.tensor(keep, device=self.device),
         ).logits[0]
+
+    # ---- probes: activation statistics, attention allocation ---------------------------------
+
+    @torch.inference_mode()
+    def activation_stats(self, requests: Sequence[ActivationRequest]) -> list[ActivationStats]:
+        """Per text, statistics of each decoder layer's attention logits and outputs (see
+        ActivationRequest), batched with right padding; padding never enters a statistic."""
+        encoded = [encode_prompt(self.tokenizer, r.text) for r in requests]
+        for ids, r in zip(encoded, requests, strict=True):
+            unknown = [a for a in r.activations if a not in probes.ACTIVATIONS]
+            if unknown or not r.activations:
+                raise DiffbenchError(
+                    f"unknown activation type {(unknown or [''])[0]!r}; choose from "
+                    f"{', '.join(probes.ACTIVATIONS)}"
+                )
+            if r.top_k < 1:
+                raise DiffbenchError(f"an activation request's top_k must be >= 1, got {r.top_k}")
+            self._check_fits(len(ids), "an activation request")
+        order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
+        results: dict[int, ActivationStats] = {}
+        while order:
+            # One batch shares one probe, so its requests must ask for the same statistics.
+            first = requests[order[0]]
+            same = [
+                i
+                for i in order
+                if (requests[i].activations, requests[i].top_k) == (first.activations, first.top_k)
+            ]
+
+            def run_batch(bs: int, same: list[int] = same) -> list[int]:
+                chunk = same[:bs]
+                stats = self._activation_batch([encoded[i] for i in chunk], requests[chunk[0]])
+                results.update(zip(chunk, stats, strict=True))
+                return chunk
+
+            done = set(self._with_oom_retry(run_batch))
+            order = [i for i in order if i not in done]
+        return [results[i] for i in range(len(requests))]
+
+    def _activation_batch(
+        self, batch: list[list[int]], request: ActivationRequest
+    ) -> list[ActivationStats]:
+        width = max(len(ids) for ids in batch)
+        pad = int(self.tokenizer.pad_token_id)
+        # Right padding: every text keeps positions 0..n-1, as when run alone.
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch])
+        valid = torch.tensor([[True] * len(ids) + [False] * (width - len(ids)) for ids in batch])
+        probe = probes.ActivationProbe(request.activations, request.top_k, valid.to(self.device))
+        with probes.probing(self.model, probe):
+            self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=valid.long().to(self.device),
+                logits_to_keep=1,
+            )
+        self._check_all_layers(probe, "attention_logits" in request.activations)
+        return [
+            ActivationStats(n_tokens=len(ids), summaries=tuple(probe.summaries(row)))
+            for row, ids in enumerate(batch)
+        ]
+
+    def _check_all_layers(self, probe: probes.Probe, needed: bool = True) -> None:
+        n = len(probes.decoder_layers(self.model))
+        if needed and len(probe.layers_seen) < n:
+            raise DiffbenchError(
+                f"model {self.info.label!r} ({self.info.architecture}) did not call the attention "
+                f"registry in {n - len(probe.layers_seen)} of its {n} layers, so its attention "
+                "cannot be probed"
+            )
+
+    @torch.inference_mode()
+    def attention_mass(self, requests: Sequence[AttentionRequest]) -> list[AttentionMass]:
+        """Per prompt, per layer, the share of the last token's attention (mean over heads; DIFF:
+        the differential map normalised by 1 - lambda, see probes.AllocationProbe) on the tokens
+        that overlap each character span."""
+        out = []
+        for r in requests:
+            for a, b in r.spans:
+                if not 0 <= a < b <= len(r.prompt):
+                    raise DiffbenchError(
+                        f"attention span [{a}, {b}) is not a non-empty range inside the prompt's "
+                        f"{len(r.prompt)} characters"
+                    )
+            ids = encode_prompt(self.tokenizer, r.prompt)
+            self._check_fits(len(ids), "an attention request")
+            enc = self.tokenizer(r.prompt, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+            offsets = [(0, 0)] * (len(ids) - len(offsets)) + offsets  # BOS covers no character
+            probe = probes.AllocationProbe(probes.token_span_mask(offsets, r.spans))
+            with probes.probing(self.model, probe):
+                self.model(torch.tensor([ids], device=self.device), logits_to_keep=1)
+            self._check_all_layers(probe)
+            masses = tuple(tuple(probe.masses[i]) for i in sorted(probe.masses))
+            out.append(AttentionMass(masses=masses, n_prompt_tokens=len(ids)))
+        return out
+
+    # ---- throughput --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def throughput(self, requests: Sequence[ThroughputRequest]) -> list[Throughput]:
+        """Prefill and greedy-decode rates over a synthetic token sequence, `warmup` untimed
+        and `repeats` timed runs each, with the peak memory of the timed runs (PeakMemory)."""
+        out = []
+        vocab = int(self.model.config.vocab_size)
+        for r in requests:
+            if r.n_tokens < 1 or r.new_tokens < 0 or r.repeats < 1 or r.warmup < 0:
+                raise DiffbenchError(
+                    "a throughput request needs n_tokens >= 1, new_tokens >= 0, repeats >= 1 and "
+                    f"warmup >= 0, got {r}"
+                )
+            self._check_fits(r.n_tokens + r.new_tokens, "a throughput request")
+            gen = torch.Generator().manual_seed(r.n_tokens)
+            ids = torch.randint(min(4, vocab - 1), vocab, (1, r.n_tokens), generator=gen)
+            ids = ids.to(self.device)
+            for _ in range(r.warmup):
+                self._timed_pass(ids, r.new_tokens)
+            prefill, decode = [], []
+            with PeakMemory(self.device) as peak:
+                for _ in range(r.repeats):
+                    t_prefill, t_decode = self._timed_pass(ids, r.new_tokens)
+                    prefill.append(r.n_tokens / t_prefill)
+                    if r.new_tokens:
+                        decode.append(r.new_tokens / t_decode)
+            out.append(
+                Throughput(
+                    prefill_tokens_per_s=tuple(prefill),
+                    decode_tokens_per_s=tuple(decode),
+                    peak_memory_bytes=peak.peak,
+                    device=peak.describe(),
+                )
+            )
+        return out
+
+    def _timed_pass(self, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+        """Seconds of one prefill of `ids` and of `new_tokens` greedy decode steps after it."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        step = self.model(ids, use_cache=True, logits_to_keep=1)
+        sync()
+        t1 = time.perf_counter()
+        cache = step.past_key_values
+        for _ in range(new_tokens):
+            nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+            step = self.model(nxt, past_key_values=cache, use_cache=True)
+        sync()
+        return t1 - t0, time.perf_counter() - t1
+
+
+class PeakMemory:
+    """Peak memory while the block runs. CUDA: torch's peak of allocated bytes on the device
+    (`max_memory_allocated`, reset on entry). CPU: the process's peak resident set size, VmHWM
+    of /proc/self/status, reset on entry through /proc/self/clear_refs (Linux); where that reset
+    is not possible, the process's lifetime peak (getrusage's ru_maxrss). Either way it counts
+    the weights and everything else resident; `base` is the same measure on entry."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+        self.peak = 0
+        self.method = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = int(torch.cuda.memory_allocated(self.device))
+            self.method = "cuda max_memory_allocated"
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "ru_maxrss"
+        self.base = self._cpu_peak()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak = self._cpu_peak()
+
+    def _cpu_peak(self) -> int:
+        if self.method == "VmHWM":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def describe(self) -> str:
+        """The device and how its peak was measured."""
+        return f"{self.device} ({self.method})"
