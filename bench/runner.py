@@ -4,6 +4,13 @@ A run is identified by its resolved configuration; rerunning the same configurat
 directory skips every sample already scored on the same inputs, so a killed run resumes where it
 stopped. A resume refuses a model whose weights or tokenizer files changed, and re-scores a sample
 whose request changed. One process at a time writes a run directory (the store's lock).
+
+Under `torchrun --nproc_per_node K` (or any launcher that sets RANK, WORLD_SIZE and LOCAL_RANK)
+the same run is data parallel: every rank loads every model, scores its own share of the items
+into its own sample files, and rank 0, which holds the lock and writes run.json, merges the ranks'
+files and aggregates once all are done. Items are dealt to ranks one by one (a run of requests
+sharing a prefix counts as one), never by batch, so scores do not depend on the world size; what
+any rank scored counts for every later run, whatever its world size.
 """
 
 from __future__ import annotations
@@ -12,15 +19,19 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 from diffbench import registry
@@ -42,6 +53,8 @@ from diffbench.store import RunStore
 from tqdm import tqdm
 
 log = logging.getLogger("diffbench")
+
+T = TypeVar("T")
 
 RESULTS_DIR = Path("results")
 PACKAGES = ("diffbench", "torch", "transformers", "tokenizers", "pandas", "numpy", "gguf")
@@ -179,11 +192,11 @@ def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
 class Progress:
     """A tqdm bar on a terminal; plain log lines (about every 10%) otherwise."""
 
-    def __init__(self, desc: str, total: int, done: int) -> None:
+    def __init__(self, desc: str, total: int, done: int, bar: bool = True) -> None:
         self.desc, self.total, self.count = desc, total, done
         self.bar = (
             tqdm(total=total, initial=done, desc=desc, unit="sample", leave=True)
-            if sys.stderr.isatty()
+            if bar and sys.stderr.isatty()
             else None
         )
         self._next_log = done + max(1, total // 10)
@@ -274,81 +287,279 @@ def fingerprint_change(old: str, new: str) -> str | None:
 FINGERPRINT_PARTS = {"sha256": "weights", "tokenizer": "tokenizer files", "commit": "hub commit"}
 
 
+# How long a rank waits for the others at a barrier: one whose share is done waits for the slowest,
+# which on a long-context run (or a resume where one rank's share was lost) can take hours. A rank
+# that dies ends the others through its launcher (torchrun stops the group), not through this.
+BARRIER_TIMEOUT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run, from the launcher's environment."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """RANK, WORLD_SIZE and LOCAL_RANK as torchrun and accelerate set them; unset: 0 of 1."""
+        values = {}
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise DiffbenchError(
+                    f"environment variable {name}={raw!r} is not an integer; launch ranks with "
+                    "torchrun or unset it"
+                ) from None
+        world = values.get("WORLD_SIZE", 1)
+        rank = values.get("RANK", 0)
+        local = values.get("LOCAL_RANK", rank)
+        if world < 1 or not 0 <= rank < world or local < 0:
+            raise DiffbenchError(
+                f"RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local} is not a rank of a group; "
+                "launch ranks with torchrun"
+            )
+        return cls(rank, world, local)
+
+
+def main_rank() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that writes a run's report."""
+    return Ranks.from_env().rank == 0
+
+
+class Group:
+    """The processes of one run and the few things they agree on (a one-process run needs none).
+
+    The ranks exchange only small objects and barriers, so the process group is gloo even on
+    GPUs: it needs no GPU memory or NCCL watchdog, and waits out a slow rank for hours.
+    """
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self._dist: Any = None
+        self._owned = False
+
+    def __enter__(self) -> Group:
+        if self.ranks.world_size == 1:
+            return self
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise DiffbenchError(
+                f"WORLD_SIZE={self.ranks.world_size} but {' and '.join(missing)} unset; "
+                "launch ranks with torchrun"
+            )
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            if self.ranks.local_rank >= torch.cuda.device_count():
+                raise DiffbenchError(
+                    f"LOCAL_RANK={self.ranks.local_rank} but this node has "
+                    f"{torch.cuda.device_count()} GPUs; start at most that many ranks per node "
+                    "(or hide the GPUs with CUDA_VISIBLE_DEVICES= for CPU ranks)"
+                )
+            # A model's device `cuda` (or `auto`) is then this rank's own GPU.
+            torch.cuda.set_device(self.ranks.local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+            self._owned = True
+        self._dist = dist
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owned:
+            self._dist.destroy_process_group()
+
+    def first(self, fn: Callable[[], T]) -> T:
+        """`fn()` computed by rank 0 alone, returned on every rank once it is done; a
+        DiffbenchError it raises is raised on every rank."""
+        if self._dist is None:
+            return fn()
+        box: list[Any] = [None]
+        failure: BaseException | None = None
+        if self.ranks.rank == 0:
+            try:
+                box = [("ok", fn())]
+            except DiffbenchError as err:
+                box = [("error", str(err))]
+            except BaseException as err:
+                box, failure = [("failed", f"{type(err).__name__}: {err}")], err
+        self._dist.broadcast_object_list(box, src=0)
+        if failure is not None:
+            raise failure
+        status, value = box[0]
+        if status == "error":
+            raise DiffbenchError(value)
+        if status == "failed":
+            raise RuntimeError(f"rank 0 failed: {value}")
+        return value
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value`, in rank order."""
+        if self._dist is None:
+            return [value]
+        out: list[Any] = [None] * self.ranks.world_size
+        self._dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self._dist is not None:
+            self._dist.barrier()
+
+
+def shard(items: list[Item], ranks: Ranks) -> list[Item]:
+    """This rank's items: the task's items dealt round-robin in order, where a run of requests
+    sharing a prefix is dealt as one (so its cache is still computed once)."""
+    if ranks.world_size == 1:
+        return items
+    out: list[Item] = []
+    unit, previous = -1, None
+    for it in items:
+        shared = shared_text(it.request)
+        if shared is None or shared != previous:
+            unit += 1
+        previous = shared
+        if unit % ranks.world_size == ranks.rank:
+            out.append(it)
+    return out
+
+
+def _check_rank_device(spec: ModelSpec) -> None:
+    """Refuse a model pinned to one GPU in a data-parallel run: every rank would share it."""
+    device = str(spec.options.get("device", ""))
+    if device.startswith("cuda:"):
+        raise DiffbenchError(
+            f"model {spec.label!r}: device={device} puts every rank on one GPU; under torchrun "
+            "give device=cuda, and each rank takes cuda:LOCAL_RANK"
+        )
+
+
 def run(cfg: RunConfig) -> Path:
-    """Run (or resume) every task on every model; return the run directory."""
+    """Run (or resume) every task on every model, as one rank of a data-parallel run when
+    launched by torchrun; return the run directory."""
+    ranks = Ranks.from_env()
     prepared = prepare_tasks(cfg)
     for spec in cfg.models:  # bad paths, options and request kinds fail before anything loads
         check_answers(spec, prepared)
         check_spec(spec)
+        if ranks.world_size > 1:
+            _check_rank_device(spec)
     ident = identity(cfg, prepared)
     root = cfg.output or default_output(cfg, ident)
-    store = RunStore(root)
-    # One writer per run directory: two would each score and append every sample.
-    with store.lock():
-        _run_locked(cfg, prepared, ident, store)
+    store = RunStore(root, rank=ranks.rank if ranks.world_size > 1 else None)
+    with Group(ranks) as group, ExitStack() as held:
+        # One writer per run directory: two would each score and append every sample. Rank 0
+        # holds it for the whole group; the other ranks append only to their own files.
+        group.first(lambda: held.enter_context(store.lock()))
+        _run_locked(cfg, prepared, ident, store, group)
     return root
 
 
-def _run_locked(
-    cfg: RunConfig, prepared: dict[str, PreparedTask], ident: dict[str, Any], store: RunStore
+def _admit(
+    record: dict[str, Any],
+    store: RunStore,
+    spec: ModelSpec,
+    info: dict[str, Any],
+    fingerprints: list[str],
 ) -> None:
-    """run()'s body, holding the run directory's lock."""
-    root = store.root
-    record: dict[str, Any] = {}
-    resuming = store.run_file.exists()
-    if resuming:
-        record = store.read_run()
-        if record.get("config") != json.loads(json.dumps(ident)):
+    """Record a loaded model in run.json (rank 0); refuse one that changed since the run started
+    or that another rank loaded from other files."""
+    for rank, other in enumerate(fingerprints):
+        change = fingerprint_change(str(info["fingerprint"]), other)
+        if change:
             raise DiffbenchError(
-                f"{root} holds a run with a different configuration; choose another --output "
-                "or delete that directory"
+                f"model {spec.label!r} differs between rank 0 and rank {rank} ({change}); "
+                "every rank must load the same checkpoint"
             )
-        log.info("resuming the run in %s", root)
-    record.update(
-        {
-            "diffbench_run": 2,  # 2: run.json describes its tasks (`task_info`)
-            "config": ident,
-            "task_info": {n: TaskInfo.of(p.task).to_json() for n, p in prepared.items()},
-            "versions": versions(),
-            "git_revision": git_revision(),
-            "command": sys.argv,
-            "started": record.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-        }
-    )
-    record.setdefault("models", {})
-    if not resuming:  # a resume rewrites run.json only once its first model is found unchanged
-        store.write_run(record)
+    old = record["models"].get(spec.label)
+    change = old and fingerprint_change(str(old.get("fingerprint")), info["fingerprint"])
+    if change:
+        raise DiffbenchError(
+            f"model {spec.label!r} has changed since this run started ({change}); "
+            "use a new --output"
+        )
+    record["models"][spec.label] = info
+    store.write_run(record)
+
+
+def _run_locked(
+    cfg: RunConfig,
+    prepared: dict[str, PreparedTask],
+    ident: dict[str, Any],
+    store: RunStore,
+    group: Group,
+) -> None:
+    """run()'s body, rank 0 holding the run directory's lock and alone writing run.json."""
+    root = store.root
+    ranks = group.ranks
+    record: dict[str, Any] = {}
+
+    def start() -> None:
+        resuming = store.run_file.exists()
+        if resuming:
+            record.update(store.read_run())
+            if record.get("config") != json.loads(json.dumps(ident)):
+                raise DiffbenchError(
+                    f"{root} holds a run with a different configuration; choose another --output "
+                    "or delete that directory"
+                )
+            log.info("resuming the run in %s", root)
+        # Before anyone reads what is scored: a stopped data-parallel run's samples count for
+        # this run whatever its world size, and rank files then only hold this run's samples.
+        moved = store.merge_ranks()
+        if moved:
+            log.info("merged %d samples that the ranks of a stopped run had scored", moved)
+        record.update(
+            {
+                "diffbench_run": 2,  # 2: run.json describes its tasks (`task_info`)
+                "config": ident,
+                "task_info": {n: TaskInfo.of(p.task).to_json() for n, p in prepared.items()},
+                "versions": versions(),
+                "git_revision": git_revision(),
+                "command": sys.argv,
+                "world_size": ranks.world_size,
+                "started": record.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+            }
+        )
+        record.setdefault("models", {})
+        if not resuming:  # a resume rewrites run.json only once its first model is found unchanged
+            store.write_run(record)
+
+    group.first(start)
     try:
         for spec in cfg.models:
             t0 = time.perf_counter()
             backend = load_backend(spec)
-            info = backend.info.__dict__.copy()
-            old = record["models"].get(spec.label)
-            change = old and fingerprint_change(str(old.get("fingerprint")), info["fingerprint"])
-            if change:
-                backend.close()
-                raise DiffbenchError(
-                    f"model {spec.label!r} has changed since this run started ({change}); "
-                    "use a new --output"
-                )
-            record["models"][spec.label] = info
-            store.write_run(record)
-            log.info(
-                "loaded %s (%s, %s parameters) in %.1fs",
-                spec.label,
-                info["architecture"],
-                f"{info['n_parameters']:,}",
-                time.perf_counter() - t0,
-            )
             try:
+                info = backend.info.__dict__.copy()
+                fingerprints = group.gather(str(info["fingerprint"]))
+
+                group.first(partial(_admit, record, store, spec, info, fingerprints))
+                log.info(
+                    "loaded %s (%s, %s parameters) in %.1fs",
+                    spec.label,
+                    info["architecture"],
+                    f"{info['n_parameters']:,}",
+                    time.perf_counter() - t0,
+                )
                 view = backend.tokenizer_view()
                 for name, p in prepared.items():
                     items = _limited(list(p.task.items(p.config, view, cfg.seed)), cfg.limit)
                     ids = [it.id for it in items]
                     if len(set(ids)) != len(ids):
                         raise RuntimeError(f"task {name} produced duplicate sample ids")
-                    todo = _unscored(store, name, spec.label, items)
-                    bar = Progress(f"{name}/{spec.label}", len(items), len(items) - len(todo))
+                    mine = shard(items, ranks)
+                    todo = _unscored(store, name, spec.label, mine)
+                    desc = f"{name}/{spec.label}"
+                    if ranks.world_size > 1:
+                        desc += f" rank {ranks.rank}/{ranks.world_size}"
+                    bar = Progress(desc, len(mine), len(mine) - len(todo), ranks.world_size == 1)
                     try:
                         score_items(backend, p, todo, store, spec.label, bar)
                     finally:
@@ -357,9 +568,15 @@ def _run_locked(
                 backend.close()
     finally:
         store.close()
-    aggregate(store, prepared)
-    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    store.write_run(record)
+    group.barrier()  # every rank's samples are on disk
+
+    def finish() -> None:
+        store.merge_ranks()
+        aggregate(store, prepared)
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        store.write_run(record)
+
+    group.first(finish)
 
 
 def _unscored(store: RunStore, task: str, label: str, items: list[Item]) -> list[Item]:

@@ -3,7 +3,13 @@
 Layout: `run.json` (resolved config, versions, model identities), `metrics.csv` (tidy: one row per
 task x setting x metric x model), `samples/<task>/<model>.jsonl` (one scored sample per line,
 appended and flushed as scored), `report.md` and `figures/`, and `.diffbench.lock`, held by the one
-process that writes the run.
+process that writes the run (rank 0 of a data-parallel run).
+
+A data-parallel run's rank R appends to `samples/<task>/rank<R>/<model>.jsonl` instead, and rank 0
+merges those files into the model's own file once every rank is done (`merge_ranks`). A run killed
+before that leaves them behind; readers read them after the model's file, and the next run's
+lock holder merges them before anything is scored, so rank files only ever hold samples newer
+than the model's file and the ranks of one run never share an id.
 
 A sample line counts once its newline is written: readers skip a torn last line (a run killed
 mid-write) without touching the file, and the writer drops it before appending. A later line for
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +36,7 @@ from filelock import FileLock, Timeout
 log = logging.getLogger("diffbench")
 
 LOCK_FILE = ".diffbench.lock"
+RANK_DIR = re.compile(r"rank(\d+)")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -116,10 +124,12 @@ def read_samples(path: Path) -> list[Sample]:
 
 
 class RunStore:
-    """Read and write one run directory."""
+    """Read and write one run directory; `rank` set: a data-parallel rank's writer, which appends
+    to its own sample files."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, rank: int | None = None) -> None:
         self.root = root
+        self.rank = rank
         self._handles: dict[tuple[str, str], IO[str]] = {}
 
     @property
@@ -137,6 +147,28 @@ class RunStore:
     def samples_file(self, task: str, model: str) -> Path:
         """Where one model's samples of one task are kept."""
         return self.root / "samples" / task / f"{model}.jsonl"
+
+    def rank_file(self, task: str, model: str, rank: int) -> Path:
+        """Where data-parallel rank `rank` appends one model's samples of one task."""
+        return self.root / "samples" / task / f"rank{rank}" / f"{model}.jsonl"
+
+    def _rank_dirs(self, task: str) -> list[Path]:
+        """The task's rank folders, in rank order."""
+        folder = self.root / "samples" / task
+        if not folder.is_dir():
+            return []
+        found = [
+            (int(m.group(1)), p)
+            for p in folder.iterdir()
+            if p.is_dir() and (m := RANK_DIR.fullmatch(p.name))
+        ]
+        return [p for _, p in sorted(found)]
+
+    def _sample_paths(self, task: str, model: str) -> list[Path]:
+        """Every file holding (task, model) samples, oldest lines first: the model's file, then
+        the rank files a run stopped before merging."""
+        ranks = [d / f"{model}.jsonl" for d in self._rank_dirs(task)]
+        return [self.samples_file(task, model), *(p for p in ranks if p.exists())]
 
     @classmethod
     def open_existing(cls, root: Path) -> RunStore:
@@ -203,17 +235,22 @@ class RunStore:
         None where the sample has no digest (written before digests were recorded).
         """
         out: dict[str, str | None] = {}
-        for sample in read_samples(self.samples_file(task, model)):
-            digest = sample.get(INPUT_KEY)
-            out[str(sample["id"])] = digest if isinstance(digest, str) else None
+        for path in self._sample_paths(task, model):
+            for sample in read_samples(path):
+                digest = sample.get(INPUT_KEY)
+                out[str(sample["id"])] = digest if isinstance(digest, str) else None
         return out
 
     def append(self, task: str, model: str, sample: Sample) -> None:
-        """Append one scored sample and flush it to disk."""
+        """Append one scored sample (to this rank's file, for a rank) and flush it to disk."""
         key = (task, model)
         fh = self._handles.get(key)
         if fh is None:
-            path = self.samples_file(task, model)
+            path = (
+                self.samples_file(task, model)
+                if self.rank is None
+                else self.rank_file(task, model, self.rank)
+            )
             path.parent.mkdir(parents=True, exist_ok=True)
             _repair_tail(path)
             fh = self._handles[key] = path.open("a", encoding="utf-8")
@@ -227,6 +264,41 @@ class RunStore:
             fh.close()
         self._handles.clear()
 
+    def merge_ranks(self) -> int:
+        """Move the rank files' samples into each model's own file; return the lines moved.
+
+        Only the lock holder calls this, with no rank writing. A line equal to the sample already
+        in force is not copied again, so a merge killed between copying and deleting a rank file
+        leaves no duplicate behind when it is redone.
+        """
+        moved = 0
+        for task in self.sample_tasks():
+            rank_dirs = self._rank_dirs(task)
+            models = sorted({p.stem for d in rank_dirs for p in d.glob("*.jsonl")})
+            for model in models:
+                main = self.samples_file(task, model)
+                in_force = {str(s["id"]): s for s in read_samples(main)}
+                new = []
+                for d in rank_dirs:
+                    for sample in read_samples(d / f"{model}.jsonl"):
+                        if in_force.get(str(sample["id"])) != sample:
+                            in_force[str(sample["id"])] = sample
+                            new.append(sample)
+                if new:
+                    _repair_tail(main)
+                    with main.open("a", encoding="utf-8") as fh:
+                        for sample in new:
+                            fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    moved += len(new)
+                for d in rank_dirs:
+                    (d / f"{model}.jsonl").unlink(missing_ok=True)
+            for d in rank_dirs:
+                if not any(d.iterdir()):
+                    d.rmdir()
+        return moved
+
     def sample_tasks(self) -> list[str]:
         """Tasks that have a samples folder."""
         root = self.root / "samples"
@@ -234,9 +306,13 @@ class RunStore:
 
     def samples(self, task: str) -> pd.DataFrame:
         """All models' samples of one task, one row per sample, sorted by model and id."""
+        folder = self.root / "samples" / task
+        models = {p.stem for p in folder.glob("*.jsonl")}
+        models |= {p.stem for d in self._rank_dirs(task) for p in d.glob("*.jsonl")}
         rows: list[Sample] = []
-        for path in sorted((self.root / "samples" / task).glob("*.jsonl")):
-            rows.extend(read_samples(path))
+        for model in sorted(models):
+            for path in self._sample_paths(task, model):
+                rows.extend(read_samples(path))
         frame = pd.DataFrame(rows)
         if frame.empty:
             return frame
