@@ -76,3 +76,30 @@ def test_choice_requests_without_a_prefix_are_batched_like_any_other():
     assert [len(c) for c in _chunks(items, 4)] == [4, 4, 2]
     shared = [Item(str(i), ChoiceRequest("P", f"q{i}", (" a",)), {}) for i in range(10)]
     assert [len(c) for c in _chunks(shared, 4)] == [10]
+
+
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+def test_backend_generation_from_the_shared_cache_equals_unshared_and_batched(tiny_pair, arch):
+    from diffbench.api import ChoiceRequest, GenerateRequest
+    from diffbench.models import ModelSpec, load_backend
+
+    def backend(**options: str):
+        return load_backend(ModelSpec(arch, str(tiny_pair[arch]), options))
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair[arch])
+    prompts = [tok.decode(ids) for ids in _depth_sweep(tok, (100, 50, 0, 75, 25))]
+    reqs = [GenerateRequest(p, 10, ("magic",)) for p in prompts]
+    shared = backend()  # CPU: batch_size auto is one request at a time from the shared cache
+    got = shared.generate(reqs)
+    computed = shared._prefix.computed
+    assert got == backend(prefix_cache="false").generate(reqs)
+    assert got == backend(batch_size="8").generate(reqs)
+    assert computed < sum(g.n_prompt_tokens for g in got)
+    # The score prompts of the same texts reuse what generation left in the cache.
+    shared.generate(reqs[:1])
+    scores = [ChoiceRequest(prompts[0], "", (" 4417021", " 1234567"))]
+    before = shared._prefix.computed
+    a, b = shared.score_choices(scores)[0], backend(prefix_cache="false").score_choices(scores)[0]
+    assert a.chosen == b.chosen
+    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert shared._prefix.computed - before <= 1

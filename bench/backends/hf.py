@@ -41,6 +41,7 @@ from diffbench.api import (
     TokenLogprobs,
 )
 from diffbench.backends import probes
+from diffbench.backends.prefix import PrefixCache, common_prefix, end_token_ids, greedy
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method
 from diffbench.config import coerce, option_types
 from diffbench.errors import DiffbenchError
@@ -65,11 +66,18 @@ class HFOptions:
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     attn_implementation: str = "sdpa"  # sdpa | eager | a name registered in the attention registry
-    batch_size: str = "8"  # an int, or auto: start high and halve on out-of-memory
+    # An int, or auto: on a GPU, batches that start at 64 and halve on out-of-memory; on a CPU,
+    # one request at a time from the shared prefix cache (left-padded batches only add work
+    # there: every attention call becomes a masked one). Generation with batch size 1 always
+    # runs from the prefix cache.
+    batch_size: str = "auto"
     max_length: int = 0  # 0: the model config's max_position_embeddings
     chat_template: bool = True  # use the model's chat template when it has one
     trust_remote_code: bool = False
-    prefix_cache: bool = True  # False: score every (prompt, choice) with its own full pass
+    # One KV cache kept across requests (cropped to the token prefix the next request shares
+    # with it), so each distinct prompt token is computed once. False: every (prompt, choice)
+    # and every generation prompt gets its own full pass.
+    prefix_cache: bool = True
     # Attention-logit quantization (the paper's Figure 8): bits of the absmax grid, 16 = off; the
     # scale per query token over all heads (tensor) or per head. Below 16 the model runs
     # diffbench's registered attention function, whatever attn_implementation says.
@@ -240,15 +248,6 @@ def _end_token(tok: PreTrainedTokenizerBase, text: str, ids: list[int], end: str
     return int(alone[0])
 
 
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest prefix all of `seqs` share."""
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for k in range(n):
-        if any(s[k] != first[k] for s in seqs):
-            return k
-    return n
-
-
 def _resolve_dtype(name: str) -> torch.dtype | str:
     table: dict[str, torch.dtype | str] = {
         "float32": torch.float32,
@@ -371,7 +370,12 @@ class HFBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config_max = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         max_context = options.max_length or config_max or 2048
-        self._batch_size = 64 if options.batch_size == "auto" else int(options.batch_size)
+        if options.batch_size == "auto":
+            self._batch_size = 64 if self.device.type == "cuda" else 1
+        else:
+            self._batch_size = int(options.batch_size)
+        self._prefix = PrefixCache(self.model)
+        self._end_ids = end_token_ids(self.model, self.tokenizer)
         architectures = getattr(self.model.config, "architectures", None) or []
         self.info = ModelInfo(
             label=label,
@@ -405,6 +409,7 @@ class HFBackend:
         return self._view
 
     def close(self) -> None:
+        self._prefix.clear()
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -433,9 +438,11 @@ class HFBackend:
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
-        encoded = [encode_prompt(self.tokenizer, r.prompt) for r in requests]
+        encoded = encode_prompts(self.tokenizer, [r.prompt for r in requests])
         for ids, r in zip(encoded, requests, strict=True):
             self._check_fits(len(ids) + r.max_new_tokens, "a generation request")
+        if self._batch_size == 1:
+            return self._generate_shared(encoded, requests)
         # Longest first, so memory trouble shows at once and padding within a batch is small.
         order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
         results: dict[int, Generation] = {}
@@ -451,6 +458,22 @@ class HFBackend:
             for i, gen in zip(chunk, gens, strict=True):
                 results[i] = gen
             start += len(chunk)
+        return [results[i] for i in range(len(requests))]
+
+    def _generate_shared(
+        self, encoded: list[list[int]], requests: Sequence[GenerateRequest]
+    ) -> list[Generation]:
+        """One request at a time in sorted token order from the prefix cache: each prompt
+        computes only the tokens after the prefix it shares with the one before it."""
+        results: dict[int, Generation] = {}
+        for i in sorted(range(len(requests)), key=lambda i: encoded[i]):
+            if not self.options.prefix_cache:
+                self._prefix.clear()
+            r = requests[i]
+            new, text = greedy(
+                self._prefix, self.tokenizer, encoded[i], r.max_new_tokens, r.stop, self._end_ids
+            )
+            results[i] = Generation(text, len(encoded[i]), len(new))
         return [results[i] for i in range(len(requests))]
 
     @torch.inference_mode()
@@ -603,12 +626,9 @@ class HFBackend:
         n_prefix = common_prefix([e.context for e in encoded])
         if n_prefix == 0:  # nothing in common (no BOS): each context is its own prefix
             return [self._score_shared([e], [m])[0] for e, m in zip(encoded, methods, strict=True)]
-        prefix = encoded[0].context[:n_prefix]
-        first = self.model(
-            torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1
-        )
-        cache = first.past_key_values
-        prefix_last = first.logits[0, -1]
+        # The prefix's cache comes from the one kept across requests: a generate prompt or an
+        # earlier group with the same text (NIAH's two modes, a haystack's depths) computed it.
+        cache, prefix_last = self._prefix.extend(encoded[0].context[:n_prefix])
         out = []
         for e, method in zip(encoded, methods, strict=True):
             query, choices = e.context[n_prefix:], e.choices
