@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from diffbench.errors import DiffbenchError
+from diffbench.models import ModelSpec
 
 PRESET_KEY = "preset"
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _type_name(tp: Any) -> str:
@@ -123,3 +127,81 @@ def config_dict(config: Any) -> dict[str, Any]:
     return {
         k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
     }
+
+
+# ---- --sweep KEY=V1,V2,...: one model becomes a variant per value ---------------------------
+
+SWEEP_SEP = "@"  # a variant's label: LABEL@KEY=VALUE (model labels themselves cannot hold '@')
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A backend option and the values each model of a run is run under."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+def parse_sweep(text: Any, where: str = "--sweep") -> Sweep:
+    """`KEY=V1,V2,...` (or a YAML mapping {KEY: [V1, V2, ...]}) as a Sweep; a DiffbenchError
+    for a missing key, an empty or repeated value."""
+    if isinstance(text, dict) and len(text) == 1:
+        key, raw = next(iter(text.items()))
+        values = raw if isinstance(raw, list) else str(raw).split(",")
+    elif isinstance(text, str):
+        key, eq, rest = text.partition("=")
+        if not eq:
+            raise DiffbenchError(f"malformed {where} {text!r}: expected KEY=V1,V2,...")
+        values = rest.split(",")
+    else:
+        raise DiffbenchError(
+            f"malformed {where} {text!r}: expected KEY=V1,V2,... or {{KEY: [V1, V2, ...]}}"
+        )
+    key = str(key).strip()
+    if any(isinstance(v, list | dict) or v is None for v in values):
+        raise DiffbenchError(f"malformed {where} {text!r}: values must be scalars")
+    texts = [str(v).lower() if isinstance(v, bool) else str(v).strip() for v in values]
+    if not _KEY_RE.match(key):
+        raise DiffbenchError(f"malformed {where} {text!r}: KEY must be a backend option name")
+    if not texts or any(not v for v in texts):
+        raise DiffbenchError(f"malformed {where} {text!r}: every value must be non-empty")
+    if len(set(texts)) != len(texts):
+        raise DiffbenchError(f"malformed {where} {text!r}: a value is repeated")
+    return Sweep(key, tuple(texts))
+
+
+def variant_label(label: str, key: str, value: str) -> str:
+    """The label of a model's variant under one value of a swept option."""
+    return f"{label}{SWEEP_SEP}{key}={value}"
+
+
+def split_variant(label: str) -> tuple[str, str, str] | None:
+    """(base label, key, value) of a sweep variant's label, else None.
+
+    A report merging runs appends `@<run>` to labels that clash; that tail stays with the base,
+    so each run's variants still form one line of a sweep figure.
+    """
+    base, sep, rest = label.partition(SWEEP_SEP)
+    if not sep:
+        return None
+    part, sep2, tail = rest.partition(SWEEP_SEP)
+    key, eq, value = part.partition("=")
+    if not eq or not _KEY_RE.match(key) or not value:
+        return None
+    return (f"{base}{sep2}{tail}", key, value)
+
+
+def expand_sweep(models: Sequence[ModelSpec], sweep: Sweep) -> tuple[ModelSpec, ...]:
+    """Each model as one variant per swept value, labelled LABEL@KEY=VALUE, its backend options
+    carrying KEY=VALUE (the backend checks the key and the value, as for --model-args)."""
+    out = []
+    for spec in models:
+        if sweep.key in spec.options:
+            raise DiffbenchError(
+                f"--sweep {sweep.key} and the model options of {spec.label!r} both set "
+                f"{sweep.key}; give it in one place"
+            )
+        for value in sweep.values:
+            label = variant_label(spec.label, sweep.key, value)
+            out.append(ModelSpec(label, spec.spec, {**spec.options, sweep.key: value}))
+    return tuple(out)

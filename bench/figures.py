@@ -70,8 +70,68 @@ def task_figures(
                 "without it)"
             )
         log.warning("no figures of task %r: its plugin is not installed", task)
-        return []
-    return registry.load(task).figures(metrics, samples, out_dir)
+        return sweep_figures(task, metrics, out_dir)
+    own = registry.load(task).figures(metrics, samples, out_dir)
+    return [*own, *sweep_figures(task, metrics, out_dir)]
+
+
+def _order(text: str) -> tuple[bool, float, str]:
+    """Sort key of setting and option values: numbers by value, before other text."""
+    try:
+        return (False, float(text), text)
+    except ValueError:
+        return (True, 0.0, text)
+
+
+def sweep_figures(task: str, metrics: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Each metric against a swept backend option (`run --sweep`: models labelled
+    LABEL@KEY=VALUE), one line per base model, as the paper's Figure 8 draws accuracy against
+    logit bits. Drawn from the labels alone, so any task gets it, plugin or not: per swept key
+    and metric one figure, with a panel per setting among the rows averaged over the most
+    settings (at most 12 panels)."""
+    from diffbench.api import METRIC_COLUMNS, WILDCARDS
+    from diffbench.config import split_variant
+
+    rows = metrics[metrics["task"] == task]
+    variants = {m: split_variant(str(m)) for m in rows["model"].unique()}
+    keys = sorted({v[1] for v in variants.values() if v is not None})
+    paths: list[Path] = []
+    for key in keys:
+        chosen = {m: v for m, v in variants.items() if v is not None and v[1] == key}
+        sub = rows[rows["model"].isin(list(chosen))].copy()
+        sub["base"] = [chosen[m][0] for m in sub["model"]]
+        sub["swept"] = [chosen[m][2] for m in sub["model"]]
+        values = sorted(set(sub["swept"]), key=_order)
+        position = {v: i for i, v in enumerate(values)}
+        settings = [c for c in rows.columns if c not in (*METRIC_COLUMNS, "base", "swept")]
+        for metric, mrows in sub.groupby("metric", sort=True):
+            text = mrows[settings].fillna("").astype(str)
+            used = [c for c in settings if (text[c] != "").any()]
+            wild = text[used].isin(WILDCARDS).sum(axis=1)
+            mrows, text = mrows[wild == wild.max()], text[wild == wild.max()]
+            varying = [c for c in used if not text[c].isin(WILDCARDS).all()]
+            panel_of = [tuple(r) for r in text[varying].itertuples(index=False)]
+            panels = sorted(set(panel_of), key=lambda t: [_order(v) for v in t])[:12]
+            colors = model_colors(mrows["base"])
+            fig = new_figure(ncols=len(panels))
+            axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+            for ax, panel in zip(axes, panels, strict=True):
+                in_panel = mrows[[p == panel for p in panel_of]]
+                for base, line in in_panel.groupby("base", sort=True):
+                    line = line.assign(x=line["swept"].map(position)).sort_values("x")
+                    err = pd.to_numeric(line["stderr"], errors="coerce").fillna(0)
+                    ax.errorbar(
+                        line["x"], pd.to_numeric(line["value"]), yerr=err, marker="o", ms=3,
+                        capsize=2, color=colors[str(base)], label=str(base),
+                    )  # fmt: skip
+                ax.set_xticks(range(len(values)), values)
+                ax.set_xlabel(key)
+                ax.set_title(", ".join(f"{c}={v}" for c, v in zip(varying, panel, strict=True)))
+                ax.legend(fontsize=7)
+            axes[0].set_ylabel(metric)
+            fig.suptitle(f"{task}: {metric} vs {key}", y=1.02)
+            paths += save(fig, out_dir, f"{task}_sweep_{key}_{metric}")
+    return paths
 
 
 def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:

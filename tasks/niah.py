@@ -9,6 +9,19 @@ other cities, carrying the choices no needle carries, so that every choice is in
 only its city tells the true one apart. Cities, numbers and depths come from the seed alone, so
 every model sees the same needles; where the haystack is cut and where a needle lands depend on
 the tokenizer, and each sample records the needle's realised depth in tokens (`token_depth`).
+
+Attention mode (`mode=attention`, the paper's Table 3) asks no question of the model's output:
+on the generate-mode prompt (single-needle: ending in the answer prefix, so its last token is the
+one that produces the answer) it asks where that last token's attention goes
+(`AttentionRequest`). `attention_answer` is the mass on the tokens of the answer needle's
+sentence; `attention_noise` the mass on the rest of the haystack (every other token of the
+context, other needles included); the remaining mass (the BOS token, the question, the chat
+template and the answer prefix) is in neither. Both are averaged over heads (by the backend) and
+over layers (here), per sample, and then over samples. For a Transformer the masses are softmax
+probabilities: each in [0, 1], and with the rest of the prompt they sum to 1. For a DIFF model
+they are masses of the differential map of each head pair, (softmax1 - lambda softmax2) /
+(1 - lambda) with lambda the layer's own: dividing by 1 - lambda makes the map sum to 1 over the
+prompt like a softmax, so the two models' numbers share a scale (a DIFF mass can be negative).
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ import pandas as pd
 from diffbench.api import (
     ALL,
     CLUSTER_KEY,
+    AttentionMass,
+    AttentionRequest,
     ChoiceRequest,
     ChoiceScores,
     GenerateRequest,
@@ -42,6 +57,7 @@ from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack as hs
 
 SETTING_KEYS = ("mode", "length", "depth", "needles", "queries")
+ATTENTION_METRICS = ("attention_answer", "attention_noise")
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class NiahConfig:
     depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
     needles: tuple[str, ...] = ("1/1",)  # N/R: N needles in the context, R of them queried
     samples: int = 3
-    mode: Literal["generate", "score", "both"] = "both"
+    mode: Literal["generate", "score", "both", "attention"] = "both"
     haystack: str = "procedural"  # or the path of a UTF-8 text file
     # Score mode: wrong numbers ranked against the true one. Each sits in the context in a
     # needle-shaped sentence (~16-22 tokens), so 4 keeps a 256-token context feasible.
@@ -315,12 +331,19 @@ class NiahTask:
     description = "Needle-in-a-haystack retrieval over context length x depth, single/multi-needle"
     config_type = NiahConfig
     presets = PRESETS
-    metrics = ("accuracy",)
+    metrics = ("accuracy", *ATTENTION_METRICS)
     setting_keys = SETTING_KEYS
-    lower_is_better: frozenset[str] = frozenset()
+    lower_is_better: frozenset[str] = frozenset({"attention_noise"})
     sample_mean_metrics: frozenset[str] = frozenset({"accuracy"})
-    # The paper's Table 2: accuracy per length and N/R, averaged over depths.
-    headline = (Headline("accuracy", {"depth": ALL}),)
+    # The paper's Table 2: accuracy per length and N/R, averaged over depths; Table 3 (attention
+    # mode): attention on the answer and on the noise per depth.
+    headline = (
+        Headline("accuracy", {"depth": ALL}),
+        Headline("attention_answer"),
+        Headline("attention_noise"),
+    )
+    # AttentionRequest (mode=attention) is left out: a backend without attention probes (vLLM)
+    # still runs the other modes; the runner's AttributeError names the missing verb otherwise.
     request_kinds = (GenerateRequest, ChoiceRequest)
 
     def items(self, config: NiahConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
@@ -389,6 +412,8 @@ class NiahTask:
             "answer_room": room,
             "haystack_sentences": ctx.n_sentences,
         }
+        if mode == "attention":
+            return [self._attention_item(cfg, tok, ctx, base_id, queried, setting, meta)]
         if mode == "generate":
             answer_prefix = hs.ANSWER_PREFIX.format(city=queried[0].city) if r == 1 else ""
             request = GenerateRequest(
@@ -425,8 +450,39 @@ class NiahTask:
             )
         return items
 
+    @staticmethod
+    def _attention_item(
+        cfg: NiahConfig,
+        tok: TokenizerView,
+        ctx: Context,
+        base_id: str,
+        queried: list[Needle],
+        setting: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> Item:
+        """The generate-mode prompt with the answer needle's span and the haystack's span."""
+        answer_prefix = hs.ANSWER_PREFIX.format(city=queried[0].city) if len(queried) == 1 else ""
+        prompt = tok.render(ctx.user, answer_prefix, cfg.chat)
+        needle = hs.NEEDLE.format(city=queried[0].city, number=queried[0].number)
+        haystack = ctx.user.rsplit("\n\n", 1)[0]
+        h0 = prompt.find(haystack)
+        a0 = prompt.find(needle, h0)
+        assert h0 >= 0 and a0 >= 0, "the rendered prompt holds the haystack and the needle"
+        request = AttentionRequest(prompt, ((a0, a0 + len(needle)), (h0, h0 + len(haystack))))
+        return Item(f"{base_id}-attn", request, setting, {**meta, "target": queried[0].number})
+
     def score(self, config: NiahConfig, item: Item, response: Response) -> Sample:
-        """Per-needle substring match (generate) or whether the true number ranks first (score)."""
+        """Per-needle substring match (generate), whether the true number ranks first (score), or
+        the attention on the answer needle and on the rest of the haystack (attention)."""
+        if isinstance(response, AttentionMass):
+            answer = [float(m[0]) for m in response.masses]
+            noise = [float(m[1]) - float(m[0]) for m in response.masses]
+            return {
+                "attention_answer": sum(answer) / len(answer),
+                "attention_noise": sum(noise) / len(noise),
+                "answer_per_layer": [round(x, 6) for x in answer],
+                "noise_per_layer": [round(x, 6) for x in noise],
+            }
         if isinstance(response, Generation):
             targets: list[str] = list(item.meta["target"])
             found = [t in response.text for t in targets]
@@ -445,7 +501,41 @@ class NiahTask:
         }
 
     def aggregate(self, config: NiahConfig, samples: pd.DataFrame) -> pd.DataFrame:
-        """Accuracy per cell, and per (mode, length, N/R) averaged over depths (depth = 'all')."""
+        """Accuracy (or attention allocation) per cell, and per (mode, length, N/R) averaged over
+        depths (depth = 'all')."""
+        attention = samples["mode"] == "attention"
+        frames = [self._allocation(samples[attention])] if attention.any() else []
+        if not attention.all():
+            frames.append(self._accuracy(samples[~attention]))
+        return pd.concat(frames, ignore_index=True)
+
+    def _allocation(self, samples: pd.DataFrame) -> pd.DataFrame:
+        """attention_answer and attention_noise per depth, and their mean over depths."""
+        keys = ["model", "mode", "length", "needles", "queries"]
+        frames = []
+        for metric in ATTENTION_METRICS:
+            cells = (
+                samples.groupby([*keys, "depth"], sort=True)[metric]
+                .agg(value="mean", n="count", stderr=stderr_of_mean)
+                .reset_index()
+            )
+            overall = (
+                cells.groupby(keys, sort=True)
+                .agg(value=("value", "mean"), n=("n", "sum"))
+                .reset_index()
+            )
+            se = samples.groupby(keys, sort=True)[metric].agg(stderr_of_mean)
+            overall = overall.merge(se.reset_index(name="stderr"), on=keys)
+            overall["depth"] = ALL
+            cells["depth"] = cells["depth"].map(lambda d: f"{float(d):g}")
+            frame = pd.concat([cells, overall], ignore_index=True)
+            frame["metric"] = metric
+            frames.append(frame)
+        out = pd.concat(frames, ignore_index=True)
+        out["task"] = self.name
+        return out
+
+    def _accuracy(self, samples: pd.DataFrame) -> pd.DataFrame:
         keys = ["model", "mode", "length", "needles", "queries"]
         cells = (
             samples.groupby([*keys, "depth"], sort=True)["score"]

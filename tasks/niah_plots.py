@@ -15,14 +15,44 @@ def figures(metrics: pd.DataFrame) -> dict[str, Figure]:
     """Every NIAH figure by file stem: a heatmap per mode and N/R, bars per mode."""
     rows = metrics[(metrics["task"] == "niah") & (metrics["metric"] == "accuracy")].copy()
     out: dict[str, Figure] = {}
-    if rows.empty:
-        return out
     rows["length"] = rows["length"].astype(int)
     for (mode, n, r), grid in rows.groupby(["mode", "needles", "queries"], sort=True):
         out[f"niah_heatmap_{mode!s}_n{n!s}r{r!s}"] = heatmap(grid, f"N={n!s}, R={r!s}, {mode!s}")
     for mode, grid in rows[rows["depth"] == ALL].groupby("mode", sort=True):
         out[f"niah_bars_{mode!s}"] = bars(grid, str(mode))
+    attn = metrics[(metrics["task"] == "niah") & metrics["metric"].isin(ALLOCATION)]
+    for (length, n, r), grid in attn.groupby(["length", "needles", "queries"], sort=True):
+        size = int(float(str(length)))
+        out[f"niah_attention_L{size}_n{n!s}r{r!s}"] = allocation(
+            grid, f"{_k(size)}, N={n!s}, R={r!s}"
+        )
     return out
+
+
+ALLOCATION = ("attention_answer", "attention_noise")
+
+
+def allocation(rows: pd.DataFrame, title: str) -> Figure:
+    """The paper's Table 3 as a figure: attention on the answer and on the noise per depth."""
+    models = sorted(rows["model"].unique())
+    colors = model_colors(models)
+    depths = sorted((d for d in rows["depth"].unique() if d != ALL), key=_depth_key)
+    fig = new_figure(ncols=2)
+    axes = fig.subplots(1, 2, squeeze=False, sharey=True)[0]
+    for ax, metric in zip(axes, ALLOCATION, strict=True):
+        for model in models:
+            sub = rows[(rows["model"] == model) & (rows["metric"] == metric)].set_index("depth")
+            vals = [float(sub["value"].get(d, np.nan)) for d in depths]
+            errs = np.nan_to_num([float(sub["stderr"].get(d, np.nan)) for d in depths])
+            ax.errorbar(range(len(depths)), vals, yerr=errs, marker="o", ms=3, capsize=2,
+                        color=colors[model], label=model)  # fmt: skip
+        ax.set_xticks(range(len(depths)), [f"{float(d):g}%" for d in depths])
+        ax.set_xlabel("answer needle depth")
+        ax.set_title(metric.removeprefix("attention_"))
+    axes[0].set_ylabel("attention mass (mean over heads, layers)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Attention allocation ({title})", y=1.02)
+    return fig
 
 
 def draw(metrics: pd.DataFrame, out_dir: Path) -> list[Path]:

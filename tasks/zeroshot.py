@@ -1,0 +1,165 @@
+"""A built-in zero-shot multiple-choice task: recall of facts stated in a short passage.
+
+Made for the paper's Figure 8 (zero-shot accuracy vs attention-logit bits; see
+../shared/paper-protocols.md section 4): it runs offline and deterministically on a CPU, and the
+shipped tiny pair scores well above chance on it, so quantizing the attention logits has an
+accuracy to lose. HellaSwag and the paper's other zero-shot tasks come through lm-eval.
+
+Each example is a passage of haystack prose holding `facts` facts, then a question about one of
+them; the choices are the values of `choices` of the passage's facts, so every choice appears in
+the passage and only its key tells the true one apart (chance = 1 / choices). Facts take one of
+the formats below (`format`): the needle sentence of the NIAH task, or a short key-value line.
+No demonstrations precede the question (zero-shot), and no chat template wraps it: the answer is
+the likeliest continuation, scored as lm-eval scores a multiple-choice task (`acc`). Everything
+comes from the seed alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from diffbench.api import (
+    ALL,
+    SCORE_KEY,
+    ChoiceRequest,
+    ChoiceScores,
+    Headline,
+    Item,
+    Response,
+    Sample,
+    TokenizerView,
+    stderr_of_mean,
+)
+from diffbench.errors import DiffbenchError
+from diffbench.tasks import haystack as hs
+
+# (fact, question, answer prefix), each with {key} and the fact with {value}.
+FORMATS: dict[str, tuple[str, str, str]] = {
+    "needle": (hs.NEEDLE.replace("{city}", "{key}").replace("{number}", "{value}"),
+               hs.QUESTION.replace("{city}", "{key}"),
+               hs.ANSWER_PREFIX.replace("{city}", "{key}")),
+    "passkey": ("The pass key for {key} is {value}.", "What is the pass key for {key}?",
+                "The pass key for {key} is"),
+    "code": ("Code for {key}: {value}.", "What is the code for {key}?", "Code for {key}:"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ZeroshotConfig:
+    """Options of the zeroshot task; the defaults run in well under a minute per tiny model."""
+
+    samples: int = 60  # examples per format
+    formats: tuple[str, ...] = tuple(FORMATS)
+    facts: int = 4  # facts in each passage
+    choices: int = 4  # answer choices (values of the passage's facts)
+    filler: int = 6  # haystack sentences around the facts
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise ValueError(f"unknown format {', '.join(bad)}; known: {', '.join(FORMATS)}")
+        if self.samples < 1 or self.filler < 0:
+            raise ValueError("samples must be >= 1 and filler >= 0")
+        if not 2 <= self.choices <= self.facts <= len(hs.CITIES):
+            raise ValueError(f"need 2 <= choices <= facts <= {len(hs.CITIES)}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {"full": {"samples": 500}}
+
+
+def example(cfg: ZeroshotConfig, fmt: str, seed: int, index: int) -> tuple[str, str, list[str]]:
+    """(passage + question, answer prefix, choices with the true value first) of one example."""
+    rng = random.Random(f"zeroshot|{seed}|{fmt}|{index}")
+    fact, question, prefix = FORMATS[fmt]
+    keys = rng.sample(hs.CITIES, cfg.facts)
+    values: list[str] = []
+    while len(values) < cfg.facts:
+        v = hs.magic_number(rng)
+        if v not in values:
+            values.append(v)
+    filler = [hs.sentence(rng) for _ in range(cfg.filler)]
+    slots = sorted(rng.randint(0, len(filler)) for _ in keys)
+    parts: list[str] = []
+    start = 0
+    for slot, key, value in zip(slots, keys, values, strict=True):
+        parts += filler[start:slot]
+        parts.append(fact.format(key=key, value=value))
+        start = slot
+    parts += filler[start:]
+    asked = rng.randrange(cfg.facts)
+    others = [v for i, v in enumerate(values) if i != asked]
+    choices = [values[asked], *rng.sample(others, cfg.choices - 1)]
+    text = f"{' '.join(parts)}\n\n{question.format(key=keys[asked])}\n"
+    return text, prefix.format(key=keys[asked]), choices
+
+
+class ZeroshotTask:
+    """The zero-shot fact-recall multiple-choice task plugin."""
+
+    name = "zeroshot"
+    description = "Zero-shot multiple choice: recall a fact from a short passage (Figure 8's task)"
+    config_type = ZeroshotConfig
+    presets = PRESETS
+    metrics = ("accuracy",)
+    setting_keys = ("format",)
+    lower_is_better: frozenset[str] = frozenset()
+    sample_mean_metrics = frozenset({"accuracy"})
+    headline = (Headline("accuracy", {"format": ALL}),)
+    request_kinds = (ChoiceRequest,)
+
+    def items(self, config: ZeroshotConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
+        """One choice request per example and format, the choices in a seeded order."""
+        out = []
+        for fmt in config.formats:
+            for i in range(config.samples):
+                text, prefix, choices = example(config, fmt, seed, i)
+                target = choices[0]
+                random.Random(f"zeroshot|{seed}|{fmt}|{i}|order").shuffle(choices)
+                request = ChoiceRequest(text, prefix, tuple(" " + c for c in choices), "best")
+                if tokenizer.prompt_tokens(text + prefix) + 16 > tokenizer.max_context:
+                    raise DiffbenchError(
+                        f"zeroshot passages do not fit the model's context of "
+                        f"{tokenizer.max_context} tokens; lower zeroshot.filler"
+                    )
+                meta = {"target": target, "target_index": choices.index(target)}
+                out.append(Item(f"{fmt}-{i}", request, {"format": fmt}, meta))
+        return out
+
+    def score(self, config: ZeroshotConfig, item: Item, response: Response) -> Sample:
+        """Whether the likeliest choice is the true value."""
+        assert isinstance(response, ChoiceScores)
+        assert isinstance(item.request, ChoiceRequest)
+        return {
+            "output": item.request.choices[response.chosen].strip(),
+            SCORE_KEY: float(response.chosen == item.meta["target_index"]),
+        }
+
+    def aggregate(self, config: ZeroshotConfig, samples: pd.DataFrame) -> pd.DataFrame:
+        """Accuracy per format, and over every example (format = 'all')."""
+        per = (
+            samples.groupby(["model", "format"], sort=True)[SCORE_KEY]
+            .agg(value="mean", n="count", stderr=stderr_of_mean)
+            .reset_index()
+        )
+        overall = (
+            samples.groupby("model", sort=True)[SCORE_KEY]
+            .agg(value="mean", n="count", stderr=stderr_of_mean)
+            .reset_index()
+        )
+        overall["format"] = ALL
+        frame = pd.concat([per, overall], ignore_index=True)
+        frame["task"] = self.name
+        frame["metric"] = "accuracy"
+        return frame
+
+    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
+        """None of its own: accuracy vs a swept option is the sweep figure (bench/figures.py)."""
+        return []
+
+
+TASK = ZeroshotTask()
