@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LABEL:KEY=VALUE,...",
         help="backend options of one model (repeatable)",
     )
+    r.add_argument(
+        "--sweep",
+        metavar="KEY=V1,V2,...",
+        help="run each model once per value of backend option KEY, labelled LABEL@KEY=V "
+        "(e.g. logit_bits=16,8,6,4)",
+    )
     r.add_argument("--config", type=_path, help="a YAML file with tasks, models, options")
     r.add_argument(
         "--output",
@@ -137,12 +143,22 @@ def _parser() -> argparse.ArgumentParser:
         type=_path,
         help="write the table to this file, not stdout (its folder must exist)",
     )
+    sub.add_parser(
+        "lm-eval",
+        help="lm-eval's own command line, with --model diffbench (any diffbench model and "
+        "backend option as --model_args model=SPEC,KEY=VALUE,...)",
+        add_help=False,
+    )
     runs = sub.add_parser("runs", help="list run directories (tasks, models, date)")
     runs.add_argument("--root", type=_path, default=Path("results"), help="default: results/")
+    from diffbench import judge, serve  # light: their heavy imports wait for the command
+
+    judge.add_command(sub, _path)
+    serve.add_command(sub)
     return p
 
 
-CONFIG_KEYS = ("tasks", "models", "options", "seed", "limit", "output")
+CONFIG_KEYS = ("tasks", "models", "options", "seed", "limit", "output", "sweep")
 
 
 def _yaml_problem(err: Exception) -> str:
@@ -272,7 +288,7 @@ def _run_config(args: argparse.Namespace) -> Any:
     fails in a fraction of a second.
     """
     from diffbench.config import coerce, parse_sets
-    from diffbench.models import DEFAULT_MODELS, parse_model_args, parse_models
+    from diffbench.models import DEFAULT_MODELS, ModelSpec, parse_model_args, parse_models
 
     data = _load_yaml(args.config) if args.config else {}
     where = str(args.config)
@@ -298,8 +314,20 @@ def _run_config(args: argparse.Namespace) -> Any:
                 f"({', '.join(specs)})"
             )
         options.setdefault(label, {}).update(kv)
+    models = tuple(ModelSpec(label, spec, options.get(label, {})) for label, spec in specs.items())
+    if args.sweep is not None:  # each model as one variant per value
+        from diffbench.config import expand_sweep, parse_sweep
+
+        models = expand_sweep(models, parse_sweep(args.sweep, "--sweep"))
+    elif "sweep" in data:
+        from diffbench.config import expand_sweep, parse_sweep
+
+        models = expand_sweep(models, parse_sweep(data["sweep"], f"sweep in {where}"))
     task_options = _yaml_options(data["options"], where) if "options" in data else {}
-    for task, kv in parse_sets(args.sets, tasks).items():
+    from diffbench.registry import expand_options, expand_sets
+
+    task_options = expand_options(task_options, tasks)  # `lm-eval:` options for every lm-eval task
+    for task, kv in parse_sets(expand_sets(args.sets, tasks), tasks).items():
         task_options.setdefault(task, {}).update(kv)
     seed = args.seed
     if seed is None:
@@ -317,14 +345,11 @@ def _run_config(args: argparse.Namespace) -> Any:
     if output is not None:
         _check_run_output(output, explicit=True)
 
-    from diffbench.models import ModelSpec
     from diffbench.runner import RunConfig
 
     return RunConfig(
         tasks=tuple(tasks),
-        models=tuple(
-            ModelSpec(label, spec, options.get(label, {})) for label, spec in specs.items()
-        ),
+        models=models,
         task_options=task_options,
         seed=seed,
         limit=limit,
@@ -352,6 +377,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from diffbench import report, runner
 
     run_dir = runner.run(cfg)
+    if not runner.main_rank():  # under torchrun, rank 0 alone writes the report
+        return 0
     if not args.no_report:
         figures = report.plot(run_dir)
         path = report.write(run_dir)
@@ -514,6 +541,11 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `diffbench` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every further argument is lm-eval's own
+        from diffbench.lm_eval import cli_main
+
+        return cli_main(argv[1:])
     args = _parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     handler = logging.StreamHandler(sys.stderr)
@@ -532,6 +564,15 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_runs(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "judge":
+            from diffbench import judge
+
+            return judge.run_command(args)
+        if args.command == "serve":
+            _quiet_libraries()
+            from diffbench import serve
+
+            return serve.run_command(args)
         return _cmd_plot(args)
     except DiffbenchError as err:
         # One line, whatever the message: a file name or a library's text may hold line breaks.

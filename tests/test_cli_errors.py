@@ -48,6 +48,7 @@ CONFIGS = {
     "limit-bool.yaml": "limit: true\n",
     "output.yaml": "output: existing.txt\n",
     "output-list.yaml": "output: [a, b]\n",
+    "sweep.yaml": "sweep: {logit_bits: []}\n",
 }
 
 RUN = ["run", "--no-report"]
@@ -107,13 +108,26 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--config", "cfg/output.yaml"], "existing.txt is a file, not a run directory"),
     ([*RUN, "--config", "cfg/output-list.yaml"], "output in cfg/output-list.yaml must be"),
     # run: tasks and their options (the task plugins load, no model does)
-    ([*RUN, "--tasks", "nope"], "unknown task 'nope'; available tasks: icl, niah"),
+    ([*RUN, "--tasks", "nope"], "unknown task 'nope'; available tasks: "),
     ([*RUN, "--set", "niah.colour=red"], "unknown option niah.colour"),
     ([*RUN, "--set", "niah.samples=many"], "niah.samples expects int, got 'many'"),
     ([*RUN, "--set", "niah.samples=0"], "niah: samples and distractors must be >= 1"),
     ([*RUN, "--set", "niah.mode=shout"], "niah.mode must be one of"),
     ([*RUN, "--set", "niah.lengths=256,,512"], "niah.lengths has an empty list item"),
     ([*RUN, "--set", "niah.preset=paper-1m"], "unknown niah preset 'paper-1m'"),
+    (
+        [*RUN, "--tasks", "lm-eval:arc_easy", "--set", "lm-eval.include_path=no-such-dir"],
+        "include_path no-such-dir is not an existing folder",
+    ),
+    ([*RUN, "--tasks", "lm-eval:"], "an lm-eval task needs a name"),
+    (
+        [*RUN, "--tasks", "outliers", "--set", "outliers.activations=hidden_states,mlp"],
+        "outliers: unknown activation type mlp",
+    ),
+    ([*RUN, "--tasks", "zeroshot", "--set", "zeroshot.choices=9"], "need 2 <= choices <= facts"),
+    ([*RUN, "--sweep", "logit_bits"], "malformed --sweep 'logit_bits': expected KEY=V1,V2"),
+    ([*RUN, "--sweep", "logit_bits=16,,4"], "every value must be non-empty"),
+    ([*RUN, "--config", "cfg/sweep.yaml"], "malformed sweep in cfg/sweep.yaml"),
     ([*RUN, "--config", "cfg/options-float.yaml"], "niah.samples expects int, got 2.5"),
     ([*RUN, "--config", "cfg/options-other-task.yaml"], "options given for tasks not in this"),
     # run: models (resolved before anything is written)
@@ -125,6 +139,7 @@ CASES: list[tuple[list[str], str]] = [
     # the one row that imports the backend (torch): the options' own table is below, in-process
     ([*RUN, "--models", "a=tiny-base", "--model-args", "a:batch_size=0"], "a:batch_size must be"),
     ([*RUN, "--models", "m=tiny-base", "--model-args", "m:dtype=flaot16"], "m:dtype must be one"),
+    ([*RUN, "--models", "a=tiny-base", "--sweep", "logit_bits=16,0"], "a@logit_bits=0:logit_bits"),
     # report
     (["report"], "required: RUN_DIR"),
     (["report", ""], "expected a path"),
@@ -167,6 +182,14 @@ CASES: list[tuple[list[str], str]] = [
     (["runs", "--root", ""], "argument --root: expected a path"),
     (["runs", "--root", "missing"], "missing is not a directory"),
     (["runs", "--root", "existing.txt"], "existing.txt is not a directory"),
+    # judge and serve (the hallucination task's commands)
+    (["judge", "missing.jsonl", "--output", "o.jsonl"], "judge input missing.jsonl does not exist"),
+    (["judge", "existing.txt", "--output", "o.txt"], "use a .jsonl or .csv file name"),
+    (["judge", "existing.txt", "--output", "o.jsonl"], "existing.txt: line 1 is not valid JSON"),
+    (["judge", "existing.txt", "--judge", "llm", "--output", "o.jsonl"], "needs an endpoint"),
+    (["judge", "existing.txt", "--judge", "gpt", "--output", "o.jsonl"], "invalid choice: 'gpt'"),
+    (["serve", "tiny-base", "--port", "0"], "--port must lie in 1..65535"),
+    ([*RUN, "--tasks", "hallucination", "--set", "hallucination.threshold=2"], "must lie in"),
 ]
 
 
@@ -234,6 +257,9 @@ def test_default_output_under_a_file_is_refused(tmp_path):
         ({"dtype": "flaot16"}, "a:dtype must be one of float32, bfloat16, float16, auto"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
         ({"attn_implementation": "bogus"}, "a:attn_implementation 'bogus' is not a registered"),
+        ({"logit_bits": "0"}, "a:logit_bits must be an integer from 2 to 16"),
+        ({"logit_bits": "32"}, "a:logit_bits must be an integer from 2 to 16"),
+        ({"logit_quant": "row"}, "a:logit_quant must be one of tensor, head"),
     ],
 )
 def test_bad_model_options_are_refused_before_loading(options, fragment):
