@@ -4,7 +4,10 @@ Protocol: ../shared/paper-protocols.md section 1 (LWM multi-needle wording). A c
 `length` tokens (in each model's own tokenizer, the answer's room included) holds N needles
 "The special magic {city} number is: {number}."; R of the cities are asked for. The first queried
 needle sits at the sentence boundary nearest `depth` percent of the haystack's tokens; every other
-needle at a random depth. In score mode the context also holds decoys: the same sentence for
+needle at a random depth. A sample is one haystack with its needles (and decoys): across depths
+only the first queried needle moves, so depths are compared on the same text, and the prompts of
+one sample share their tokens up to the shallower needle, which the backend computes once.
+In score mode the context also holds decoys: the same sentence for
 other cities, carrying the choices no needle carries, so that every choice is in the context and
 only its city tells the true one apart. Cities, numbers and depths come from the seed alone, so
 every model sees the same needles; where the haystack is cut and where a needle lands depend on
@@ -27,6 +30,7 @@ prompt like a softmax, so the two models' numbers share a scale (a DIFF mass can
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import random
 import re
@@ -356,19 +360,26 @@ class NiahTask:
                 )
         out: list[Item] = []
         count_piece = functools.cache(tokenizer.count)
+        # One haystack, one set of needles and one set of decoys per (length, N/R, sample); only
+        # the first queried needle moves with the depth (the gkamradt and NeedleBench protocols):
+        # depths are compared on the same text, and the prompts of one sample share their tokens
+        # up to the shallower needle. Deepest first, each mode's prompts together, so that a
+        # prompt's shared prefix is the one its predecessor left in the backend's cache.
+        depths = sorted(config.depths, reverse=True)
         for length in config.lengths:
-            for depth in config.depths:
-                for pair in config.needles:
-                    n, r = parse_needles(pair)
-                    for k in range(config.samples):
-                        base_id = f"L{length}-d{depth:g}-n{n}r{r}-s{k}"
-                        rng = random.Random(f"niah|{seed}|{base_id}")
-                        needles = _draw_needles(rng, n, r, depth)
-                        hay_start = rng.randrange(2**31)
-                        decoy_rng = random.Random(rng.random())
-                        room = _answer_room(config, tokenizer, needles, r)
-                        setting = {"length": length, "depth": depth, "needles": n, "queries": r}
-                        for mode in _modes(config):
+            for pair in config.needles:
+                n, r = parse_needles(pair)
+                for k in range(config.samples):
+                    rng = random.Random(f"niah|{seed}|L{length}-n{n}r{r}-s{k}")
+                    drawn = _draw_needles(rng, n, r, depths[0])
+                    hay_start = rng.randrange(2**31)
+                    decoys = _draw_decoys(random.Random(rng.random()), drawn, config.distractors)
+                    room = _answer_room(config, tokenizer, drawn, r)
+                    for mode in _modes(config):
+                        for depth in depths:
+                            base_id = f"L{length}-d{depth:g}-n{n}r{r}-s{k}"
+                            needles = [dataclasses.replace(drawn[0], depth=depth), *drawn[1:]]
+                            setting = {"length": length, "depth": depth, "needles": n, "queries": r}
                             out.extend(
                                 self._mode_items(
                                     config,
@@ -376,9 +387,10 @@ class NiahTask:
                                     count_piece,
                                     mode,
                                     base_id,
-                                    decoy_rng,
+                                    random.Random(f"niah|{seed}|{base_id}|choices"),
                                     hay_start,
                                     needles,
+                                    decoys if mode == "score" else [],
                                     r,
                                     room,
                                     {"mode": mode, **setting},
@@ -393,15 +405,15 @@ class NiahTask:
         count_piece: Callable[[str], int],
         mode: str,
         base_id: str,
-        decoy_rng: random.Random,
+        choice_rng: random.Random,
         hay_start: int,
         needles: list[Needle],
+        decoys: list[Needle],
         r: int,
         room: int,
         setting: dict[str, Any],
     ) -> list[Item]:
         queried = needles[:r]
-        decoys = _draw_decoys(decoy_rng, needles, cfg.distractors) if mode == "score" else []
         ctx = _build_prompt(
             cfg, tok, count_piece, hay_start, setting["length"], needles + decoys, r, room
         )
@@ -428,7 +440,7 @@ class NiahTask:
         for qi, q in enumerate(queried):
             others = [x.number for x in needles + decoys if x is not q]
             choices = [q.number, *others[: cfg.distractors]]
-            decoy_rng.shuffle(choices)
+            choice_rng.shuffle(choices)
             request = ChoiceRequest(
                 prefix=ctx.prompt,
                 query=hs.ANSWER_PREFIX.format(city=q.city),

@@ -51,7 +51,8 @@ def test_prompts_fill_each_length_and_hold_every_needle_between_sentences(view):
 
 def test_answer_needle_depth_is_respected(view):
     cfg = NiahConfig(lengths=(512,), depths=(0.0, 100.0), samples=1, mode="generate")
-    first, last = TASK.items(cfg, view, seed=0)
+    by_depth = {it.setting["depth"]: it for it in TASK.items(cfg, view, seed=0)}
+    first, last = by_depth[0.0], by_depth[100.0]
     ((city, number, _),) = first.meta["needle_list"]
     assert first.request.prompt.startswith(haystack.NEEDLE.format(city=city, number=number))
     ((city, number, _),) = last.meta["needle_list"]
@@ -142,9 +143,10 @@ def test_needle_lands_at_the_sentence_boundary_nearest_its_token_depth(
     contexts = {}  # the queried needles of one score sample share one context
     for it in TASK.items(cfg, tok, seed=5):
         prompt = it.request.prefix if isinstance(it.request, ChoiceRequest) else it.request.prompt
-        contexts[prompt] = it
+        # Two depths of one sample may land at the same boundary of its shared haystack.
+        contexts[it.id.split("-q")[0]] = (prompt, it)
     off, recorded = [], []
-    for prompt, it in contexts.items():
+    for prompt, it in contexts.values():
         sentences, inserted = _haystack_and_inserts(prompt)
         city, number, _ = it.meta["needle_list"][0]
         at = sentences.index(haystack.NEEDLE.format(city=city, number=number))
@@ -229,3 +231,29 @@ def test_presets_and_overrides_resolve_with_types():
         build_config("niah", NiahConfig, PRESETS, {"needles": "2/3"})
     with pytest.raises(DiffbenchError, match="distractors must be < 40"):
         build_config("niah", NiahConfig, PRESETS, {"distractors": "40"})
+
+
+def test_one_haystack_per_sample_across_depths_only_the_needle_moves(view):
+    cfg = NiahConfig(lengths=(512,), needles=("1/1", "3/2"), samples=2, mode="both")
+    items = TASK.items(cfg, view, seed=5)
+    groups: dict[tuple, list] = {}
+    for it in items:
+        sample = it.id.split("-s")[1].split("-")[0]
+        key = (it.setting["mode"], it.setting["needles"], sample)
+        groups.setdefault(key, []).append(it)
+    for (mode, _, _), members in groups.items():
+        assert len(members) >= 5
+        texts = set()
+        for it in members:
+            r = it.request
+            text = r.prompt if mode == "generate" else r.prefix
+            city, number, _ = it.meta["needle_list"][0]
+            needle = haystack.NEEDLE.format(city=city, number=number)
+            texts.add(text.replace(needle + " ", "").replace(" " + needle, ""))
+            assert [n[:2] for n in it.meta["needle_list"]] == [
+                n[:2] for n in members[0].meta["needle_list"]
+            ]
+        assert len(texts) == 1, "the haystack (and every other insert) must not change with depth"
+    # Deepest first within each (sample, mode): consecutive prompts share up to the shallower one.
+    gen = [it for it in items if it.setting["mode"] == "generate"][:5]
+    assert [it.setting["depth"] for it in gen] == [100.0, 75.0, 50.0, 25.0, 0.0]
