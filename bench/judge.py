@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from diffbench.errors import DiffbenchError
+from diffbench.jsonl import read_objects
 
 log = logging.getLogger("diffbench")
 
@@ -499,27 +500,16 @@ OUTPUT_COLUMNS = ("id", "supported", "support_score", "parsed", "rouge_l", "span
 def read_inputs(path: Path) -> list[JudgeInput]:
     """Rows of a JSON Lines file with `document` and `output` (and optional `question`,
     `reference`, `id`; without an id a row is named by its line number)."""
-    if not path.is_file():
-        raise DiffbenchError(f"judge input {path} does not exist")
     out: list[JudgeInput] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DiffbenchError(f"{path}: line {n} is not valid JSON") from None
-            if not isinstance(row, dict):
-                raise DiffbenchError(f"{path}: line {n} is not a JSON object")
-            for key in ("document", "output"):
-                if not isinstance(row.get(key), str):
-                    raise DiffbenchError(f"{path}: line {n} has no {key!r} text")
-            optional = {k: row.get(k) or "" for k in ("question", "reference")}
-            if not all(isinstance(v, str) for v in optional.values()):
-                raise DiffbenchError(f"{path}: line {n}: question and reference must be text")
-            rid = str(row["id"]) if row.get("id") not in (None, "") else f"line-{n}"
-            out.append(JudgeInput(rid, row["document"], row["output"], **optional))
+    for n, row in read_objects(path, "judge input"):
+        for key in ("document", "output"):
+            if not isinstance(row.get(key), str):
+                raise DiffbenchError(f"{path}: line {n} has no {key!r} text")
+        optional = {k: row.get(k) or "" for k in ("question", "reference")}
+        if not all(isinstance(v, str) for v in optional.values()):
+            raise DiffbenchError(f"{path}: line {n}: question and reference must be text")
+        rid = str(row["id"]) if row.get("id") not in (None, "") else f"line-{n}"
+        out.append(JudgeInput(rid, row["document"], row["output"], **optional))
     ids = [it.id for it in out]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

@@ -20,7 +20,6 @@ afterwards with `diffbench judge` on the stored samples, which hold everything i
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +38,7 @@ from diffbench.api import (
     stderr_of_mean,
 )
 from diffbench.errors import DiffbenchError
+from diffbench.jsonl import read_objects
 
 DATA_DIR = Path(__file__).parent / "hallucination_data"
 SHIPPED = {
@@ -119,24 +119,15 @@ def _from_hub(name: str) -> tuple[Example, ...]:
 
 
 def _from_jsonl(path: Path) -> tuple[Example, ...]:
-    if not path.is_file():
-        raise DiffbenchError(f"hallucination dataset file {path} does not exist")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DiffbenchError(f"{path}: line {n} is not valid JSON") from None
-            if not isinstance(row, dict) or not str(row.get("document") or "").strip():
-                raise DiffbenchError(f"{path}: line {n} has no 'document'")
-            if not isinstance(row.get("reference"), str | list) or not _text(row["reference"]):
-                raise DiffbenchError(f"{path}: line {n} has no 'reference'")
-            rid = str(row.get("id") or f"{path.stem}-{n}")
-            out.append(Example(rid, str(row["document"]), _text(row.get("question")),
-                               _text(row["reference"])))  # fmt: skip
+    for n, row in read_objects(path, "hallucination dataset file"):
+        if not str(row.get("document") or "").strip():
+            raise DiffbenchError(f"{path}: line {n} has no 'document'")
+        if not isinstance(row.get("reference"), str | list) or not _text(row["reference"]):
+            raise DiffbenchError(f"{path}: line {n} has no 'reference'")
+        rid = str(row.get("id") or f"{path.stem}-{n}")
+        question, reference = _text(row.get("question")), _text(row["reference"])
+        out.append(Example(rid, str(row["document"]), question, reference))
     if not out:
         raise DiffbenchError(f"hallucination dataset file {path} holds no rows")
     if len({e.id for e in out}) != len(out):
