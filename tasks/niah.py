@@ -431,7 +431,9 @@ class NiahTask:
             request = GenerateRequest(
                 prompt=tok.render(ctx.user, answer_prefix, cfg.chat),
                 max_new_tokens=cfg.answer_tokens * r,
-                stop=("\n",) if r == 1 else ("\n\n",),
+                # One number is asked: it ends at the sentence's full stop (the number itself
+                # has none), so a model that runs on after it costs no further decode steps.
+                stop=("\n", ".") if r == 1 else ("\n\n",),
             )
             target = [q.number for q in queried]
             return [Item(f"{base_id}-gen", request, setting, {**meta, "target": target})]
