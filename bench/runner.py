@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -57,6 +58,7 @@ log = logging.getLogger("diffbench")
 T = TypeVar("T")
 
 RESULTS_DIR = Path("results")
+NAME_PART_MAX = 100  # characters of the tasks' and of the models' part of a default run name
 PACKAGES = ("diffbench", "torch", "transformers", "tokenizers", "pandas", "numpy", "gguf")
 
 
@@ -124,7 +126,15 @@ def identity(cfg: RunConfig, prepared: dict[str, PreparedTask]) -> dict[str, Any
 def default_output(cfg: RunConfig, ident: dict[str, Any]) -> Path:
     """results/<tasks>__<models>__<hash>: the same command always lands in the same place."""
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"{'-'.join(cfg.tasks)}__{'-'.join(m.label for m in cfg.models)}__{digest}"
+
+    def part(names: list[str]) -> str:
+        # Portable characters only (lm-eval:arc_easy, LABEL@logit_bits=8), and short enough
+        # that a sweep's many labels stay under the 255-byte file-name limit: the digest keeps
+        # the name unique.
+        text = re.sub(r"[^A-Za-z0-9_.@=+-]", "_", "-".join(names))
+        return text if len(text) <= NAME_PART_MAX else f"{text[: NAME_PART_MAX - 3]}..."
+
+    name = f"{part(list(cfg.tasks))}__{part([m.label for m in cfg.models])}__{digest}"
     return RESULTS_DIR / name
 
 
