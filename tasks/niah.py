@@ -74,6 +74,11 @@ class NiahConfig:
     samples: int = 3
     mode: Literal["generate", "score", "both", "attention"] = "both"
     haystack: str = "procedural"  # or the path of a UTF-8 text file
+    # sample: each sample its own haystack (samples independent); length: one haystack for every
+    # sample of a length (gkamradt's, NeedleBench's and RULER's protocol), whose prompts then
+    # share their text across samples up to the needle, so a depth sweep costs about 2.5 x L
+    # prefill tokens per sample instead of 3.5 x L.
+    haystack_per: Literal["sample", "length"] = "sample"
     # Score mode: wrong numbers ranked against the true one. Each sits in the context in a
     # needle-shaped sentence (~16-22 tokens), so 4 keeps a 256-token context feasible.
     distractors: int = 4
@@ -358,45 +363,54 @@ class NiahTask:
                     f"niah length {length} is beyond the model's maximum context of "
                     f"{tokenizer.max_context} tokens; lower --set niah.lengths"
                 )
-        out: list[Item] = []
         count_piece = functools.cache(tokenizer.count)
-        # One haystack, one set of needles and one set of decoys per (length, N/R, sample); only
-        # the first queried needle moves with the depth (the gkamradt and NeedleBench protocols):
-        # depths are compared on the same text, and the prompts of one sample share their tokens
-        # up to the shallower needle. Deepest first, each mode's prompts together, so that a
-        # prompt's shared prefix is the one its predecessor left in the backend's cache.
+        # One set of needles and decoys per (length, N/R, sample), and one haystack per sample
+        # (`haystack_per=sample`) or per length (`length`, as gkamradt's and RULER's: every sample
+        # on the same text); only the first queried needle moves with the depth, so depths are
+        # compared on the same text, and prompts share their tokens up to the shallower needle.
+        # Items come deepest first, each mode's prompts together (and with one haystack per
+        # length, every sample of a depth together), so that each prompt's shared prefix is the
+        # one its predecessor left in the backend's cache.
         depths = sorted(config.depths, reverse=True)
-        for length in config.lengths:
-            for pair in config.needles:
+        modes = _modes(config)
+        keyed: list[tuple[tuple[int, ...], list[Item]]] = []
+        for li, length in enumerate(config.lengths):
+            shared_start = random.Random(f"niah|{seed}|L{length}-haystack").randrange(2**31)
+            for pi, pair in enumerate(config.needles):
                 n, r = parse_needles(pair)
                 for k in range(config.samples):
                     rng = random.Random(f"niah|{seed}|L{length}-n{n}r{r}-s{k}")
                     drawn = _draw_needles(rng, n, r, depths[0])
-                    hay_start = rng.randrange(2**31)
+                    own_start = rng.randrange(2**31)
+                    hay_start = own_start if config.haystack_per == "sample" else shared_start
                     decoys = _draw_decoys(random.Random(rng.random()), drawn, config.distractors)
                     room = _answer_room(config, tokenizer, drawn, r)
-                    for mode in _modes(config):
-                        for depth in depths:
+                    for mi, mode in enumerate(modes):
+                        for di, depth in enumerate(depths):
                             base_id = f"L{length}-d{depth:g}-n{n}r{r}-s{k}"
                             needles = [dataclasses.replace(drawn[0], depth=depth), *drawn[1:]]
                             setting = {"length": length, "depth": depth, "needles": n, "queries": r}
-                            out.extend(
-                                self._mode_items(
-                                    config,
-                                    tokenizer,
-                                    count_piece,
-                                    mode,
-                                    base_id,
-                                    random.Random(f"niah|{seed}|{base_id}|choices"),
-                                    hay_start,
-                                    needles,
-                                    decoys if mode == "score" else [],
-                                    r,
-                                    room,
-                                    {"mode": mode, **setting},
-                                )
+                            items = self._mode_items(
+                                config,
+                                tokenizer,
+                                count_piece,
+                                mode,
+                                base_id,
+                                random.Random(f"niah|{seed}|{base_id}|choices"),
+                                hay_start,
+                                needles,
+                                decoys if mode == "score" else [],
+                                r,
+                                room,
+                                {"mode": mode, **setting},
                             )
-        return out
+                            order = (
+                                (li, pi, k, mi, di)
+                                if config.haystack_per == "sample"
+                                else (li, pi, mi, di, k)
+                            )
+                            keyed.append((order, items))
+        return [it for _, items in sorted(keyed, key=lambda x: x[0]) for it in items]
 
     def _mode_items(
         self,

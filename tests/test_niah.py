@@ -257,3 +257,19 @@ def test_one_haystack_per_sample_across_depths_only_the_needle_moves(view):
     # Deepest first within each (sample, mode): consecutive prompts share up to the shallower one.
     gen = [it for it in items if it.setting["mode"] == "generate"][:5]
     assert [it.setting["depth"] for it in gen] == [100.0, 75.0, 50.0, 25.0, 0.0]
+
+
+def test_one_haystack_per_length_serves_every_sample_and_depth(view):
+    cfg = NiahConfig(lengths=(512,), samples=3, mode="generate", haystack_per="length")
+    items = TASK.items(cfg, view, seed=5)
+    texts = set()
+    for it in items:
+        city, number, _ = it.meta["needle_list"][0]
+        needle = haystack.NEEDLE.format(city=city, number=number)
+        plain = it.request.prompt.replace(needle + " ", "").replace(" " + needle, "")
+        texts.add(plain.split("\n\n")[0])  # the haystack, without the question
+    assert len(texts) == 1
+    # Every sample of a depth together, deepest first: neighbours share the longest prefixes.
+    assert [it.setting["depth"] for it in items[:4]] == [100.0, 100.0, 100.0, 75.0]
+    per_sample = TASK.items(NiahConfig(lengths=(512,), samples=3, mode="generate"), view, seed=5)
+    assert len({it.request.prompt.split("\n\n")[0][:200] for it in per_sample}) > 1
