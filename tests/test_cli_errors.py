@@ -134,7 +134,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--models", "a=./does/not/exist"], "'./does/not/exist' is not an existing path"),
     ([*RUN, "--models", "a=existing.txt"], "existing.txt is a file, neither a checkpoint"),
     ([*RUN, "--models", "a=folder"], "model 'a': folder holds no config.json or .gguf"),
-    ([*RUN, "--models", "a=vllm:tiny-base"], "backend 'vllm' is not installed in this"),
+    ([*RUN, "--models", "a=vllm:tiny-base"], "the diffbench[vllm] extra provides"),
     ([*RUN, "--models", "a=nobody/not-cached"], "'nobody/not-cached' is not in the local cache"),
     # the one row that imports the backend (torch): the options' own table is below, in-process
     ([*RUN, "--models", "a=tiny-base", "--model-args", "a:batch_size=0"], "a:batch_size must be"),
