@@ -62,7 +62,7 @@ def task_figures(
     else none (with a warning): tables and comparisons never need it."""
     from diffbench import registry
 
-    if task not in registry.available():
+    if not registry.installed(task):
         if required:
             raise DiffbenchError(
                 f"drawing the figures of task {task!r} needs its plugin, which is not installed; "

@@ -26,6 +26,16 @@ LM_EVAL_PREFIX = "lm-eval:"
 LM_EVAL_GROUP = "lm-eval"
 
 
+def installed(name: str) -> bool:
+    """Whether task `name` can be loaded here (`lm-eval:NAME`: whether lm-eval is installed),
+    without importing it."""
+    if name.startswith(LM_EVAL_PREFIX):
+        import importlib.util
+
+        return importlib.util.find_spec("lm_eval") is not None
+    return name in available()
+
+
 def load(name: str) -> Task:
     """The task registered under `name`; `lm-eval:NAME` is lm-eval's task or group NAME."""
     if name.startswith(LM_EVAL_PREFIX):

@@ -195,3 +195,22 @@ def test_unknown_lm_eval_task_is_one_line_exit_2(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "unknown lm-eval task 'no_such_task_xyz'" in res.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_run_of_an_lm_eval_task_draws_its_figures_with_the_plugin_it_ran_with(tmp_path):
+    import pandas as pd
+    from diffbench.figures import task_figures
+
+    metrics = pd.DataFrame(
+        {
+            "task": ["lm-eval:x"] * 2,
+            "metric": ["acc"] * 2,
+            "model": ["a@logit_bits=16", "a@logit_bits=4"],
+            "value": [0.5, 0.4],
+            "n": [10, 10],
+            "stderr": [0.1, 0.1],
+        }
+    )
+    # The lm-eval: prefix is not an entry point: it used to be "needs its plugin" after every run.
+    drawn = task_figures("lm-eval:x", metrics, pd.DataFrame(), tmp_path, required=True)
+    assert all(p.exists() for p in drawn)
