@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def sweep_figures(task: str, metrics: pd.DataFrame, out_dir: Path) -> list[Path]
 def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     """Write `stem`.png and `stem`.pdf; return both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.=+-]", "_", stem)  # portable names (lm-eval:NAME, LABEL@K=V)
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     for p in paths:
         fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
