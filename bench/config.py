@@ -205,3 +205,18 @@ def expand_sweep(models: Sequence[ModelSpec], sweep: Sweep) -> tuple[ModelSpec, 
             label = variant_label(spec.label, sweep.key, value)
             out.append(ModelSpec(label, spec.spec, {**spec.options, sweep.key: value}))
     return tuple(out)
+
+
+def model_options(options_type: type, raw: Mapping[str, Any], label: str, backend: str = "") -> Any:
+    """A backend's options dataclass from raw strings or YAML values, typed by its annotations,
+    refusing unknown keys (`backend` names the backend in that message) and mistyped values."""
+    known = option_types(options_type)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            which = f" ({backend} backend)" if backend else ""
+            raise DiffbenchError(
+                f"unknown model option {key!r} for {label!r}{which}; known: {', '.join(known)}"
+            )
+        values[key] = coerce(f"{label}:{key}", value, known[key])
+    return options_type(**values)

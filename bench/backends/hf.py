@@ -43,7 +43,7 @@ from diffbench.api import (
 from diffbench.backends import probes
 from diffbench.backends.prefix import PrefixCache, common_prefix, end_token_ids, greedy
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method
-from diffbench.config import coerce, option_types
+from diffbench.config import model_options
 from diffbench.errors import DiffbenchError
 from diffbench.models import LoadTarget, ModelSpec, resolve_target
 from transformers import (
@@ -290,15 +290,7 @@ def _check_attention(label: str, name: str) -> None:
 def coerce_options(label: str, raw: Mapping[str, Any]) -> HFOptions:
     """HF backend options from raw strings or YAML values, typed by HFOptions' annotations
     (Literal values checked), refusing unknown keys and bad values."""
-    known = option_types(HFOptions)
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise DiffbenchError(
-                f"unknown model option {key!r} for {label!r}; known: {', '.join(known)}"
-            )
-        values[key] = coerce(f"{label}:{key}", value, known[key])
-    opts = HFOptions(**values)
+    opts: HFOptions = model_options(HFOptions, raw, label)
     if opts.batch_size != "auto" and not (opts.batch_size.isdigit() and int(opts.batch_size) > 0):
         raise DiffbenchError(f"{label}:batch_size must be a positive integer or auto")
     if opts.max_length < 0:

@@ -43,7 +43,7 @@ from diffbench.backends.hf import (
     encode_prompt,
 )
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method
-from diffbench.config import coerce, option_types
+from diffbench.config import model_options
 from diffbench.errors import DiffbenchError
 from diffbench.models import LoadTarget, ModelSpec, resolve_target
 from transformers import AutoConfig, AutoTokenizer
@@ -75,16 +75,7 @@ class VLLMOptions:
 def coerce_options(label: str, raw: Mapping[str, Any]) -> VLLMOptions:
     """vLLM backend options from raw strings or YAML values, refusing unknown keys and bad
     values."""
-    known = option_types(VLLMOptions)
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise DiffbenchError(
-                f"unknown model option {key!r} for {label!r} (vllm backend); known: "
-                f"{', '.join(known)}"
-            )
-        values[key] = coerce(f"{label}:{key}", value, known[key])
-    opts = VLLMOptions(**values)
+    opts: VLLMOptions = model_options(VLLMOptions, raw, label, "vllm")
     if opts.tensor_parallel_size < 1 or opts.pipeline_parallel_size < 1:
         raise DiffbenchError(f"{label}: tensor and pipeline parallel sizes must be at least 1")
     if opts.max_model_len < 0:
