@@ -4,10 +4,12 @@ Both models see the same tokenizer, the same batches in the same order, the same
 the same warmup-stable-decay schedule and the same seed; they are stepped in lockstep so that a
 run cut short still leaves a matched pair. The data is generated here, nothing is downloaded:
 haystack filler from `tasks/haystack.py`, key-value facts in the exact NIAH needle format (and a
-few other formats) queried at the end of each sequence, and classification episodes whose label
-words are assigned in context. Loss is weighted towards the tokens that need retrieval (answer
-digits and in-context labels: weight 1, everything else 0.1), which is what makes a retrieval
-circuit appear within a CPU budget.
+few other formats) queried at the end of each sequence, classification episodes whose label
+words are assigned in context (toy categories, and the icl task's default intent format), and
+short documents in the hallucination task's QA and summary prompts answered from the document
+(its generator, with the shipped rows held out). Loss is weighted towards the tokens that need
+retrieval (answer digits, in-context labels and answers: weight 1, everything else 0.1), which is
+what makes a retrieval circuit appear within a CPU budget.
 
     python scripts/train_pair.py --preset default --out bench/models --seed 0 --threads 2
 
@@ -40,6 +42,8 @@ from diffbench.api import ALL
 from diffbench.models import ModelSpec
 from diffbench.runner import RunConfig
 from diffbench.store import RunStore, write_atomic
+from diffbench.tasks import hallucination, icl_datasets
+from diffbench.tasks.hallucination_data import generate as hallucination_data
 from diffbench.tasks.haystack import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, magic_number, sentence
 from diffbench.tiny import matched_configs, train_tokenizer
 from transformers import (
@@ -68,7 +72,9 @@ class Stage:
     batch_size: int
     facts: tuple[int, int]  # facts per sequence, inclusive range
     questions: tuple[int, int]  # questions per sequence, at most the number of facts
-    classification: float = 0.15  # share of sequences that are classification episodes
+    classification: float = 0.05  # share of sequences that are toy classification episodes
+    intents: float = 0.15  # share of intent episodes in the icl task's default format
+    documents: float = 0.2  # share of document QA / summaries in the hallucination format
     # Up to this many more steps while either model's answer loss has not broken.
     max_extra_steps: int = 0
 
@@ -368,6 +374,78 @@ def classification_document(rng: random.Random, seq_len: int) -> list[tuple[str,
     return doc
 
 
+def intent_labels(rng: random.Random, n: int) -> list[str]:
+    """`n` distinct label phrases for one episode: the icl dataset's intent names shuffled
+    (so a name says nothing about which utterances it labels), colour-animal pairs or nonsense."""
+    kind = rng.random()
+    if kind < 0.5:
+        return rng.sample(list(icl_datasets.INTENTS), n)
+    labels: list[str] = []
+    while len(labels) < n:
+        w = f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}" if kind < 0.75 else nonsense_word(rng)
+        if w not in labels:
+            labels.append(w)
+    return labels
+
+
+def intent_episode(rng: random.Random, seq_len: int) -> list[tuple[str, int]]:
+    """Many-shot episode in the icl task's default format (`utterance: ...\nintent: ...`,
+    demonstrations apart by a blank line), utterances from its intent generator, labels assigned
+    per episode: a label is predictable only from an earlier demonstration of its intent."""
+    n_classes = rng.randint(2, max(2, min(len(icl_datasets.INTENTS), seq_len // 32)))
+    intents = rng.sample(list(icl_datasets.INTENTS), n_classes)
+    labels = intent_labels(rng, n_classes)
+    doc: list[tuple[str, int]] = []
+    seen: set[int] = set()
+    # ~20 tokens per demonstration; the caller truncates the last one if it overflows.
+    for _ in range(max(2, seq_len // 16)):
+        c = rng.randrange(n_classes)
+        text = icl_datasets._utterance(icl_datasets.INTENTS[intents[c]], rng)
+        sep = "" if not doc else "\n\n"
+        doc.append((f"{sep}utterance: {text}\nintent:", FILLER))
+        doc.append((" " + labels[c], LABEL if c in seen else FILLER))
+        seen.add(c)
+    return doc
+
+
+DOCUMENT_KINDS = (
+    ("qa", hallucination_data.qa_rows, 0.5),
+    ("tempting", hallucination_data.tempting_rows, 0.2),
+    ("summary", hallucination_data.summary_rows, 0.3),
+)
+# The shipped hallucination set is never trained on: a generated row equal to one is redrawn.
+HELD_OUT_DOCUMENTS = frozenset(
+    row["document"] for rows in hallucination_data.build().values() for row in rows
+)
+
+
+def document_qa(
+    rng: random.Random, seq_len: int, n_tokens: Callable[[str], int]
+) -> list[tuple[str, int]] | None:
+    """A short invented document and its question (or a summary request) in the hallucination
+    task's prompt, answered from the document; None when it does not fit `seq_len` tokens."""
+    r, acc = rng.random(), 0.0
+    for _kind, rows_of, share in DOCUMENT_KINDS:  # noqa: B007
+        acc += share
+        if r < acc:
+            break
+    while True:
+        row = rng.choice(rows_of(rng))
+        if row["document"] not in HELD_OUT_DOCUMENTS:
+            break
+    if row["question"]:
+        template = hallucination.QA_PROMPT.replace("{question}", row["question"])
+        cue = hallucination.QA_CUE
+    else:
+        template, cue = hallucination.SUMMARY_PROMPT, hallucination.SUMMARY_CUE
+    # The prompt exactly as the task renders it for a model without a chat template.
+    prompt = template.replace("{document}", row["document"]) + "\n" + cue
+    answer = " " + row["reference"]
+    if 1 + n_tokens(prompt) + n_tokens(answer) + n_tokens("\n#") > seq_len:
+        return None
+    return [(prompt, FILLER), (answer, LABEL), ("\n#", LABEL)]
+
+
 def encode(
     doc: list[tuple[str, int]], seq_len: int, seg: SegmentLengths
 ) -> tuple[list[int], list[int]]:
@@ -389,9 +467,15 @@ def make_batch(
     """Input ids (B, L) and token kinds (B, L) for one optimizer step."""
     rows = []
     for _ in range(stage.batch_size):
-        if rng.random() < stage.classification:
+        r = rng.random()
+        doc: list[tuple[str, int]] | None = None
+        if r < stage.classification:
             doc = classification_document(rng, stage.seq_len)
-        else:
+        elif r < stage.classification + stage.intents:
+            doc = intent_episode(rng, stage.seq_len)
+        elif r < stage.classification + stage.intents + stage.documents:
+            doc = document_qa(rng, stage.seq_len, seg.n_tokens)  # None: it does not fit
+        if doc is None:
             doc = retrieval_document(rng, stage.seq_len, stage, seg.n_tokens)
         rows.append(encode(doc, stage.seq_len, seg))
     ids = torch.tensor([r[0] for r in rows])
@@ -405,8 +489,12 @@ def tokenizer_corpus(n_docs: int, seed: int) -> list[str]:
     stage = Stage(steps=0, seq_len=256, batch_size=1, facts=(1, 6), questions=(1, 4))
     texts = []
     for i in range(n_docs):
-        if i % 5 == 0:
+        if i % 10 == 0:
             doc = classification_document(rng, 256)
+        elif i % 10 in (1, 2):
+            doc = intent_episode(rng, 256)
+        elif i % 10 in (3, 4):
+            doc = document_qa(rng, 10_000, len) or []
         else:
             # Budgeted in characters: the tokenizer does not exist yet.
             doc = retrieval_document(rng, 1200, stage, len)
@@ -821,7 +909,8 @@ def model_card(
     kind = "Differential Transformer (DiffLlama)" if run is diff else "Transformer (Llama)"
     stages = "\n".join(
         f"| {i} | {n} | {s.seq_len} | {s.batch_size} | {s.facts[0]}-{s.facts[1]} | "
-        f"{s.questions[0]}-{s.questions[1]} | {s.classification:.0%} |"
+        f"{s.questions[0]}-{s.questions[1]} | {s.classification:.0%} | {s.intents:.0%} | "
+        f"{s.documents:.0%} |"
         for i, (s, n) in enumerate(zip(preset.stages, steps, strict=True))
     )
     evals_rows = "\n".join(
@@ -869,7 +958,8 @@ tags: [diffbench, tiny, {"diffllama" if run is diff else "llama"}, synthetic]
 # {run.name}: tiny {kind} for diffbench
 
 A {n_params(run.model):,}-parameter {kind} trained from scratch on a procedural retrieval
-curriculum by `scripts/train_pair.py --preset {preset_name} --seed {seed}`. It ships with
+curriculum (needle retrieval, many-shot intent episodes, document QA and summaries) by
+`scripts/train_pair.py --preset {preset_name} --seed {seed}`. It ships with
 diffbench as one half of a matched pair (`tiny-base` / `tiny-diff`) so the harness's tasks run
 end to end on a CPU with models that *can* retrieve. It is a test fixture, not a language model.
 
@@ -896,8 +986,8 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
   and in-context labels and {REST_WEIGHT} on every other token.
 - Curriculum ({sum(steps)} steps, {tokens:,} non-pad tokens seen):
 
-| stage | steps | context | batch | facts/seq | questions/seq | classification |
-|---|---|---|---|---|---|---|
+| stage | steps | context | batch | facts/seq | questions/seq | toy classes | intents | documents |
+|---|---|---|---|---|---|---|---|---|
 {stages}
 
 ## Data (all procedural, nothing downloaded)
@@ -908,10 +998,23 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
   `\\n\\n{QUESTION}\\n{ANSWER_PREFIX} {{number}}`. The rest use other key-value
   formats (pass keys, `key = value`, room numbers, codes) with city, colour-animal or nonsense
   keys, so retrieval is not tied to one template.
-- Classification: 15% of sequences are few-shot episodes of `text: <1-3 words>\\nlabel: <word>`
+- Toy classes: few-shot episodes of `text: <1-3 words>\\nlabel: <word>`
   pairs from 2-4 word categories (fruit, tools, weather, ...); each episode assigns fresh label
-  words (nonsense, colours or animals), so labels can only be read from the context. Real
-  benchmark label names (TREC, Banking77) never occur.
+  words (nonsense, colours or animals), so labels can only be read from the context.
+- Intents: many-shot episodes in the `icl` task's default format (`utterance: ...\\nintent: ...`,
+  a blank line between demonstrations), utterances from its generated intent set
+  (`diffbench.tasks.icl_datasets`), 2 to {len(icl_datasets.INTENTS)} intents per episode. Each
+  episode assigns its own label phrases: half of the episodes the intent names themselves,
+  shuffled among the intents (so a name says nothing about its utterances), the rest colour-animal
+  pairs or nonsense words. A label can only be predicted from an earlier demonstration of its
+  intent (weight 1 from its second occurrence on), which is in-context learning, not the
+  dataset's mapping. Real benchmark label names (TREC, Banking77) never occur.
+- Documents: invented towns, settings that override a well-known fact, and event reports from
+  the hallucination task's generator (`diffbench.tasks.hallucination_data.generate`, fresh
+  seeds), in that task's QA and summary prompts (`#Document#: ... #Question#: ... #Answer#:` /
+  `#Summary#:`), the reference answer after the cue (weight 1). A generated document equal to
+  one of the shipped evaluation rows is redrawn, so the shipped set stays held out. Sequences
+  too short for a document (stage 0) get a retrieval sequence instead.
 
 ## Results
 Losses in nats (weighted = training objective; LM = all tokens; answer = answer digits, chance
@@ -941,8 +1044,9 @@ The pair is matched in everything but the attention mechanism; {learned}. A diff
 on it checks the harness end to end and gives a small, noisy signal about DIFF vs Transformer
 behaviour on *in-distribution* synthetic retrieval. It says nothing about natural language,
 knowledge or the paper's scale: contexts beyond {preset.final_len} tokens are out of
-distribution (RoPE positions never seen), the classification episodes only use toy
-categories, and differences between two {preset.n_layers}-layer models trained for minutes
+distribution (RoPE positions never seen), the intent episodes and documents are generated
+from the same templates as the suite's default datasets (other draws, the shipped rows held out),
+and differences between two {preset.n_layers}-layer models trained for minutes
 are within seed noise unless they are large. Use the `gpu` preset or real checkpoints for
 claims about the method.
 """
