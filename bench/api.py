@@ -396,6 +396,55 @@ class Headline:
 
 
 @dataclass(frozen=True)
+class PaperRef:
+    """The paper's own numbers for one of its tables, shown beside a run's (the report's
+    "paper in miniature"). The run's rows: `metric` with the settings in `where` fixed as in
+    `Headline.where`; each row is labelled by its values of `by` joined with "/" (empty: one row,
+    key ""), or with `variant_key` by the value of that swept backend option (model labels
+    LABEL@KEY=VALUE; the columns are then the base labels). `transformer` and `diff` map a row
+    key to the paper's number as text ("0.85"; a key left out: no number)."""
+
+    source: str  # "Table 2", "Figure 8"
+    title: str
+    metric: str
+    where: Mapping[str, str] = field(default_factory=dict)
+    by: tuple[str, ...] = ()
+    variant_key: str = ""
+    transformer: Mapping[str, str] = field(default_factory=dict)
+    diff: Mapping[str, str] = field(default_factory=dict)
+    note: str = ""  # one line: the paper's conditions ("4K context; 3B models")
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as run.json stores it."""
+        return {
+            "source": self.source,
+            "title": self.title,
+            "metric": self.metric,
+            "where": dict(self.where),
+            "by": list(self.by),
+            "variant_key": self.variant_key,
+            "transformer": dict(self.transformer),
+            "diff": dict(self.diff),
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PaperRef:
+        """The record read back from run.json."""
+        return cls(
+            str(data["source"]),
+            str(data.get("title", "")),
+            str(data["metric"]),
+            {str(k): str(v) for k, v in data.get("where", {}).items()},
+            tuple(str(k) for k in data.get("by", ())),
+            str(data.get("variant_key", "")),
+            {str(k): str(v) for k, v in data.get("transformer", {}).items()},
+            {str(k): str(v) for k, v in data.get("diff", {}).items()},
+            str(data.get("note", "")),
+        )
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     """What a run directory records about each of its tasks, so that statistics, comparisons and
     reports read a run without the task's plugin installed."""
@@ -407,6 +456,8 @@ class TaskInfo:
     lower_is_better: frozenset[str]
     sample_mean_metrics: frozenset[str]
     headline: tuple[Headline, ...]
+    # The paper's numbers for its tables (a plugin's optional `paper` attribute).
+    paper: tuple[PaperRef, ...] = ()
 
     @classmethod
     def of(cls, task: Task) -> TaskInfo:
@@ -419,6 +470,7 @@ class TaskInfo:
             frozenset(task.lower_is_better),
             frozenset(task.sample_mean_metrics),
             tuple(task.headline),
+            tuple(getattr(task, "paper", ())),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -431,6 +483,7 @@ class TaskInfo:
             "lower_is_better": sorted(self.lower_is_better),
             "sample_mean_metrics": sorted(self.sample_mean_metrics),
             "headline": [{"metric": h.metric, "where": dict(h.where)} for h in self.headline],
+            "paper": [p.to_json() for p in self.paper],
         }
 
     @classmethod
@@ -446,6 +499,7 @@ class TaskInfo:
             tuple(
                 Headline(h["metric"], dict(h.get("where", {}))) for h in data.get("headline", ())
             ),
+            tuple(PaperRef.from_json(p) for p in data.get("paper", ())),  # older runs: none
         )
 
     def higher_is_better(self, metric: str) -> bool:
@@ -480,6 +534,8 @@ class Task(Protocol):
     # The rows the report's summary leads with (the paper's own tables); the rest stay in the
     # task's section.
     headline: tuple[Headline, ...]
+    # Optional, so not declared here: `paper: tuple[PaperRef, ...]`, the paper's numbers that the
+    # report's first section sets beside the run's (`TaskInfo.of` reads it).
 
     def items(self, config: Any, tokenizer: TokenizerView, seed: int) -> Iterable[Item]: ...
 

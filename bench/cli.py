@@ -49,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run tasks on models; writes a run directory under results/")
-    r.add_argument("--tasks", help="comma-separated task names (default: niah)")
+    r.add_argument(
+        "--tasks",
+        help="comma-separated task names (default: the default suite, every task family of the "
+        "paper sized for the shipped pair: diffbench/suites/default.yaml)",
+    )
     r.add_argument(
         "--models",
         help="LABEL=SPEC[,LABEL=SPEC...]; SPEC is a folder, hub id, "
@@ -75,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2,...",
         help="run each model once per value of backend option KEY, labelled LABEL@KEY=V "
         "(e.g. logit_bits=16,8,6,4)",
+    )
+    r.add_argument(
+        "--sweep-tasks",
+        metavar="TASK,...",
+        help="run the --sweep variants on these tasks only; the run's other tasks run on the "
+        "unswept models",
     )
     r.add_argument("--config", type=_path, help="a YAML file with tasks, models, options")
     r.add_argument(
@@ -158,7 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-CONFIG_KEYS = ("tasks", "models", "options", "seed", "limit", "output", "sweep")
+CONFIG_KEYS = ("tasks", "models", "options", "seed", "limit", "output", "sweep", "sweep_tasks")
+# What `diffbench run` runs without --tasks or --config: every task family of the paper, sized so
+# that the shipped pair gives a signal on each within minutes on a CPU.
+DEFAULT_SUITE = Path(__file__).parent / "suites" / "default.yaml"
 
 
 def _yaml_problem(err: Exception) -> str:
@@ -281,6 +294,34 @@ def _check_run_output(path: Path, explicit: bool) -> None:
         )
 
 
+def _swept(
+    args: argparse.Namespace, data: dict[str, Any], where: str, models: Any, tasks: list[str]
+) -> Any:
+    """The run's models with --sweep (or the YAML's sweep) applied: each model (on the sweep's
+    tasks, when --sweep-tasks scopes it) as one variant per value."""
+    from dataclasses import replace
+
+    from diffbench.config import expand_sweep, parse_sweep
+
+    if args.sweep is not None:
+        sweep = parse_sweep(args.sweep, "--sweep")
+    elif "sweep" in data:
+        sweep = parse_sweep(data["sweep"], f"sweep in {where}")
+    else:
+        sweep = None
+    if args.sweep_tasks is not None:
+        scope = tuple(_task_names(args.sweep_tasks, "--sweep-tasks"))
+    elif "sweep_tasks" in data and args.sweep is None:
+        scope = tuple(_task_names(data["sweep_tasks"], f"sweep_tasks in {where}:"))
+    else:
+        scope = ()
+    if sweep is None:
+        if args.sweep_tasks is not None:
+            raise DiffbenchError("--sweep-tasks needs --sweep KEY=V1,V2,...")
+        return models
+    return expand_sweep(models, replace(sweep, tasks=scope), tasks)
+
+
 def _run_config(args: argparse.Namespace) -> Any:
     """The run's configuration from the command line and the YAML file, checked for form.
 
@@ -290,8 +331,12 @@ def _run_config(args: argparse.Namespace) -> Any:
     from diffbench.config import coerce, parse_sets
     from diffbench.models import DEFAULT_MODELS, ModelSpec, parse_model_args, parse_models
 
-    data = _load_yaml(args.config) if args.config else {}
-    where = str(args.config)
+    if args.config:
+        data, where = _load_yaml(args.config), str(args.config)
+    elif args.tasks is None:
+        data, where = _load_yaml(DEFAULT_SUITE), "the default suite"
+    else:
+        data, where = {}, ""
     if args.tasks is not None:
         tasks = _task_names(args.tasks, "--tasks")
     elif "tasks" in data:
@@ -315,14 +360,7 @@ def _run_config(args: argparse.Namespace) -> Any:
             )
         options.setdefault(label, {}).update(kv)
     models = tuple(ModelSpec(label, spec, options.get(label, {})) for label, spec in specs.items())
-    if args.sweep is not None:  # each model as one variant per value
-        from diffbench.config import expand_sweep, parse_sweep
-
-        models = expand_sweep(models, parse_sweep(args.sweep, "--sweep"))
-    elif "sweep" in data:
-        from diffbench.config import expand_sweep, parse_sweep
-
-        models = expand_sweep(models, parse_sweep(data["sweep"], f"sweep in {where}"))
+    models = _swept(args, data, where, models, tasks)
     task_options = _yaml_options(data["options"], where) if "options" in data else {}
     from diffbench.registry import expand_options, expand_sets
 

@@ -140,6 +140,9 @@ class Sweep:
 
     key: str
     values: tuple[str, ...]
+    # Tasks only the variants run; the others run on the unswept models (empty: every task
+    # runs on the variants alone).
+    tasks: tuple[str, ...] = ()
 
 
 def parse_sweep(text: Any, where: str = "--sweep") -> Sweep:
@@ -191,11 +194,27 @@ def split_variant(label: str) -> tuple[str, str, str] | None:
     return (f"{base}{sep2}{tail}", key, value)
 
 
-def expand_sweep(models: Sequence[ModelSpec], sweep: Sweep) -> tuple[ModelSpec, ...]:
+def expand_sweep(
+    models: Sequence[ModelSpec], sweep: Sweep, run_tasks: Sequence[str] = ()
+) -> tuple[ModelSpec, ...]:
     """Each model as one variant per swept value, labelled LABEL@KEY=VALUE, its backend options
-    carrying KEY=VALUE (the backend checks the key and the value, as for --model-args)."""
+    carrying KEY=VALUE (the backend checks the key and the value, as for --model-args).
+
+    A sweep scoped to some of the run's tasks (`sweep.tasks`) keeps each unswept model for the
+    other tasks of `run_tasks`, and its variants run the scoped tasks only.
+    """
+    if sweep.tasks:
+        unknown = [t for t in sweep.tasks if t not in run_tasks]
+        if unknown:
+            raise DiffbenchError(
+                f"sweep tasks {', '.join(unknown)} are not tasks of this run "
+                f"({', '.join(run_tasks)})"
+            )
+    rest = tuple(t for t in run_tasks if t not in sweep.tasks) if sweep.tasks else ()
     out = []
     for spec in models:
+        if rest:
+            out.append(ModelSpec(spec.label, spec.spec, spec.options, rest))
         if sweep.key in spec.options:
             raise DiffbenchError(
                 f"--sweep {sweep.key} and the model options of {spec.label!r} both set "
@@ -203,7 +222,8 @@ def expand_sweep(models: Sequence[ModelSpec], sweep: Sweep) -> tuple[ModelSpec, 
             )
         for value in sweep.values:
             label = variant_label(spec.label, sweep.key, value)
-            out.append(ModelSpec(label, spec.spec, {**spec.options, sweep.key: value}))
+            options = {**spec.options, sweep.key: value}
+            out.append(ModelSpec(label, spec.spec, options, tuple(sweep.tasks)))
     return tuple(out)
 
 

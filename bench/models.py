@@ -79,6 +79,12 @@ class ModelSpec:
     label: str
     spec: str
     options: dict[str, Any] = field(default_factory=dict)
+    # The run's tasks this model runs (empty: all of them); a task-scoped --sweep sets it.
+    tasks: tuple[str, ...] = ()
+
+    def runs(self, task: str) -> bool:
+        """Whether this model runs `task` of its run."""
+        return not self.tasks or task in self.tasks
 
     @property
     def backend(self) -> str:

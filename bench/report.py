@@ -1,6 +1,8 @@
 """Reports of one run, or several merged: what report.md and report.html show, and their figures.
 
-A report opens with a summary: each task's headline rows (the rows its paper reports, as run.json
+A report opens with the paper in miniature: for each table a task's plugin declared the paper's
+numbers of (`TaskInfo.paper`), the run's rows beside the paper's. A summary follows: each task's
+headline rows (the rows its paper reports, as run.json
 records them in `task_info`), a column per model with its 95% interval, and each model's
 difference from the reference model with a paired test. A section per task follows with its
 figures and every setting, then provenance. Everything comes from the store; only redrawing a
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 from diffbench import figures, stats
-from diffbench.api import ALL, LARGEST, WILDCARDS, TaskInfo
+from diffbench.api import ALL, LARGEST, WILDCARDS, Headline, PaperRef, TaskInfo
+from diffbench.config import split_variant
 from diffbench.errors import DiffbenchError
 from diffbench.render.report import html_page, markdown
 from diffbench.results import Results, load_runs
@@ -66,6 +69,28 @@ class TaskSection:
 
 
 @dataclass(frozen=True)
+class PaperRow:
+    """One row of a paper table: the run's estimate per column, and the paper's numbers."""
+
+    label: str  # the row key, with the settings that tell apart rows sharing it
+    estimates: dict[str, Estimate]  # column (model or base label) -> the run's value
+    transformer: str  # the paper's number as text, or "" where it gives none
+    diff: str
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """One of the paper's tables beside the run's rows of the same metric and settings."""
+
+    task: str
+    ref: PaperRef
+    lower_is_better: bool
+    columns: tuple[str, ...]
+    rows: tuple[PaperRow, ...]
+    run_setting: tuple[tuple[str, str], ...]  # the settings every row shares that `where` chose
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything a report shows, computed once and rendered as Markdown or HTML."""
 
@@ -75,6 +100,7 @@ class Report:
     tasks: tuple[TaskSection, ...]
     summary_figure: Path | None
     level: float = stats.LEVEL
+    paper: tuple[PaperTable, ...] = ()
 
     @property
     def others(self) -> list[str]:
@@ -145,28 +171,90 @@ def headline_lines(info: TaskInfo, task_lines: Sequence[Line]) -> list[Line]:
         return [ln for ln in task_lines if all(dict(ln.setting).get(k) == ALL for k in averaged)]
     chosen: list[Line] = []
     for head in info.headline:
-        fixed = {k: setting_text(v) for k, v in head.where.items() if v != LARGEST}
-        largest = [k for k, v in head.where.items() if v == LARGEST]
-        found = [
-            ln
-            for ln in task_lines
-            if ln.metric == head.metric
-            and all(dict(ln.setting).get(k) == v for k, v in fixed.items())
-        ]
-        for key in largest:
-            # "Largest" within each group of lines that agree on every setting but this one.
-            groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
-            for ln in found:
-                rest = tuple(kv for kv in ln.setting if kv[0] != key)
-                groups.setdefault(rest, []).append(dict(ln.setting).get(key, ""))
-            top = {rest: _largest(vals) for rest, vals in groups.items()}
-            found = [
-                ln
-                for ln in found
-                if dict(ln.setting).get(key) == top[tuple(kv for kv in ln.setting if kv[0] != key)]
-            ]
+        found = matching_lines(head, task_lines)
         chosen += [ln for ln in found if ln not in chosen]
     return chosen
+
+
+def matching_lines(head: Headline | PaperRef, task_lines: Sequence[Line]) -> list[Line]:
+    """The lines of `head.metric` whose settings match `head.where` (a value, ALL, or LARGEST:
+    the largest value among lines that agree on every other fixed setting), in line order."""
+    fixed = {k: setting_text(v) for k, v in head.where.items() if v != LARGEST}
+    largest = [k for k, v in head.where.items() if v == LARGEST]
+    found = [
+        ln
+        for ln in task_lines
+        if ln.metric == head.metric and all(dict(ln.setting).get(k) == v for k, v in fixed.items())
+    ]
+    for key in largest:
+        # "Largest" within each group of lines that agree on every setting but this one.
+        groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        for ln in found:
+            rest = tuple(kv for kv in ln.setting if kv[0] != key)
+            groups.setdefault(rest, []).append(dict(ln.setting).get(key, ""))
+        top = {rest: _largest(vals) for rest, vals in groups.items()}
+        found = [
+            ln
+            for ln in found
+            if dict(ln.setting).get(key) == top[tuple(kv for kv in ln.setting if kv[0] != key)]
+        ]
+    return found
+
+
+def paper_table(
+    task: str, ref: PaperRef, task_lines: Sequence[Line], models: Sequence[str]
+) -> PaperTable:
+    """The run's lines matching a paper reference as one table: a row per value of `ref.by`
+    (or of the swept option `ref.variant_key`), a column per model (or per base model), and the
+    paper's numbers. Rows that share a key are told apart by the settings they differ in."""
+    found = matching_lines(ref, task_lines)
+    # (row key, line, column -> estimate) per row, in line order (variants: in model order).
+    keyed: list[tuple[str, Line, dict[str, Estimate]]] = []
+    for ln in found:
+        prefix = "/".join(dict(ln.setting).get(k, "") for k in ref.by)
+        if not ref.variant_key:
+            keyed.append((prefix, ln, {m: ln.estimates[m] for m in models if m in ln.estimates}))
+            continue
+        per_value: dict[str, dict[str, Estimate]] = {}
+        for m in models:
+            variant = split_variant(m)
+            if m in ln.estimates and variant is not None and variant[1] == ref.variant_key:
+                per_value.setdefault(variant[2], {})[variant[0]] = ln.estimates[m]
+        keyed += [("/".join(filter(None, (prefix, v))), ln, e) for v, e in per_value.items()]
+    # Columns in model order: a base label where its first variant stands.
+    bases = [(split_variant(m) or (m,))[0] if ref.variant_key else m for m in models]
+    columns = tuple(c for c in dict.fromkeys(bases) if any(c in e for _, _, e in keyed))
+    if not keyed:
+        return PaperTable(task, ref, False, (), (), ())
+    # Settings whose value differs between the matched lines label the rows; the rest are the
+    # run's conditions, shown once (those that `where` chose: its LARGEST ones).
+    keys = [k for k, _ in keyed[0][1].setting]
+    varying = [
+        k
+        for k in keys
+        if k not in ref.by and len({dict(ln.setting).get(k) for _, ln, _ in keyed}) > 1
+    ]
+    shared = tuple(
+        (k, v) for k, v in keyed[0][1].setting if ref.where.get(k) == LARGEST and k not in varying
+    )
+    rows = []
+    for key, ln, estimates in keyed:
+        detail = ", ".join(f"{k}={dict(ln.setting).get(k, '')}" for k in varying)
+        label = " ".join(filter(None, (key, f"({detail})" if detail else ""))) or ref.metric
+        rows.append(PaperRow(label, estimates, ref.transformer.get(key, ""), ref.diff.get(key, "")))
+    return PaperTable(task, ref, keyed[0][1].lower_is_better, columns, tuple(rows), shared)
+
+
+def paper_tables(results: Results, sections: Sequence[TaskSection]) -> list[PaperTable]:
+    """Every paper table of the report's tasks that has rows in this run, in the sections' task
+    order (the run's)."""
+    out = []
+    for section in sections:
+        for ref in results.info(section.name).paper:
+            table = paper_table(section.name, ref, section.lines, results.models)
+            if table.rows:
+                out.append(table)
+    return out
 
 
 def describe_headline(info: TaskInfo) -> str:
@@ -198,7 +286,8 @@ def build(results: Results, reference: str | None = None) -> Report:
         )
     summary: list[Line] = []
     sections: list[TaskSection] = []
-    for task in sorted(results.metrics["task"].unique()):
+    measured = set(results.metrics["task"].unique())
+    for task in [t for t in results.tasks if t in measured]:  # the run's task order
         info = results.info(task)
         rows = results.metrics[results.metrics["task"] == task]
         task_lines = lines(results, rows, reference, stats.LEVEL)
@@ -206,7 +295,8 @@ def build(results: Results, reference: str | None = None) -> Report:
         sections.append(
             TaskSection(task, info.description, describe_headline(info), tuple(task_lines), ())
         )
-    return Report(results, reference, tuple(summary), tuple(sections), None)
+    paper = tuple(paper_tables(results, sections))
+    return Report(results, reference, tuple(summary), tuple(sections), None, paper=paper)
 
 
 def with_figures(report: Report, figures_dir: Path) -> Report:

@@ -143,7 +143,10 @@ def load_run(run_dir: Path) -> Results:
     for column in (c for c in metrics.columns if c not in METRIC_COLUMNS):
         # A setting written 25.0 by one run and 25 by another is one setting.
         metrics[column] = metrics[column].map(lambda v: "" if v == "" else setting_text(v))
-    names = sorted(metrics["task"].unique())
+    # In the run's own task order (run.json's `task_order`; runs before it: alphabetical).
+    measured = set(metrics["task"].unique())
+    order = [t for t in record.get("task_order", []) if t in measured]
+    names = order + sorted(measured - set(order))
     tasks = task_infos(run_dir, record, names)
     samples: dict[str, SampleIndex] = {}
     for task in names:

@@ -102,6 +102,8 @@ def check_answers(spec: ModelSpec, prepared: dict[str, PreparedTask]) -> None:
     one of the run's tasks sends."""
     cls = registry.backend_class(spec.backend)
     for name, p in prepared.items():
+        if not spec.runs(name):
+            continue
         for kind in p.task.request_kinds:
             if not answers(cls, kind):
                 raise DiffbenchError(
@@ -115,7 +117,12 @@ def identity(cfg: RunConfig, prepared: dict[str, PreparedTask]) -> dict[str, Any
     return {
         "tasks": {n: config_dict(p.config) for n, p in prepared.items()},
         "models": [
-            {"label": m.label, "spec": m.spec, "options": dict(sorted(m.options.items()))}
+            {
+                "label": m.label,
+                "spec": m.spec,
+                "options": dict(sorted(m.options.items())),
+                **({"tasks": list(m.tasks)} if m.tasks else {}),  # runs before it had none
+            }
             for m in cfg.models
         ],
         "seed": cfg.seed,
@@ -530,6 +537,7 @@ def _run_locked(
                 "diffbench_run": 2,  # 2: run.json describes its tasks (`task_info`)
                 "config": ident,
                 "task_info": {n: TaskInfo.of(p.task).to_json() for n, p in prepared.items()},
+                "task_order": list(prepared),  # run.json's keys are sorted
                 "versions": versions(),
                 "git_revision": git_revision(),
                 "command": sys.argv,
@@ -559,8 +567,15 @@ def _run_locked(
                     time.perf_counter() - t0,
                 )
                 view = backend.tokenizer_view()
-                for name, p in prepared.items():
-                    items = _limited(list(p.task.items(p.config, view, cfg.seed)), cfg.limit)
+                # Every task's requests first: a task that cannot run on this model (a prompt
+                # beyond its context) stops the run before any other task spends time on it.
+                planned = {
+                    name: _limited(list(p.task.items(p.config, view, cfg.seed)), cfg.limit)
+                    for name, p in prepared.items()
+                    if spec.runs(name)
+                }
+                for name, items in planned.items():
+                    p = prepared[name]
                     ids = [it.id for it in items]
                     if len(set(ids)) != len(ids):
                         raise RuntimeError(f"task {name} produced duplicate sample ids")

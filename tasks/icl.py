@@ -31,6 +31,7 @@ from diffbench.api import (
     ChoiceScores,
     Headline,
     Item,
+    PaperRef,
     Response,
     Sample,
     TokenizerView,
@@ -141,6 +142,30 @@ class IclTask:
     headline = (
         Headline("accuracy", {"draw": ALL, "order": ALL}),
         Headline("margin", {"shots": LARGEST}),
+    )
+    # The paper's numbers beside the run's (report.md's first section).
+    paper = (
+        PaperRef(
+            "Figure 6",
+            "Many-shot ICL accuracy by number of demonstrations",
+            "accuracy",
+            {"arrangement": "random", "draw": ALL, "order": ALL},
+            by=("shots",),
+            note="curves only; DIFF +5.2 to +21.6 points over Transformer by dataset (TREC, "
+            "TREC-fine, Banking-77, Clinic-150), up to 64K context",
+        ),
+        PaperRef(
+            "Figure 7",
+            "Order robustness: best - worst accuracy over demonstration orders",
+            "margin",
+            {"shots": LARGEST},
+            by=("arrangement",),
+            transformer={"random": "0.190", "alternating": "0.567"},
+            diff={"random": "0.040", "alternating": "0.134"},
+            note="TREC, points as fractions (19.0 = 0.190); random, Transformer vs DIFF: TREC-fine "
+            "0.240/0.090, Banking-77 0.130/0.090, Clinic-150 0.120/0.060; the run: over its "
+            "prompts (draws x orders) at its largest shot count",
+        ),
     )
     request_kinds = (ChoiceRequest,)
 

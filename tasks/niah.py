@@ -44,6 +44,7 @@ import pandas as pd
 from diffbench.api import (
     ALL,
     CLUSTER_KEY,
+    LARGEST,
     AttentionMass,
     AttentionRequest,
     ChoiceRequest,
@@ -52,6 +53,7 @@ from diffbench.api import (
     Generation,
     Headline,
     Item,
+    PaperRef,
     Response,
     Sample,
     TokenizerView,
@@ -72,7 +74,8 @@ class NiahConfig:
     depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
     needles: tuple[str, ...] = ("1/1",)  # N/R: N needles in the context, R of them queried
     samples: int = 3
-    mode: Literal["generate", "score", "both", "attention"] = "both"
+    # both: generate and score; all: generate, score and attention (Tables 2 and 3 in one run)
+    mode: Literal["generate", "score", "both", "attention", "all"] = "both"
     haystack: str = "procedural"  # or the path of a UTF-8 text file
     # sample: each sample its own haystack (samples independent); length: one haystack for every
     # sample of a length (gkamradt's, NeedleBench's and RULER's protocol), whose prompts then
@@ -330,6 +333,8 @@ def _answer_room(cfg: NiahConfig, tok: TokenizerView, needles: list[Needle], r: 
 
 
 def _modes(cfg: NiahConfig) -> tuple[str, ...]:
+    if cfg.mode == "all":
+        return ("generate", "score", "attention")
     return ("generate", "score") if cfg.mode == "both" else (cfg.mode,)
 
 
@@ -350,6 +355,59 @@ class NiahTask:
         Headline("accuracy", {"depth": ALL}),
         Headline("attention_answer"),
         Headline("attention_noise"),
+    )
+    # The paper's numbers beside the run's (report.md's first section).
+    paper = (
+        PaperRef(
+            "Table 2",
+            "Multi-needle retrieval accuracy, N needles / R queried",
+            "accuracy",
+            {"mode": "generate", "depth": ALL, "length": LARGEST},
+            by=("needles", "queries"),
+            transformer={"1/1": "1.00", "2/2": "0.85", "4/2": "0.62", "6/2": "0.55"},
+            diff={"1/1": "1.00", "2/2": "0.92", "4/2": "0.84", "6/2": "0.85"},
+            note="4K context, mean over depths; the run: its largest length, generate mode",
+        ),
+        PaperRef(
+            "Figure 5",
+            "Retrieval accuracy by context length, N=8 R=1",
+            "accuracy",
+            {"mode": "generate", "depth": ALL, "needles": "8", "queries": "1"},
+            by=("length",),
+            transformer=dict(
+                zip(
+                    (str(8192 * i) for i in range(1, 9)),
+                    ("0.95", "0.84", "0.78", "0.64", "0.50", "0.75", "0.78", "0.52"),
+                    strict=True,
+                )
+            ),
+            diff=dict(
+                zip(
+                    (str(8192 * i) for i in range(1, 9)),
+                    ("1.00", "0.94", "0.87", "0.83", "0.83", "0.92", "0.84", "0.86"),
+                    strict=True,
+                )
+            ),
+            note="8K-64K context, mean over depths (preset paper-64k)",
+        ),
+        PaperRef(
+            "Table 3",
+            "Attention on the answer span",
+            "attention_answer",
+            {"mode": "attention", "depth": ALL, "length": LARGEST},
+            transformer={"": "0.03–0.09"},
+            diff={"": "0.27–0.40"},
+            note="4K context, range over depths 0-100%; the run: mean over depths",
+        ),
+        PaperRef(
+            "Table 3",
+            "Attention on the noise context",
+            "attention_noise",
+            {"mode": "attention", "depth": ALL, "length": LARGEST},
+            transformer={"": "0.49–0.54"},
+            diff={"": "0.01–0.02"},
+            note="4K context, range over depths 0-100%; the run: mean over depths",
+        ),
     )
     # AttentionRequest (mode=attention) is left out: a backend without attention probes (vLLM)
     # still runs the other modes; the runner's AttributeError names the missing verb otherwise.

@@ -41,6 +41,7 @@ from diffbench.api import (
     ActivationSummary,
     Headline,
     Item,
+    PaperRef,
     Response,
     Sample,
     TokenizerView,
@@ -244,6 +245,29 @@ class OutliersTask:
     headline = tuple(
         Headline(m, {"layer": ALL, "map": ALL})
         for m in ("top1", "top2", "top3", "top10", "top100", "median")
+    )
+    # The paper's numbers beside the run's (report.md's first section).
+    paper = (
+        PaperRef(
+            "Table 5",
+            "Largest |activation| (top-1)",
+            "top1",
+            {"layer": ALL, "map": ALL},
+            by=("activation",),
+            transformer={"attention_logits": "318.0", "hidden_states": "3608.6"},
+            diff={"attention_logits": "38.8", "hidden_states": "1688.2"},
+            note="over 0.4M tokens, every layer, a DIFF model's two maps together",
+        ),
+        PaperRef(
+            "Table 5",
+            "Median |activation|",
+            "median",
+            {"layer": ALL, "map": ALL},
+            by=("activation",),
+            transformer={"attention_logits": "5.4", "hidden_states": "0.6"},
+            diff={"attention_logits": "3.3", "hidden_states": "1.2"},
+            note="over 0.4M tokens, every layer, a DIFF model's two maps together",
+        ),
     )
     request_kinds = (ActivationRequest,)
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import pandas as pd
 from diffbench.api import (
+    LARGEST,
     Headline,
     Item,
+    PaperRef,
     Response,
     Sample,
     Throughput,
@@ -76,6 +78,19 @@ class ThroughputTask:
         Headline("decode_tokens_per_s"),
         Headline("prefill_relative"),
         Headline("decode_relative"),
+    )
+    # The paper's number beside the run's (report.md's first section).
+    paper = (
+        PaperRef(
+            "Table 7",
+            "Forward (prefill) throughput relative to the reference model",
+            "prefill_relative",
+            {"length": LARGEST},
+            transformer={"": "0.00"},
+            diff={"": "-0.09"},
+            note="H100, 2K context (4K: -0.10; training: -0.09 at 2K, not measured here); the "
+            "Transformer is the reference; the run: its largest length",
+        ),
     )
     request_kinds = (ThroughputRequest,)
 

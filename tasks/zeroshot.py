@@ -29,6 +29,7 @@ from diffbench.api import (
     ChoiceScores,
     Headline,
     Item,
+    PaperRef,
     Response,
     Sample,
     TokenizerView,
@@ -110,6 +111,18 @@ class ZeroshotTask:
     lower_is_better: frozenset[str] = frozenset()
     sample_mean_metrics = frozenset({"accuracy"})
     headline = (Headline("accuracy", {"format": ALL}),)
+    # The paper's Figure 8 beside the run's, for a run with --sweep logit_bits=16,8,6,4.
+    paper = (
+        PaperRef(
+            "Figure 8",
+            "Zero-shot accuracy vs attention-logit bits",
+            "accuracy",
+            {"format": ALL},
+            variant_key="logit_bits",
+            note="HellaSwag, no exact numbers given: DIFF holds 16→6 bits; Transformer drops at "
+            "6; 4-bit DIFF ≈ +25 points",
+        ),
+    )
     request_kinds = (ChoiceRequest,)
 
     def items(self, config: ZeroshotConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:

@@ -75,7 +75,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--model-args", "nope:batch_size=4"], "names 'nope', which is not a model"),
     ([*RUN, "--set", "niahsamples=3"], "malformed --set 'niahsamples=3'"),
     ([*RUN, "--set", "niah.samples"], "malformed --set 'niah.samples'"),
-    ([*RUN, "--set", "icl.shots=4"], "names task 'icl', which is not in this run's tasks"),
+    ([*RUN, "--tasks", "niah", "--set", "icl.shots=4"], "names task 'icl', which is not in this"),
     ([*RUN, "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
     ([*RUN, "--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
     ([*RUN, "--limit", "0"], "argument --limit: expected a positive integer, got '0'"),
@@ -128,6 +128,12 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--sweep", "logit_bits"], "malformed --sweep 'logit_bits': expected KEY=V1,V2"),
     ([*RUN, "--sweep", "logit_bits=16,,4"], "every value must be non-empty"),
     ([*RUN, "--config", "cfg/sweep.yaml"], "malformed sweep in cfg/sweep.yaml"),
+    ([*RUN, "--tasks", "niah", "--sweep-tasks", "niah"], "--sweep-tasks needs --sweep"),
+    (
+        [*RUN, "--tasks", "niah", "--sweep", "logit_bits=16,8", "--sweep-tasks", "icl"],
+        "sweep tasks icl are not tasks of this run (niah)",
+    ),
+    ([*RUN, "--sweep", "logit_bits=8", "--sweep-tasks", "zeroshot,"], "malformed --sweep-tasks"),
     ([*RUN, "--config", "cfg/options-float.yaml"], "niah.samples expects int, got 2.5"),
     ([*RUN, "--config", "cfg/options-other-task.yaml"], "options given for tasks not in this"),
     # run: models (resolved before anything is written)
@@ -235,7 +241,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(scenery, tmp_path, argv
 
 def test_default_output_under_a_file_is_refused(tmp_path):
     (tmp_path / "results").write_text("keep me\n")
-    res = run_cli(tmp_path, "run", "--set", "niah.samples=1", "--no-report")
+    res = run_cli(tmp_path, "run", "--tasks", "niah", "--set", "niah.samples=1", "--no-report")
     assert_one_line_error(res, "results is a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     assert (tmp_path / "results").read_text() == "keep me\n"
@@ -282,6 +288,8 @@ def test_length_beyond_model_context_fails_and_keeps_scored_samples(cli, tiny_pa
     # Model a may use 2048 tokens and is scored in full; model b (1024) then fails.
     res = cli(
         "run",
+        "--tasks",
+        "niah",
         "--models",
         models_arg(tiny_pair).replace("diff=", "a=").replace("base=", "b="),
         "--model-args",
@@ -303,7 +311,8 @@ def test_length_beyond_model_context_fails_and_keeps_scored_samples(cli, tiny_pa
 def test_empty_haystack_file_fails(cli, tiny_pair, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    res = cli("run", "--models", models_arg(tiny_pair), "--set", f"niah.haystack={empty}")
+    models = models_arg(tiny_pair)
+    res = cli("run", "--tasks", "niah", "--models", models, "--set", f"niah.haystack={empty}")
     assert_one_line_error(res, "is empty")
 
 
@@ -311,6 +320,8 @@ def test_resume_into_a_directory_of_another_run_is_refused(cli, tiny_pair, tmp_p
     out = tmp_path / "run"
     base = [
         "run",
+        "--tasks",
+        "niah",
         "--models",
         f"d={tiny_pair['tiny-diff']}",
         "--set",

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffbench.render import fill
-from diffbench.render.cells import Cell, Table
+from diffbench.render.cells import MISSING, Cell, Table
 
 if TYPE_CHECKING:
-    from diffbench.report import Line, Report
+    from diffbench.report import Line, PaperTable, Report
 
 TEST_NAMES = {
     "McNemar exact": "McNemar's exact test",
@@ -27,6 +27,11 @@ TEST_NAMES = {
     "normal": "normal approximation from the stderrs",
 }
 MODEL_HEAD = ("model", "spec", "architecture", "parameters", "dtype", "max context", "weights")
+PAPER_HEAD = ("paper Transformer (3B)", "paper DIFF (3B)")
+PAPER_INTRO = (
+    "The paper columns are the DIFF paper's own numbers (Ye et al., ICLR 2025: 3B models at "
+    "4K-64K context), for reference only: they are not comparable in scale with this run's models."
+)
 # No fetch of any kind: images only as data: URIs, styles only inline, no scripts.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -87,6 +92,31 @@ def table(report: Report, rows: Sequence[Line], with_task: bool) -> Table:
         row += [Cell.of_difference(ln.differences.get(m), ln.verdict(m)) for m in report.others]
         body.append(tuple(row))
     return Table(tuple(head), tuple(body), frozenset({"setting"}))
+
+
+def paper_caption(t: PaperTable) -> str:
+    """The paper table's title, what the run shows (task, metric, settings) and the paper's
+    conditions; the table's source ("Table 2") is set apart by the templates."""
+    shown = f"{t.task} {t.ref.metric} {'↓' if t.lower_is_better else '↑'}"
+    if t.run_setting:
+        shown += " at " + ", ".join(f"{k}={v}" for k, v in t.run_setting)
+    note = f" Paper: {t.ref.note}." if t.ref.note else ""
+    return f"{t.ref.title}. Run: {shown}.{note}"
+
+
+def paper_table(t: PaperTable) -> Table:
+    """A paper table: the row key, the run's value per model (with its interval), the paper's."""
+    key = "/".join(k for k in (*t.ref.by, t.ref.variant_key) if k) or "metric"
+    body = tuple(
+        (
+            row.label,
+            *(Cell.of_estimate(row.estimates.get(c)) for c in t.columns),
+            row.transformer or MISSING,
+            row.diff or MISSING,
+        )
+        for row in t.rows
+    )
+    return Table((key, *t.columns, *PAPER_HEAD), body)
 
 
 def provenance(report: Report) -> Provenance:
@@ -158,6 +188,11 @@ def legend(report: Report) -> str:
 def _view(report: Report) -> dict[str, Any]:
     """What both templates show, computed once."""
     return {
+        "paper": [
+            {"source": t.ref.source, "caption": paper_caption(t), "table": paper_table(t)}
+            for t in report.paper
+        ],
+        "paper_intro": PAPER_INTRO,
         "reference": report.reference,
         "others": report.others,
         "summary": table(report, report.summary, True),
