@@ -308,6 +308,20 @@ def test_length_beyond_model_context_fails_and_keeps_scored_samples(cli, tiny_pa
     assert len(kept) == 2 * 5
 
 
+def test_a_later_task_beyond_the_context_stops_the_run_before_an_earlier_task_scores(
+    cli, tiny_pair, tmp_path
+):
+    # Every task's requests are built when a model loads: niah must not run for minutes first.
+    out = tmp_path / "run"
+    res = cli(
+        "run", "--tasks", "niah,throughput", "--models", f"a={tiny_pair['tiny-base']}",
+        "--set", "niah.lengths=256", "--set", "throughput.lengths=1024", "--limit", "1",
+        "--output", str(out),
+    )  # fmt: skip
+    assert_one_line_error(res, "throughput length 1024", "maximum context of 1024")
+    assert not (out / "samples" / "niah" / "a.jsonl").exists()
+
+
 def test_empty_haystack_file_fails(cli, tiny_pair, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
