@@ -59,6 +59,7 @@ class IclConfig:
     orders: int = 1  # order seeds per arrangement
     arrangements: tuple[str, ...] = ("random",)
     test_size: int = 24
+    classes: int = 0  # 0: every class; N: a seeded subset of N classes (e.g. 6, TREC's count)
     answer: Literal["likelihood", "constrained"] = "likelihood"
     separator: str = "\n\n"
     preset: str = ""
@@ -71,6 +72,8 @@ class IclConfig:
             raise ValueError("shots must be positive")
         if self.draws < 1 or self.orders < 1 or self.test_size < 1:
             raise ValueError("draws, orders and test_size must be >= 1")
+        if self.classes < 0:
+            raise ValueError("classes must be >= 0 (0: every class)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -173,7 +176,7 @@ class IclTask:
         """Every (shots, draw, arrangement, order, test example) request for one model."""
         ds = icl_datasets.load(
             config.dataset, config.test_file, config.text_field, config.label_field,
-            config.test_size, seed,
+            config.test_size, seed, config.classes,
         )  # fmt: skip
         test_rng = random.Random(f"icl|{seed}|test")
         test = list(ds.test)

@@ -319,11 +319,27 @@ def _utterance(templates: tuple[str, ...], rng: random.Random) -> str:
     return rng.choice(OPENINGS) + text + closing
 
 
-def synthetic(test_size: int, seed: int, per_class: int = 30) -> IclDataset:
-    """The generated intent set: `per_class` distinct utterances for each intent, seeded."""
+def class_subset(labels: Iterable[str], classes: int, seed: int, dataset: str) -> list[str]:
+    """`classes` of the dataset's labels, drawn by the seed (all of them when `classes` is 0)."""
+    labels = sorted(labels)
+    if not classes:
+        return labels
+    if classes > len(labels):
+        raise DiffbenchError(
+            f"icl.classes={classes}: dataset {dataset} has only {len(labels)} classes"
+        )
+    return sorted(random.Random(f"icl-classes|{seed}").sample(labels, classes))
+
+
+def synthetic(test_size: int, seed: int, per_class: int = 30, classes: int = 0) -> IclDataset:
+    """The generated intent set: `per_class` distinct utterances for each intent (of a seeded
+    subset of `classes` intents, when given), seeded."""
+    keep = set(class_subset(INTENTS, classes, seed, "synthetic"))
     rng = random.Random(f"icl-synthetic|{seed}")
     pool, seen = [], set()
     for label, templates in INTENTS.items():
+        if label not in keep:
+            continue
         texts: list[str] = []
         for _ in range(1000 * per_class):
             text = _utterance(templates, rng)
@@ -338,15 +354,16 @@ def synthetic(test_size: int, seed: int, per_class: int = 30) -> IclDataset:
     rng.shuffle(pool)
     n_test = min(test_size, len(pool) // 4)
     train, test, dropped = _separate(pool[n_test:], pool[:n_test])
-    return IclDataset("synthetic", train, test, tuple(sorted(INTENTS)), dropped=dropped)
+    return IclDataset("synthetic", train, test, tuple(sorted(keep)), dropped=dropped)
 
 
 def load(name: str, test_file: str, text_field: str, label_field: str, test_size: int,
-         seed: int) -> IclDataset:  # fmt: skip
-    """The dataset named by `icl.dataset`: synthetic, a hub name, or a local file path."""
+         seed: int, classes: int = 0) -> IclDataset:  # fmt: skip
+    """The dataset named by `icl.dataset`: synthetic, a hub name, or a local file path; with
+    `classes`, only the examples of that many of its classes (drawn by the seed)."""
     path = Path(name).expanduser()
     if name == "synthetic":
-        ds = synthetic(test_size, seed)
+        ds = synthetic(test_size, seed, classes=classes)
     elif name in HUB:
         ds = _from_hub(name)
     elif path.suffix or path.exists():
@@ -356,6 +373,14 @@ def load(name: str, test_file: str, text_field: str, label_field: str, test_size
             f"unknown dataset {name!r}: use synthetic, {', '.join(HUB)}, or a .jsonl/.csv/.parquet "
             "path"
         )
+    if classes and name != "synthetic":
+        keep = set(class_subset(ds.labels, classes, seed, ds.name))
+        ds = IclDataset(
+            ds.name, tuple(e for e in ds.train if e.label in keep),
+            tuple(e for e in ds.test if e.label in keep),
+            tuple(lab for lab in ds.labels if lab in keep), ds.input_name, ds.label_name,
+            ds.dropped,
+        )  # fmt: skip
     d = ds.dropped
     log.info(
         "icl dataset %s: %d demonstrations, %d test examples; dropped %d rows repeating an "

@@ -14,6 +14,7 @@ import pytest
 from conftest import kill_when, models_arg
 from diffbench.api import CLUSTER_KEY
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget
+from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack, icl_datasets
 from diffbench.tasks.icl import TASK, IclConfig, arrange, label_choices
 from diffbench.tasks.icl_datasets import Example
@@ -302,3 +303,23 @@ def test_accuracy_stderr_is_not_zero_when_draws_agree():
     assert row["stderr"] == pytest.approx(np.std(scores, ddof=1) / np.sqrt(len(scores)))
     spread = metrics[(metrics["draw"] == "all") & (metrics["metric"] == "accuracy_std")]
     assert spread["value"].iloc[0] == 0.0
+
+
+def test_a_class_subset_keeps_only_its_classes_and_is_drawn_by_the_seed(tmp_path):
+    ds = icl_datasets.load("synthetic", "", "text", "label", 40, seed=7, classes=6)
+    assert len(ds.labels) == 6 and set(ds.labels) < set(icl_datasets.INTENTS)
+    assert {e.label for e in ds.train + ds.test} == set(ds.labels)
+    assert len(ds.test) == 40  # the test split is drawn from the subset, not cut from all 32
+    again = icl_datasets.load("synthetic", "", "text", "label", 40, seed=7, classes=6)
+    assert again.labels == ds.labels
+    other = icl_datasets.load("synthetic", "", "text", "label", 40, seed=8, classes=6)
+    assert other.labels != ds.labels
+    rows = [{"text": f"t{i} {lab}", "label": lab} for i in range(20) for lab in "abcd"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    local = icl_datasets.load(str(path), "", "text", "label", 8, seed=1, classes=2)
+    assert len(local.labels) == 2 and {e.label for e in local.train + local.test} == set(
+        local.labels
+    )
+    with pytest.raises(DiffbenchError, match=r"d\.jsonl has only 4 classes"):
+        icl_datasets.load(str(path), "", "text", "label", 8, seed=1, classes=5)
