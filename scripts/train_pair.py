@@ -11,9 +11,10 @@ short documents in the hallucination task's QA and summary prompts answered from
 retrieval (answer digits, in-context labels and answers: weight 1, everything else 0.1), which is
 what makes a retrieval circuit appear within a CPU budget.
 
-    python scripts/train_pair.py --preset default --out bench/models --seed 0 --threads 2
+    python scripts/train_pair.py --preset default --out bench/models --seed 0 --threads 1
 
-That run is what ships in bench/models (about 35 minutes on 2 CPU cores); `--resume` continues
+That run is what ships in bench/models (69 minutes on one core of a shared 2-core machine; torch's
+two threads collapse whenever another process runs); `--resume` continues
 one that was interrupted from its last saved state. The saved pair is then checked by diffbench
 itself: its niah task, run by `diffbench.runner.run` into OUT/.niah_eval, whose metrics.csv gives
 the accuracies printed and written into the model cards.
@@ -123,7 +124,7 @@ class Preset:
 
 
 PRESETS = {
-    # Sized for 2 CPU cores (--threads 2): about 35 minutes for both models together.
+    # Sized for a CPU: about 70 minutes for both models together on one core (--threads 1).
     "default": Preset(
         hidden_size=128,
         n_layers=2,
