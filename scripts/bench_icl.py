@@ -35,13 +35,14 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from _bench import PassCounter, spawn, write_text
 
 DOMAINS: dict[str, tuple[str, ...]] = {
     "flight": ("flight", "plane ticket"),
@@ -112,13 +113,6 @@ def generate_rows(labels: list[str], per_class: int, seed: int) -> list[dict[str
         rows += [{"text": t, "label": label} for t in rng.sample(texts, min(per_class, len(texts)))]
     rng.shuffle(rows)
     return [{"id": i, **row} for i, row in enumerate(rows)]
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -286,20 +280,6 @@ class Job:
     threads: int = 0  # torch threads (0: torch's default)
 
 
-class PassCounter:
-    """Counts a model's forward passes and the token positions fed to them (padding too)."""
-
-    def __init__(self, model: Any) -> None:
-        self.passes = 0
-        self.tokens = 0
-        model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = args[0] if args else kwargs.get("input_ids")
-        self.passes += 1
-        self.tokens += int(ids.numel()) if ids is not None else 0
-
-
 def run_worker(job: Job) -> dict[str, Any]:
     """Run one method on one plan; wall time excludes imports and model loading."""
     plan = Plan(**json.loads(Path(job.plan).read_text()))
@@ -441,36 +421,6 @@ def _worker_lmeval(job: Job, plan: Plan) -> dict[str, Any]:
     }
 
 
-def spawn(job: Job, work: Path) -> dict[str, Any]:
-    """Run a job in a fresh interpreter; add its process wall time and peak RSS."""
-    stem = f"{job.method}_{Path(job.plan).stem}"
-    job_file, out_file, log_file = (work / f"{stem}.{ext}" for ext in ("job", "out", "log"))
-    write_text(job_file, json.dumps(asdict(job)))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(work / "hf_datasets"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if job.threads:
-        env["OMP_NUM_THREADS"] = str(job.threads)
-    cmd = [sys.executable, __file__, "--worker", str(job_file), "--worker-out", str(out_file)]
-    start = time.perf_counter()
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = log_file.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"bench_icl: {stem} failed (exit {proc.returncode}):\n{tail}")
-    result = json.loads(out_file.read_text())
-    result["process_seconds"] = wall
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
-    return result
-
-
 # ---- the run ------------------------------------------------------------------------------------
 
 
@@ -555,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             if method == "lmeval":
                 job = replace(job, lmeval_task=write_lmeval_task(plans[n], work / "lmeval"))
             print(f"running {method} on {n} labels ...", file=sys.stderr, flush=True)
-            result = spawn(job, work)
+            stem = f"{job.method}_{Path(job.plan).stem}"
+            result = spawn(__file__, asdict(job), work, stem, job.threads)
             print(f"  {result['seconds']:.1f} s", file=sys.stderr, flush=True)
             return result
 

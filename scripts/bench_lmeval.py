@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from _bench import PassCounter, peak_rss_mib, spawn, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_DIR = ROOT / "tasks" / "lm_eval_local"
@@ -57,28 +57,7 @@ class Job:
     threads: int
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---- one side, in a worker subprocess -----------------------------------------------------------
-
-
-class PassCounter:
-    """Counts a model's forward passes and the token positions fed to them (padding too)."""
-
-    def __init__(self, model: Any) -> None:
-        self.passes = 0
-        self.tokens = 0
-        model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = args[0] if args else kwargs.get("input_ids")
-        self.passes += 1
-        self.tokens += int(ids.numel()) if ids is not None else 0
 
 
 def load_lm(job: Job) -> tuple[Any, Any]:
@@ -114,7 +93,7 @@ def run_worker(job: Job) -> dict[str, Any]:
     start = time.perf_counter()
     lm, model = load_lm(job)
     load_seconds = time.perf_counter() - start
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss_after_load = peak_rss_mib()
     counter = PassCounter(model)
     start = time.perf_counter()
     manager = TaskManager(include_path=job.include_path, include_defaults=False)
@@ -147,33 +126,6 @@ def run_worker(job: Job) -> dict[str, Any]:
         "tokens": counter.tokens,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def spawn(job: Job, work: Path) -> dict[str, Any]:
-    """Run a job in a fresh interpreter; add its process wall time and peak RSS."""
-    job_file, out_file, log_file = (work / f"{job.side}.{ext}" for ext in ("job", "out", "log"))
-    write_text(job_file, json.dumps(asdict(job)))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(work / "hf_datasets"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    cmd = [sys.executable, __file__, "--worker", str(job_file), "--worker-out", str(out_file)]
-    start = time.perf_counter()
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if code != 0:
-        tail = log_file.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"bench_lmeval: {job.side} failed (exit {code}):\n{tail}")
-    result = json.loads(out_file.read_text())
-    result["process_seconds"] = wall
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
-    return result
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -222,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.shots, args.lmeval_batch_size, args.diffbench_batch_size,
                       args.threads)  # fmt: skip
             print(f"running {side} ...", file=sys.stderr, flush=True)
-            sides[side] = spawn(job, work)
+            sides[side] = spawn(__file__, asdict(job), work, job.side)
             print(f"  {sides[side]['seconds']:.1f} s", file=sys.stderr, flush=True)
     report = summarise(args, sides)
     print_report(report)

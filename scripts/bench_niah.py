@@ -42,8 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,17 +49,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from _bench import PassCounter, peak_rss_mib, spawn, write_text
+
 RULER_TASK = "niah_single_1"
 METHODS = ("ruler", "diffbench", "lower_bound")
 DECODE_PROBE_STEPS = 16  # decode steps timed per repetition for the per-step time
 DECODE_PROBE_REPS = 3
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---- workers: one method, one process ---------------------------------------------------------
@@ -123,25 +116,6 @@ class VerbTimer:
         out = io.StringIO()
         pstats.Stats(self.profiler, stream=out).sort_stats("cumulative").print_stats(top)
         return out.getvalue()
-
-
-class PassCounter:
-    """Counts a model's forward passes and the token positions fed to them (padding too)."""
-
-    def __init__(self, model: Any) -> None:
-        self.passes = 0
-        self.tokens = 0
-        model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = args[0] if args else kwargs.get("input_ids")
-        self.passes += 1
-        self.tokens += int(ids.numel()) if ids is not None else 0
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def niah_options(length: int, n: int, haystack_per: str = "sample") -> dict[str, Any]:
@@ -358,35 +332,6 @@ def _decode_step_seconds(model: Any, ids: list[int]) -> float:
     return best
 
 
-def spawn(job: Job, work: Path, stem: str) -> dict[str, Any]:
-    """Run a job in a fresh interpreter; add its process wall time and peak RSS."""
-    job_file, out_file, log_file = (work / f"{stem}.{ext}" for ext in ("job", "out", "log"))
-    write_text(job_file, json.dumps(asdict(job)))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(work / "hf_datasets"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if job.threads:
-        env["OMP_NUM_THREADS"] = str(job.threads)
-    cmd = [sys.executable, __file__, "--worker", str(job_file), "--worker-out", str(out_file)]
-    start = time.perf_counter()
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if code != 0:
-        tail = log_file.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"bench_niah: {stem} failed (exit {code}):\n{tail}")
-    result: dict[str, Any] = json.loads(out_file.read_text())
-    result["process_seconds"] = wall
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
-    return result
-
-
 # ---- the run ------------------------------------------------------------------------------------
 
 
@@ -461,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = Job(**{**asdict(base), "method": method, "lengths": [length],
                              "out_dir": str(work / f"run_{length}")})  # fmt: skip
                 print(f"running {method} at {length} tokens ...", file=sys.stderr, flush=True)
-                r = spawn(job, work, f"{method}_{length}")
+                r = spawn(__file__, asdict(job), work, f"{method}_{length}", job.threads)
                 print(f"  {r['seconds']:.1f} s, accuracy {r['accuracy']:.2f}", file=sys.stderr)
                 results[method][str(length)] = r
         d = results["diffbench"]
@@ -469,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                      "decode_steps": {k: v["decode_steps"] for k, v in d.items()},
                      "digests": {k: v.pop("digests") for k, v in d.items()}})  # fmt: skip
         print("running lower_bound ...", file=sys.stderr, flush=True)
-        bound = spawn(job, work, "lower_bound")
+        bound = spawn(__file__, asdict(job), work, "lower_bound", job.threads)
     report = summarise(args, results, bound)
     print_report(report)
     if args.json:
