@@ -16,8 +16,8 @@ what makes a retrieval circuit appear within a CPU budget.
 That run is what ships in bench/models (69 minutes on one core of a shared 2-core machine; torch's
 two threads collapse whenever another process runs); `--resume` continues
 one that was interrupted from its last saved state. The saved pair is then checked by diffbench
-itself: its niah task, run by `diffbench.runner.run` into OUT/.niah_eval, whose metrics.csv gives
-the accuracies printed and written into the model cards.
+itself: its niah and icl tasks, run by `diffbench.runner.run` into OUT/.pair_check, whose
+metrics.csv gives the accuracies printed and written into the model cards.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
@@ -62,6 +64,7 @@ LN10 = math.log(10)
 BREAK_NATS = 1.0
 BREAK_WINDOW = 50
 REST_WEIGHT = 0.1
+LOSS_KEYS = ("loss", "lm_loss", "answer_loss", "label_loss")  # logged per model and split
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,16 @@ class Preset:
     checkpoint_every: int = 250  # training state for --resume, removed when training ends
     val_every: int = 500
     val_sequences: int = 32
-    # The finished pair's NIAH check: diffbench's niah task at one context length.
+    # The finished pair's check: diffbench's niah task at one context length ...
     eval_length: int = 0  # 0: the final training length
     eval_needles: tuple[str, ...] = ("1/1", "3/1")  # N/R pairs, one table row each
     eval_samples: int = 20  # prompts per depth, at niah's five default depths
     eval_distractors: int = 9  # wrong choices per score-mode query, each a decoy in context
+    # ... and its icl check: accuracy by shots on a seeded subset of the generated intents.
+    eval_icl_shots: tuple[int, ...] = (4, 16, 32)
+    eval_icl_classes: int = 6
+    eval_icl_draws: int = 2
+    eval_icl_test: int = 32
     tokenizer_docs: int = 3000
     dtype: str = "float32"
 
@@ -124,7 +132,7 @@ class Preset:
 
 
 PRESETS = {
-    # Sized for a CPU: about 70 minutes for both models together on one core (--threads 1).
+    # Sized for a CPU: about an hour on two cores (--parallel: one process per model).
     "default": Preset(
         hidden_size=128,
         n_layers=2,
@@ -135,20 +143,25 @@ PRESETS = {
         head_dim=32,
         intermediate_size=256,
         vocab_size=1024,
+        # A fixed schedule (no stage lengthened on the answer losses): the previous pair's
+        # answer losses broke at steps 478 and 2540 of the first stage, well inside 5000 steps.
+        # In-context episodes take 45% of the first stage (35% intents, 10% toy classes): with
+        # 20% of 3000 steps the previous pair stayed at chance on the icl task.
         stages=(
             Stage(
-                steps=3000,
+                steps=5000,
                 seq_len=160,
                 batch_size=14,
                 facts=(3, 4),
                 questions=(3, 4),
-                max_extra_steps=7000,
+                classification=0.1,
+                intents=0.35,
             ),
-            Stage(steps=600, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4)),
-            Stage(steps=600, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4)),
-            Stage(steps=600, seq_len=1024, batch_size=2, facts=(1, 12), questions=(1, 4)),
+            Stage(800, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4), intents=0.25),
+            Stage(800, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4), intents=0.25),
+            Stage(800, seq_len=1024, batch_size=2, facts=(1, 12), questions=(1, 4), intents=0.25),
         ),
-        decay_steps=1200,
+        decay_steps=1600,
     ),
     # Seconds on a CPU: exercises every code path for the tests.
     "smoke": Preset(
@@ -174,6 +187,10 @@ PRESETS = {
         eval_length=256,
         eval_samples=1,
         eval_distractors=2,
+        eval_icl_shots=(1, 2),
+        eval_icl_classes=2,
+        eval_icl_draws=1,
+        eval_icl_test=4,
         tokenizer_docs=150,
     ),
     # A larger pair for one GPU (not run here): same curriculum shape, longer final context.
@@ -509,8 +526,9 @@ def tokenizer_corpus(n_docs: int, seed: int) -> list[str]:
 
 def weighted_loss(
     model: PreTrainedModel, ids: torch.Tensor, kinds: torch.Tensor
-) -> tuple[torch.Tensor, float, float]:
-    """Weighted next-token loss, plus the unweighted LM loss and the answer-digit loss."""
+) -> tuple[torch.Tensor, float, float, float]:
+    """Weighted next-token loss, plus the unweighted LM loss, the answer-digit loss and the
+    in-context label loss (NaN for a batch without digits or labels)."""
     logits = model(input_ids=ids).logits[:, :-1].float()
     target, tkind = ids[:, 1:], kinds[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
@@ -522,20 +540,34 @@ def weighted_loss(
     digits = tkind == DIGITS
     lm = (ce * real).sum() / real.sum()
     ans = (ce * digits).sum() / digits.sum().clamp(min=1)
-    return loss, lm.item(), ans.item() if digits.any() else float("nan")
+    labels = tkind == LABEL
+    lab = (ce * labels).sum() / labels.sum().clamp(min=1)
+    nan = float("nan")
+    return (
+        loss,
+        lm.item(),
+        ans.item() if digits.any() else nan,
+        lab.item() if labels.any() else nan,
+    )
 
 
 @torch.no_grad()
 def validation(model: PreTrainedModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Mean weighted, LM and answer-digit losses over fixed validation batches."""
+    """Mean weighted, LM, answer-digit and label losses over fixed validation batches (the last
+    two over the batches that have such tokens)."""
     model.eval()
     out = [weighted_loss(model, ids, kinds) for ids, kinds in batches]
     model.train()
-    n = len(out)
+
+    def mean(values: list[float]) -> float:
+        kept = [v for v in values if not math.isnan(v)]
+        return sum(kept) / len(kept) if kept else float("nan")
+
     return {
-        "loss": sum(o[0].item() for o in out) / n,
-        "lm_loss": sum(o[1] for o in out) / n,
-        "answer_loss": sum(o[2] for o in out) / n,
+        "loss": mean([o[0].item() for o in out]),
+        "lm_loss": mean([o[1] for o in out]),
+        "answer_loss": mean([o[2] for o in out]),
+        "label_loss": mean([o[3] for o in out]),
     }
 
 
@@ -550,7 +582,8 @@ class Run:
     answer_window: deque = field(default_factory=lambda: deque(maxlen=BREAK_WINDOW))
     break_step: int | None = None
     seconds: float = 0.0
-    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # loss, lm, ans, n, n_ans
+    # loss, lm, ans, n, n_ans, label, n_label
+    sums: list[float] = field(default_factory=lambda: [0.0] * 7)
     last_train: dict = field(default_factory=dict)
     last_val: dict = field(default_factory=dict)
 
@@ -668,7 +701,8 @@ def train(
             "  val "
             + " ".join(
                 f"{r.name}: loss {r.last_val['loss']:.3f} "
-                f"lm {r.last_val['lm_loss']:.3f} ans {r.last_val['answer_loss']:.3f}"
+                f"lm {r.last_val['lm_loss']:.3f} ans {r.last_val['answer_loss']:.3f} "
+                f"label {r.last_val['label_loss']:.3f}"
                 for r in runs
             ),
             flush=True,
@@ -700,15 +734,17 @@ def train(
             tokens += int((kinds != PAD).sum())
             for run in runs:
                 t = time.time()
-                loss, lm, ans = weighted_loss(run.model, ids, kinds)
+                loss, lm, ans, lab = weighted_loss(run.model, ids, kinds)
                 run.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
                 run.optimizer.step()
                 run.scheduler.step()
                 run.seconds += time.time() - t
-                has_ans = not math.isnan(ans)
-                for i, v in enumerate((loss.item(), lm, ans if has_ans else 0.0, 1.0, has_ans)):
+                has_ans, has_lab = not math.isnan(ans), not math.isnan(lab)
+                values = (loss.item(), lm, ans if has_ans else 0.0, 1.0, has_ans,
+                          lab if has_lab else 0.0, has_lab)  # fmt: skip
+                for i, v in enumerate(values):
                     run.sums[i] += v
                 if has_ans:
                     run.answer_window.append(ans)
@@ -726,15 +762,17 @@ def train(
                         "loss": run.sums[0] / n,
                         "lm_loss": run.sums[1] / n,
                         "answer_loss": run.sums[2] / max(run.sums[4], 1),
+                        "label_loss": run.sums[5] / run.sums[6] if run.sums[6] else math.nan,
                     }
-                    run.sums = [0.0] * 5
+                    run.sums = [0.0] * 7
                     rows.append(_row(run, "train", step, si, stage, tokens, t0, run.last_train))
                 print(
                     f"step {step}/{sum(planned)} len {stage.seq_len} "
                     f"lr {runs[0].scheduler.get_last_lr()[0]:.2e} "
                     + " ".join(
                         f"{r.name}: loss {r.last_train['loss']:.3f} "
-                        f"ans {r.last_train['answer_loss']:.3f}"
+                        f"ans {r.last_train['answer_loss']:.3f} "
+                        f"label {r.last_train['label_loss']:.3f}"
                         for r in runs
                     )
                     + f" [{time.time() - t0:.0f}s]",
@@ -763,6 +801,7 @@ def _row(run: Run, split: str, step: int, si: int, stage: Stage, tokens: int, t0
         "loss": round(m["loss"], 5),
         "lm_loss": round(m["lm_loss"], 5),
         "answer_loss": round(m["answer_loss"], 5),
+        "label_loss": round(m["label_loss"], 5),
         "elapsed_s": round(time.time() - t0, 1),
     }
 
@@ -783,7 +822,7 @@ def write_curves(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for name, colour in (("tiny-base", "tab:blue"), ("tiny-diff", "tab:red")):
         for split, style in (("train", "-"), ("val", "o--")):
             rs = [r for r in rows if r["model"] == name and r["split"] == split]
@@ -793,9 +832,11 @@ def write_curves(rows: list[dict], out: Path) -> None:
             kw = dict(color=colour, label=f"{name} {split}", markersize=3)
             axes[0].plot(x, [r["lm_loss"] for r in rs], style, **kw)
             axes[1].plot(x, [r["answer_loss"] for r in rs], style, **kw)
+            axes[2].plot(x, [r["label_loss"] for r in rs], style, **kw)
     axes[0].set_title("LM loss (all tokens)")
     axes[1].set_title("answer-digit loss (nats/digit)")
     axes[1].axhline(LN10, color="grey", lw=0.8, ls=":", label="chance (ln 10)")
+    axes[2].set_title("in-context label loss (nats/token)")
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=7)
@@ -809,9 +850,9 @@ def write_curves(rows: list[dict], out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# NIAH check of the saved pair: diffbench's own niah task, run by its runner.
+# The check of the saved pair: diffbench's own niah and icl tasks, run by its runner.
 
-EVAL_DIR = ".niah_eval"  # the check's run directory; hidden: neither committed nor packaged
+EVAL_DIR = ".pair_check"  # the check's run directory; hidden: neither committed nor packaged
 EVAL_MODES = ("score", "generate")
 
 
@@ -825,28 +866,46 @@ def niah_options(preset: Preset) -> dict[str, Any]:
     }
 
 
+def icl_options(preset: Preset) -> dict[str, Any]:
+    """The icl task options of the check."""
+    return {
+        "classes": preset.eval_icl_classes,
+        "shots": preset.eval_icl_shots,
+        "draws": preset.eval_icl_draws,
+        "test_size": preset.eval_icl_test,
+    }
+
+
 def model_options(preset: Preset) -> dict[str, Any]:
     """The hf backend options of the check: an accelerator when there is one, and the context."""
     return {"device": "auto", "max_length": max(preset.niah_len, preset.final_len)}
 
 
-def evaluate_niah(names: list[str], preset: Preset, out: Path) -> dict[tuple[str, str, str], float]:
-    """Accuracy per (model, N/R, mode) over all depths, from the niah run's metrics.csv."""
+def evaluate(
+    names: list[str], preset: Preset, out: Path
+) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, int], float]]:
+    """NIAH accuracy per (model, N/R, mode) over all depths and ICL accuracy per (model, shots),
+    from the metrics.csv of one diffbench run of the niah and icl tasks."""
     run_dir = out / EVAL_DIR
     # A run left by an earlier training holds other weights, which the runner refuses to resume.
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = RunConfig(
-        tasks=("niah",),
+        tasks=("niah", "icl"),
         models=tuple(ModelSpec(n, str((out / n).resolve()), model_options(preset)) for n in names),
-        task_options={"niah": niah_options(preset)},
+        task_options={"niah": niah_options(preset), "icl": icl_options(preset)},
         output=run_dir,
     )
     metrics = RunStore(runner.run(cfg)).metrics()
-    rows = metrics[(metrics["metric"] == "accuracy") & (metrics["depth"] == ALL)]
-    return {
-        (r.model, f"{r.needles}/{r.queries}", r.mode): float(r.value)
-        for r in rows.itertuples(index=False)
-    }
+    acc = metrics[metrics["metric"] == "accuracy"]
+    niah = acc[(acc["task"] == "niah") & (acc["depth"] == ALL)]
+    icl = acc[(acc["task"] == "icl") & (acc["draw"] == ALL)]
+    return (
+        {
+            (r.model, f"{int(r.needles)}/{int(r.queries)}", r.mode): float(r.value)
+            for r in niah.itertuples(index=False)
+        },
+        {(r.model, int(r.shots)): float(r.value) for r in icl.itertuples(index=False)},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -887,11 +946,12 @@ def write_cards(
     steps: list[int],
     tokens: int,
     evals: dict[tuple[str, str, str], float],
+    icl: dict[tuple[str, int], float],
     out: Path,
 ) -> None:
     """Each saved folder's README.md (not part of a model's fingerprint), written atomically."""
     for run in runs:
-        card = model_card(run, runs, preset, preset_name, seed, steps, tokens, evals)
+        card = model_card(run, runs, preset, preset_name, seed, steps, tokens, evals, icl)
         write_atomic(out / run.name / "README.md", card)
 
 
@@ -904,6 +964,7 @@ def model_card(
     steps: list[int],
     tokens: int,
     evals: dict[tuple[str, str, str], float],
+    icl: dict[tuple[str, int], float],
 ) -> str:
     """A README.md describing recipe, data, matching rule and results of one checkpoint."""
     base, diff = runs
@@ -923,11 +984,22 @@ def model_card(
     )
     loss_rows = "\n".join(
         f"| {r.name} | {n_params(r.model):,} | "
-        + " / ".join(f"{r.last_train[k]:.3f}" for k in ("loss", "lm_loss", "answer_loss"))
+        + " / ".join(f"{r.last_train[k]:.3f}" for k in LOSS_KEYS)
         + " | "
-        + " / ".join(f"{r.last_val[k]:.3f}" for k in ("loss", "lm_loss", "answer_loss"))
+        + " / ".join(f"{r.last_val[k]:.3f}" for k in LOSS_KEYS)
         + f" | {r.break_step or 'never'} | {r.seconds / 60:.1f} |"
         for r in runs
+    )
+    icl_rows = "\n".join(
+        f"| {r.name} | "
+        + " | ".join(f"{icl[(r.name, k)]:.2f}" for k in preset.eval_icl_shots)
+        + " |"
+        for r in runs
+    )
+    icl_head = " | ".join(f"{k} shots" for k in preset.eval_icl_shots)
+    icl_set = " ".join(
+        f"`--set icl.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}`"
+        for k, v in icl_options(preset).items()
     )
     pair = preset.eval_needles[0]
     first = [evals[(r.name, pair, "score")] for r in runs]
@@ -979,7 +1051,8 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
 ## Training (identical for both models)
 - Tokenizer: byte-level BPE (`diffbench.tiny.train_tokenizer`) trained on generated text,
   digits split one per token, so a 7-digit number is always 7 tokens. No chat template.
-- Data order: one batch stream (seed {seed}); both models consume every batch in lockstep.
+- Data order: one batch stream (seed {seed}); both models consume the same batches in the same
+  order (in lockstep, or with `--parallel` in two processes that generate the identical stream).
 - Optimizer: AdamW, lr {preset.lr}, betas (0.9, 0.95), weight decay {preset.weight_decay},
   grad-norm clip 1.0. Schedule: `transformers.get_wsd_schedule`, {preset.warmup_steps} warmup
   steps, constant, cosine decay to {preset.min_lr_ratio} x lr over the last {preset.decay_steps}
@@ -1019,11 +1092,12 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
 
 ## Results
 Losses in nats (weighted = training objective; LM = all tokens; answer = answer digits, chance
-ln 10 = {LN10:.2f}); train = mean of the last {preset.log_every} steps, validation = held-out
-sequences at context {preset.final_len}. Break step = first step where the answer loss's
-running mean over {BREAK_WINDOW} steps fell below {BREAK_NATS}.
+ln 10 = {LN10:.2f}; label = in-context labels and document answers, per token); train = mean of
+the last {preset.log_every} steps, validation = held-out sequences at context {preset.final_len}.
+Break step = first step where the answer loss's running mean over {BREAK_WINDOW} steps fell below
+{BREAK_NATS}.
 
-| model | params | train weighted/LM/answer | val weighted/LM/answer | break step | minutes |
+| model | params | train weighted/LM/answer/label | val same | break step | minutes |
 |---|---|---|---|---|---|
 {loss_rows}
 
@@ -1040,6 +1114,15 @@ Generate: the greedy answer contains the number.
 |---|---|---|---|
 {evals_rows}
 
+In-context learning, in the same run: diffbench's `icl` task ({icl_set}), {preset.eval_icl_classes}
+of the generated intents with their own names as labels (chance
+{1 / preset.eval_icl_classes:.2f}), demonstrations in random order, accuracy over
+{preset.eval_icl_draws} draws of demonstrations per shot count.
+
+| model | {icl_head} |
+|---|{"---|" * len(preset.eval_icl_shots)}
+{icl_rows}
+
 ## What a score on this pair means
 The pair is matched in everything but the attention mechanism; {learned}. A diffbench task run
 on it checks the harness end to end and gives a small, noisy signal about DIFF vs Transformer
@@ -1053,6 +1136,87 @@ claims about the method.
 """
 
 
+# ---------------------------------------------------------------------------------------------
+# Two processes: each model trains on its own core, on the same batch stream.
+
+TOKENIZER_DIR = ".tokenizer"  # the pair's tokenizer, shared by the two training processes
+
+
+def child_dir(out: Path, name: str) -> Path:
+    """Where one model's process keeps its resumable state, curves and result."""
+    return out / f".train-{name}"
+
+
+def check_parallel(preset: Preset) -> None:
+    """Refuse a preset whose stages lengthen on the answer losses: that decision needs both
+    models, which separate processes do not see."""
+    if any(s.max_extra_steps for s in preset.stages):
+        raise SystemExit(
+            "error: --parallel needs a preset without max_extra_steps (a stage lengthened on "
+            "both models' answer losses needs them in one process); train it without --parallel"
+        )
+
+
+def train_one(args: argparse.Namespace, preset: Preset) -> int:
+    """`--only NAME`: train one model of the pair, as `--parallel` starts it, into its own
+    folder; its weights and record go to result.pt there."""
+    check_parallel(preset)
+    tok_dir = args.out / TOKENIZER_DIR
+    if not tok_dir.is_dir():
+        raise SystemExit(f"error: no tokenizer at {tok_dir}; --only is started by --parallel")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    runs = [r for r in build_runs(preset, tokenizer, args.seed) if r.name == args.only]
+    work = child_dir(args.out, args.only)
+    work.mkdir(parents=True, exist_ok=True)
+    rows, steps = train(preset, runs, SegmentLengths(tokenizer), args.seed, work, args.resume)
+    (run,) = runs
+    record = {k: getattr(run, k) for k in ("break_step", "seconds", "last_train", "last_val")}
+    result = {"rows": rows, "steps": steps, "model": run.model.state_dict(), "record": record}
+    torch.save(result, work / "result.tmp")
+    os.replace(work / "result.tmp", work / "result.pt")
+    return 0
+
+
+def train_parallel(
+    args: argparse.Namespace, preset: Preset, tokenizer: PreTrainedTokenizerFast
+) -> tuple[list[Run], list[dict], list[int]]:
+    """Both models at once, one process and one thread each (twice the throughput of lockstep on
+    two cores). Each process generates the same batch stream from the seed and starts from the
+    same initial weights as lockstep training would, so the pair is the one lockstep trains."""
+    check_parallel(preset)
+    if not (args.out / TOKENIZER_DIR).is_dir():
+        tokenizer.save_pretrained(args.out / TOKENIZER_DIR)
+    runs = build_runs(preset, tokenizer, args.seed)
+    procs = {}
+    for run in runs:
+        if args.resume and (child_dir(args.out, run.name) / "result.pt").exists():
+            continue
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--seed", str(args.seed),
+               "--out", str(args.out), "--threads", "1", "--only", run.name]  # fmt: skip
+        procs[run.name] = subprocess.Popen(cmd + (["--resume"] if args.resume else []))
+    try:
+        failed = [name for name, p in procs.items() if p.wait() != 0]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+    if failed:
+        raise SystemExit(f"error: training {', '.join(failed)} failed; rerun with --resume")
+    rows: list[dict] = []
+    steps: list[int] = []
+    for run in runs:
+        result = torch.load(child_dir(args.out, run.name) / "result.pt", weights_only=True)
+        run.model.load_state_dict(result["model"])
+        for k, v in result["record"].items():
+            setattr(run, k, v)
+        rows += result["rows"]
+        steps = result["steps"]
+    order = {r.name: i for i, r in enumerate(runs)}
+    rows.sort(key=lambda r: (r["step"], r["split"] != "train", order[r["model"]]))
+    write_curves(rows, args.out)
+    return runs, rows, steps
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -1062,29 +1226,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--resume", action="store_true", help="continue from OUT/.train_state.pt if present"
     )
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train the two models in two processes of one thread each (same batches, same "
+        "pair; about twice as fast on two cores)",
+    )
+    ap.add_argument("--only", choices=("tiny-base", "tiny-diff"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        return train_one(args, preset)
+    if args.parallel:
+        check_parallel(preset)
     t0 = time.time()
 
-    tokenizer = train_tokenizer(
-        tokenizer_corpus(preset.tokenizer_docs, args.seed + 1), vocab_size=preset.vocab_size
-    )
+    if args.parallel and args.resume and (out / TOKENIZER_DIR).is_dir():
+        # The tokenizer the interrupted processes trained with.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out / TOKENIZER_DIR)
+    else:
+        tokenizer = train_tokenizer(
+            tokenizer_corpus(preset.tokenizer_docs, args.seed + 1), vocab_size=preset.vocab_size
+        )
     seg = SegmentLengths(tokenizer)
-    runs = build_runs(preset, tokenizer, args.seed)
     print(
-        f"preset {args.preset}: vocab {len(tokenizer)}, "
-        + ", ".join(f"{r.name} {n_params(r.model):,} params" for r in runs)
-        + f", {preset.total_steps} steps [{time.time() - t0:.0f}s]",
+        f"preset {args.preset}: vocab {len(tokenizer)}, {preset.total_steps} steps"
+        + (", two processes" if args.parallel else "")
+        + f" [{time.time() - t0:.0f}s]",
         flush=True,
     )
-    rows, steps = train(preset, runs, seg, args.seed, out, args.resume)
+    if args.parallel:
+        runs, rows, steps = train_parallel(args, preset, tokenizer)
+    else:
+        runs = build_runs(preset, tokenizer, args.seed)
+        rows, steps = train(preset, runs, seg, args.seed, out, args.resume)
+    print(", ".join(f"{r.name} {n_params(r.model):,} params" for r in runs), flush=True)
     tokens = rows[-1]["tokens_seen"]
 
     save_pair(runs, tokenizer, preset, out)
-    evals = evaluate_niah([r.name for r in runs], preset, out)
+    evals, icl = evaluate([r.name for r in runs], preset, out)
     for run in runs:
         for pair in preset.eval_needles:
             print(
@@ -1092,12 +1275,22 @@ def main(argv: list[str] | None = None) -> int:
                 + " ".join(f"{mode} {evals[(run.name, pair, mode)]:.2f}" for mode in EVAL_MODES),
                 flush=True,
             )
-    write_cards(runs, preset, args.preset, args.seed, steps, tokens, evals, out)
+    for run in runs:
+        print(
+            f"ICL {run.name} {preset.eval_icl_classes} intents: "
+            + " ".join(f"{k} shots {icl[(run.name, k)]:.2f}" for k in preset.eval_icl_shots),
+            flush=True,
+        )
+    write_cards(runs, preset, args.preset, args.seed, steps, tokens, evals, icl, out)
     for run in runs:
         print(
             f"{run.name}: {n_params(run.model):,} params, train {run.seconds / 60:.1f} min, "
             f"break step {run.break_step}, folder {folder_mb(out / run.name):.2f} MB"
         )
+    if args.parallel:
+        for run in runs:
+            shutil.rmtree(child_dir(out, run.name), ignore_errors=True)
+        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
     print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
     return 0
 

@@ -4,6 +4,7 @@ it by running diffbench's niah task."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_smoke_checkpoint_loads_and_runs_forward(
 
 def test_smoke_niah_numbers_are_the_harness_runs(smoke_train: tuple[Path, str]) -> None:
     out, stdout = smoke_train
-    run_dir = out / ".niah_eval"
+    run_dir = out / ".pair_check"
     run = json.loads((run_dir / "run.json").read_text())
     assert {m["architecture"] for m in run["models"].values()} == {
         "LlamaForCausalLM",
@@ -92,7 +93,7 @@ def test_smoke_niah_numbers_are_the_harness_runs(smoke_train: tuple[Path, str]) 
 
 def test_smoke_niah_score_check_holds_every_choice_in_context(smoke_run: Path) -> None:
     for model in ("tiny-base", "tiny-diff"):
-        path = smoke_run / ".niah_eval" / "samples" / "niah" / f"{model}.jsonl"
+        path = smoke_run / ".pair_check" / "samples" / "niah" / f"{model}.jsonl"
         samples = [json.loads(line) for line in path.read_text().splitlines()]
         scored = [s for s in samples if s["mode"] == "score"]
         assert len(scored) == 10
@@ -126,3 +127,37 @@ def test_smoke_pair_is_matched(smoke_run: Path) -> None:
     assert n_diff - n_base == 4 * cfg.head_dim * cfg.num_hidden_layers
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
         assert getattr(base.config, key) == getattr(cfg, key)
+
+
+def test_parallel_training_gives_the_lockstep_pair(smoke_run: Path, tmp_path: Path) -> None:
+    """--parallel trains each model in its own process on the same batch stream: the weights are
+    bit-for-bit those of lockstep training, and the curves hold the same rows."""
+    out = tmp_path / "pair"
+    cmd = [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--seed", "0"]
+    subprocess.run([*cmd, "--parallel"], check=True, capture_output=True, text=True, timeout=600)
+    for name in ("tiny-base", "tiny-diff"):
+        lockstep = AutoModelForCausalLM.from_pretrained(smoke_run / name).state_dict()
+        parallel = AutoModelForCausalLM.from_pretrained(out / name).state_dict()
+        assert lockstep.keys() == parallel.keys()
+        for key, value in lockstep.items():
+            assert torch.equal(value, parallel[key]), (name, key)
+    with (smoke_run / "training_curves.csv").open() as f, (out / "training_curves.csv").open() as g:
+        keep = ("model", "split", "step", "loss", "answer_loss")
+        a = [tuple(r[k] for k in keep) for r in csv.DictReader(f)]
+        b = [tuple(r[k] for k in keep) for r in csv.DictReader(g)]
+    assert a == b
+    # The two processes' folders and the shared tokenizer are gone once the pair is saved.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".pair_check"]
+
+
+def test_parallel_refuses_a_preset_that_extends_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage lengthened until both answer losses broke needs both models in one process."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import train_pair
+
+    smoke = train_pair.PRESETS["smoke"]
+    train_pair.check_parallel(smoke)  # no extension: fine
+    stage = dataclasses.replace(smoke.stages[0], max_extra_steps=100)
+    extending = dataclasses.replace(smoke, stages=(stage, *smoke.stages[1:]))
+    with pytest.raises(SystemExit, match="--parallel needs a preset without max_extra_steps"):
+        train_pair.check_parallel(extending)
