@@ -392,15 +392,16 @@ def classification_document(rng: random.Random, seq_len: int) -> list[tuple[str,
     return doc
 
 
-def intent_labels(rng: random.Random, n: int) -> list[str]:
-    """`n` distinct label phrases for one episode: the icl dataset's intent names shuffled
-    (so a name says nothing about which utterances it labels), colour-animal pairs or nonsense."""
+def intent_labels(rng: random.Random, intents: list[str]) -> list[str]:
+    """Distinct label phrases for one episode's intents: 40% of episodes the intents' own names
+    (what a pretrained model knows of "book flight"), the rest colour-animal pairs or nonsense
+    words assigned per episode (readable only from the context)."""
     kind = rng.random()
-    if kind < 0.5:
-        return rng.sample(list(icl_datasets.INTENTS), n)
+    if kind < 0.4:
+        return list(intents)
     labels: list[str] = []
-    while len(labels) < n:
-        w = f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}" if kind < 0.75 else nonsense_word(rng)
+    while len(labels) < len(intents):
+        w = f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}" if kind < 0.7 else nonsense_word(rng)
         if w not in labels:
             labels.append(w)
     return labels
@@ -408,11 +409,11 @@ def intent_labels(rng: random.Random, n: int) -> list[str]:
 
 def intent_episode(rng: random.Random, seq_len: int) -> list[tuple[str, int]]:
     """Many-shot episode in the icl task's default format (`utterance: ...\nintent: ...`,
-    demonstrations apart by a blank line), utterances from its intent generator, labels assigned
-    per episode: a label is predictable only from an earlier demonstration of its intent."""
+    demonstrations apart by a blank line), utterances from its intent generator; a label is
+    weighted from the second demonstration of its intent on."""
     n_classes = rng.randint(2, max(2, min(len(icl_datasets.INTENTS), seq_len // 32)))
     intents = rng.sample(list(icl_datasets.INTENTS), n_classes)
-    labels = intent_labels(rng, n_classes)
+    labels = intent_labels(rng, intents)
     doc: list[tuple[str, int]] = []
     seen: set[int] = set()
     # ~20 tokens per demonstration; the caller truncates the last one if it overflows.
@@ -1077,12 +1078,13 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
   words (nonsense, colours or animals), so labels can only be read from the context.
 - Intents: many-shot episodes in the `icl` task's default format (`utterance: ...\\nintent: ...`,
   a blank line between demonstrations), utterances from its generated intent set
-  (`diffbench.tasks.icl_datasets`), 2 to {len(icl_datasets.INTENTS)} intents per episode. Each
-  episode assigns its own label phrases: half of the episodes the intent names themselves,
-  shuffled among the intents (so a name says nothing about its utterances), the rest colour-animal
-  pairs or nonsense words. A label can only be predicted from an earlier demonstration of its
-  intent (weight 1 from its second occurrence on), which is in-context learning, not the
-  dataset's mapping. Real benchmark label names (TREC, Banking77) never occur.
+  (`diffbench.tasks.icl_datasets`), 2 to {len(icl_datasets.INTENTS)} intents per episode. In 40%
+  of the episodes the labels are the intents' own names, so the model learns what each name
+  means, as a pretrained model knows what "book flight" means (the `icl` task's test utterances
+  are other draws from the same templates); in the rest each episode assigns its own label
+  phrases, colour-animal pairs or nonsense words, which only an earlier demonstration of the
+  intent can predict. Labels are weighted from their second occurrence on. Real benchmark label
+  names (TREC, Banking77) never occur.
 - Documents: invented towns, settings that override a well-known fact, and event reports from
   the hallucination task's generator (`diffbench.tasks.hallucination_data.generate`, fresh
   seeds), in that task's QA and summary prompts (`#Document#: ... #Question#: ... #Answer#:` /
