@@ -1237,8 +1237,13 @@ def train_parallel(
         cmd = [sys.executable, __file__, "--preset", args.preset, "--seed", str(args.seed),
                "--out", str(args.out), "--threads", "1", "--only", run.name]  # fmt: skip
         procs[run.name] = subprocess.Popen(cmd + (["--resume"] if args.resume else []))
+    failed: list[str] = []
     try:
-        failed = [name for name, p in procs.items() if p.wait() != 0]
+        # Poll rather than wait in turn, so that one process failing stops the other at once.
+        while not failed and any(p.poll() is None for p in procs.values()):
+            time.sleep(1)
+            failed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
+        failed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
     finally:
         for p in procs.values():
             if p.poll() is None:
