@@ -918,6 +918,14 @@ def icl_options(preset: Preset) -> dict[str, Any]:
     }
 
 
+def set_flags(task: str, options: dict[str, Any]) -> str:
+    """The `--set TASK.KEY=VALUE` flags that give a task these options, as card text."""
+    return " ".join(
+        f"`--set {task}.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}`"
+        for k, v in options.items()
+    )
+
+
 def model_options(preset: Preset) -> dict[str, Any]:
     """The hf backend options of the check: an accelerator when there is one, and the context."""
     return {"device": "auto", "max_length": max(preset.niah_len, preset.final_len)}
@@ -1039,10 +1047,7 @@ def model_card(
         for r in runs
     )
     icl_head = " | ".join(f"{k} shots" for k in preset.eval_icl_shots)
-    icl_set = " ".join(
-        f"`--set icl.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}`"
-        for k, v in icl_options(preset).items()
-    )
+    icl_set = set_flags("icl", icl_options(preset))
     pair = preset.eval_needles[0]
     first = [evals[(r.name, pair, "score")] for r in runs]
     learned = (
@@ -1054,10 +1059,7 @@ def model_card(
         f"accuracy base {first[0]:.2f}, diff {first[1]:.2f}), so low scores may be the model's, "
         "not the harness's"
     )
-    niah_set = " ".join(
-        f"`--set niah.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}`"
-        for k, v in niah_options(preset).items()
-    )
+    niah_set = set_flags("niah", niah_options(preset))
     model_set = ", ".join(f"`{k}={v}`" for k, v in model_options(preset).items())
     beyond = (
         f" (past the trained {preset.final_len} tokens)"
@@ -1225,8 +1227,8 @@ def train_parallel(
 ) -> tuple[list[Run], list[dict], list[int]]:
     """Both models at once, one process and one thread each (twice the throughput of lockstep on
     two cores). Each process generates the same batch stream from the seed and starts from the
-    same initial weights as lockstep training would, so the pair is the one lockstep trains."""
-    check_parallel(preset)
+    same initial weights as lockstep training would, so the pair is the one lockstep trains.
+    The caller has checked the preset (`check_parallel`) before training the tokenizer."""
     if not (args.out / TOKENIZER_DIR).is_dir():
         tokenizer.save_pretrained(args.out / TOKENIZER_DIR)
     runs = build_runs(preset, tokenizer, args.seed)
@@ -1237,13 +1239,13 @@ def train_parallel(
         cmd = [sys.executable, __file__, "--preset", args.preset, "--seed", str(args.seed),
                "--out", str(args.out), "--threads", "1", "--only", run.name]  # fmt: skip
         procs[run.name] = subprocess.Popen(cmd + (["--resume"] if args.resume else []))
-    failed: list[str] = []
     try:
         # Poll rather than wait in turn, so that one process failing stops the other at once.
-        while not failed and any(p.poll() is None for p in procs.values()):
-            time.sleep(1)
+        while True:
             failed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
-        failed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
+            if failed or all(p.poll() is not None for p in procs.values()):
+                break
+            time.sleep(1)
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -1300,7 +1302,6 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_corpus(preset.tokenizer_docs, args.seed + 1, preset.intent_names),
             vocab_size=preset.vocab_size,
         )
-    seg = SegmentLengths(tokenizer)
     print(
         f"preset {args.preset}: vocab {len(tokenizer)}, {preset.total_steps} steps"
         + (", two processes" if args.parallel else "")
@@ -1311,7 +1312,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, rows, steps = train_parallel(args, preset, tokenizer)
     else:
         runs = build_runs(preset, tokenizer, args.seed)
-        rows, steps = train(preset, runs, seg, args.seed, out, args.resume)
+        rows, steps = train(preset, runs, SegmentLengths(tokenizer), args.seed, out, args.resume)
     print(", ".join(f"{r.name} {n_params(r.model):,} params" for r in runs), flush=True)
     tokens = rows[-1]["tokens_seen"]
 
