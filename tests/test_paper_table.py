@@ -47,7 +47,7 @@ def niah_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped pair on zeroshot under logit_bits 16 and 4 (a --sweep), 4 examples each."""
     models = expand_sweep(PAIR, Sweep("logit_bits", ("16", "4")))
-    options = {"zeroshot": {"samples": 4, "formats": ("code",), "filler": 2}}
+    options = {"zeroshot": {"samples": 4, "formats": ("code",), "facts": (1, 4), "filler": 2}}
     out = tmp_path_factory.mktemp("paper") / "sweep"
     return run_and_report(out, runner.RunConfig(("zeroshot",), models, options, output=out))
 
@@ -104,11 +104,12 @@ def test_the_variant_tables_rows_are_the_swept_values_and_its_columns_the_base_m
     assert md.index(SECTION) < md.index("## Summary")
     caption, rows = paper_section(md)["Figure 8: Zero-shot accuracy vs attention-logit bits"]
     assert "DIFF holds 16→6 bits" in caption
-    assert rows[0] == ["logit_bits", "tiny-base", "tiny-diff", *PAPER_HEAD]
-    assert [r[0] for r in rows[1:]] == ["16", "4"]
+    assert rows[0] == ["facts/logit_bits", "tiny-base", "tiny-diff", *PAPER_HEAD]
+    assert [r[0] for r in rows[1:]] == ["1/16", "1/4", "4/16", "4/4"]
     for row in rows[1:]:
+        facts, bits = row[0].split("/")
         for cell, base in zip(row[1:3], ("tiny-base", "tiny-diff"), strict=True):
-            v = value(sweep_run, "zeroshot", f"{base}@logit_bits={row[0]}", format="all")
+            v = value(sweep_run, "zeroshot", f"{base}@logit_bits={bits}", format="all", facts=facts)
             assert cell.startswith(f"{v:.3f} [")  # the run's value with its interval
         assert row[3:] == ["—", "—"]  # the paper gives no exact numbers
 
