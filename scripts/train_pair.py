@@ -81,6 +81,12 @@ class Stage:
     classification: float = 0.05  # share of sequences that are toy classification episodes
     intents: float = 0.15  # share of intent episodes in the icl task's default format
     documents: float = 0.2  # share of document QA / summaries in the hallucination format
+    # Share of keyed episodes: intent-format episodes whose "utterance" is one key that repeats
+    # exactly, so its label is copied from the key's earlier demonstration (see keyed_episode).
+    keyed: float = 0.0
+    # Share of the non-NIAH facts whose value is a word or two instead of a number, so that the
+    # retrieval circuit copies any token, not only digits (in-context labels are words).
+    word_values: float = 0.0
     # Up to this many more steps while either model's answer loss has not broken.
     max_extra_steps: int = 0
 
@@ -189,6 +195,34 @@ PRESETS = {
         ),
         decay_steps=1600,
         intent_names="own",
+    ),
+    # The names preset's fixed schedule with the shipped (shuffled) intent labels, plus what
+    # in-context labels need and the shipped pair lacks: it copies only digits from context (a
+    # label word after a repeated key is at chance, a number at 0.87 for tiny-diff). Facts of
+    # the other formats get word values; keyed episodes bridge retrieval to intent episodes.
+    "copy": replace(
+        DEFAULT,
+        stages=(
+            Stage(
+                steps=5000,
+                seq_len=160,
+                batch_size=14,
+                facts=(3, 4),
+                questions=(3, 4),
+                intents=0.25,
+                keyed=0.1,
+                word_values=0.5,
+            ),
+            *(
+                Stage(800, n, b, f, q, intents=0.25, keyed=0.05, word_values=0.5)
+                for n, b, f, q in (
+                    (256, 8, (2, 8), (2, 4)),
+                    (512, 4, (1, 10), (1, 4)),
+                    (1024, 2, (1, 12), (1, 4)),
+                )
+            ),
+        ),
+        decay_steps=1600,
     ),
     # Seconds on a CPU: exercises every code path for the tests.
     "smoke": Preset(
@@ -301,15 +335,24 @@ def kv_key(rng: random.Random, used: set[str]) -> str:
             return key
 
 
-def kv_value(rng: random.Random) -> str:
-    """Mostly a 7-digit magic number, sometimes a shorter one."""
+def kv_value(rng: random.Random, word_values: float = 0.0) -> str:
+    """Mostly a 7-digit magic number, sometimes a shorter one; with `word_values`, that share of
+    values are a colour-animal pair or a nonsense word."""
+    # No draw when word_values is 0: the default preset's batch stream stays as it was.
+    if word_values and rng.random() < word_values:
+        return (
+            f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
+            if rng.random() < 0.5
+            else (nonsense_word(rng))
+        )
     return magic_number(rng) if rng.random() < 0.8 else str(rng.randrange(100, 1_000_000))
 
 
 def retrieval_facts(
-    rng: random.Random, n_facts: int
+    rng: random.Random, n_facts: int, word_values: float = 0.0
 ) -> list[tuple[list[tuple[str, int]], list[tuple[str, int]]]]:
-    """(fact segments, question segments) per fact, 75% of sequences in the NIAH format."""
+    """(fact segments, question segments) per fact, 75% of sequences in the NIAH format (the
+    others' values: see `kv_value`)."""
     niah = rng.random() < 0.75
     used: set[str] = set()
     cities = rng.sample(CITIES, n_facts) if niah else []
@@ -327,7 +370,7 @@ def retrieval_facts(
             ]
         else:
             fmt = rng.choice(KV_FORMATS)
-            key, value = kv_key(rng, used), kv_value(rng)
+            key, value = kv_key(rng, used), kv_value(rng, word_values)
             head, tail = fmt[0].split("{value}")
             fact = [(" " + head.format(key=key).rstrip(), FACT), (" " + value, FACT), (tail, FACT)]
             question = [
@@ -360,7 +403,7 @@ def retrieval_document(
     """Facts at random depths in haystack filler, then questions about some of them."""
     n_facts = rng.randint(*stage.facts)
     n_questions = min(n_facts, rng.randint(*stage.questions))
-    facts = retrieval_facts(rng, n_facts)
+    facts = retrieval_facts(rng, n_facts, stage.word_values)
     asked = rng.sample(range(n_facts), n_questions)
     used = 1 + sum(n_tokens(t) for f, _ in facts for t, _ in f)
     q_lens = [sum(n_tokens(t) for t, _ in facts[i][1]) for i in asked]
@@ -466,6 +509,31 @@ def intent_episode(rng: random.Random, seq_len: int, names: str) -> list[tuple[s
     return doc
 
 
+def keyed_episode(rng: random.Random, seq_len: int) -> list[tuple[str, int]]:
+    """Intent-format episode whose inputs are single keys (cities or nonsense words), each
+    repeated exactly: `utterance: Lima\nintent: red fox`. A label is predictable from the key's
+    earlier demonstration alone, the bridge from retrieval (copy what followed the same key) to
+    intent episodes (copy what followed a similar utterance). Labels as `intent_labels`."""
+    n_classes = rng.randint(2, 8)
+    keys: list[str] = []
+    while len(keys) < n_classes:
+        key = rng.choice(CITIES) if rng.random() < 0.5 else nonsense_word(rng)
+        if key not in keys:
+            keys.append(key)
+    # Never the keys themselves ("own" would label a key by its own name).
+    labels = intent_labels(rng, keys, "shuffled")
+    doc: list[tuple[str, int]] = []
+    seen: set[int] = set()
+    # ~10 tokens per demonstration; the caller truncates the last one if it overflows.
+    for _ in range(max(2, seq_len // 10)):
+        c = rng.randrange(n_classes)
+        sep = "" if not doc else "\n\n"
+        doc.append((f"{sep}utterance: {keys[c]}\nintent:", FILLER))
+        doc.append((" " + labels[c], LABEL if c in seen else FILLER))
+        seen.add(c)
+    return doc
+
+
 DOCUMENT_KINDS = (
     ("qa", hallucination_data.qa_rows, 0.5),
     ("tempting", hallucination_data.tempting_rows, 0.2),
@@ -532,7 +600,9 @@ def make_batch(
             doc = classification_document(rng, stage.seq_len)
         elif r < stage.classification + stage.intents:
             doc = intent_episode(rng, stage.seq_len, names)
-        elif r < stage.classification + stage.intents + stage.documents:
+        elif r < stage.classification + stage.intents + stage.keyed:
+            doc = keyed_episode(rng, stage.seq_len)
+        elif r < stage.classification + stage.intents + stage.keyed + stage.documents:
             doc = document_qa(rng, stage.seq_len, seg.n_tokens)  # None: it does not fit
         if doc is None:
             doc = retrieval_document(rng, stage.seq_len, stage, seg.n_tokens)
@@ -1005,6 +1075,20 @@ def write_cards(
         write_atomic(out / run.name / "README.md", card)
 
 
+# The card's words for each `Preset.intent_names` scheme (see `intent_labels`).
+INTENT_LABELS = {
+    "shuffled": "Each episode assigns its own label phrases: half of the episodes the intent names "
+    "themselves, shuffled among the intents (so a name says nothing about its utterances), the "
+    "rest colour-animal pairs or nonsense words. A label can only be predicted from an earlier "
+    "demonstration of its intent, which is in-context learning, not the dataset's mapping.",
+    "own": "In 40% of the episodes the labels are the intents' own names, so the model learns "
+    'what each name means, as a pretrained model knows what "book flight" means (the `icl` '
+    "task's test utterances are other draws from the same templates); in the rest each episode "
+    "assigns its own label phrases, colour-animal pairs or nonsense words, which only an earlier "
+    "demonstration of the intent can predict.",
+}
+
+
 def model_card(
     run: Run,
     runs: list[Run],
@@ -1022,7 +1106,7 @@ def model_card(
     stages = "\n".join(
         f"| {i} | {n} | {s.seq_len} | {s.batch_size} | {s.facts[0]}-{s.facts[1]} | "
         f"{s.questions[0]}-{s.questions[1]} | {s.classification:.0%} | {s.intents:.0%} | "
-        f"{s.documents:.0%} |"
+        f"{s.keyed:.0%} | {s.documents:.0%} | {s.word_values:.0%} |"
         for i, (s, n) in enumerate(zip(preset.stages, steps, strict=True))
     )
     evals_rows = "\n".join(
@@ -1104,8 +1188,9 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
   and in-context labels and {REST_WEIGHT} on every other token.
 - Curriculum ({sum(steps)} steps, {tokens:,} non-pad tokens seen):
 
-| stage | steps | context | batch | facts/seq | questions/seq | toy classes | intents | documents |
-|---|---|---|---|---|---|---|---|---|
+| stage | steps | context | batch | facts/seq | questions/seq | toy classes | intents | keyed \
+| documents | word values |
+|---|---|---|---|---|---|---|---|---|---|---|
 {stages}
 
 ## Data (all procedural, nothing downloaded)
@@ -1115,19 +1200,19 @@ in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model)
   followed by questions in the exact evaluation format
   `\\n\\n{QUESTION}\\n{ANSWER_PREFIX} {{number}}`. The rest use other key-value
   formats (pass keys, `key = value`, room numbers, codes) with city, colour-animal or nonsense
-  keys, so retrieval is not tied to one template.
+  keys, so retrieval is not tied to one template; their values are numbers, or in the stages'
+  "word values" share a colour-animal pair or a nonsense word.
 - Toy classes: few-shot episodes of `text: <1-3 words>\\nlabel: <word>`
   pairs from 2-4 word categories (fruit, tools, weather, ...); each episode assigns fresh label
   words (nonsense, colours or animals), so labels can only be read from the context.
 - Intents: many-shot episodes in the `icl` task's default format (`utterance: ...\\nintent: ...`,
   a blank line between demonstrations), utterances from its generated intent set
-  (`diffbench.tasks.icl_datasets`), 2 to {len(icl_datasets.INTENTS)} intents per episode. In 40%
-  of the episodes the labels are the intents' own names, so the model learns what each name
-  means, as a pretrained model knows what "book flight" means (the `icl` task's test utterances
-  are other draws from the same templates); in the rest each episode assigns its own label
-  phrases, colour-animal pairs or nonsense words, which only an earlier demonstration of the
-  intent can predict. Labels are weighted from their second occurrence on. Real benchmark label
-  names (TREC, Banking77) never occur.
+  (`diffbench.tasks.icl_datasets`), 2 to {len(icl_datasets.INTENTS)} intents per episode.
+  {INTENT_LABELS[preset.intent_names]} Labels are weighted from their second occurrence on. Real
+  benchmark label names (TREC, Banking77) never occur.
+- Keyed episodes: the same format with one key per "utterance" (a city or a nonsense word)
+  repeated exactly, labelled as the shuffled intent episodes; a label follows from the key's
+  earlier demonstration alone.
 - Documents: invented towns, settings that override a well-known fact, and event reports from
   the hallucination task's generator (`diffbench.tasks.hallucination_data.generate`, fresh
   seeds), in that task's QA and summary prompts (`#Document#: ... #Question#: ... #Answer#:` /

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,55 @@ def test_smoke_pair_runs_icl_through_the_cli(smoke_run: Path, cli, tmp_path: Pat
     assert {r["model"] for r in rows if r["task"] == "icl"} == {"diff", "base"}
 
 
+def test_the_cards_describe_the_presets_intent_labels(smoke_run: Path) -> None:
+    """The smoke preset labels intents as the shipped pair does (names shuffled among the
+    intents); the card said the `names` preset's own-name scheme whatever the preset."""
+    for name in ("tiny-base", "tiny-diff"):
+        card = (smoke_run / name / "README.md").read_text()
+        assert "shuffled among the intents" in card
+        assert "intents' own names" not in card
+        assert "| keyed | documents | word values |" in card
+
+
+def train_pair_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import train_pair
+
+    return train_pair
+
+
+def test_keyed_episodes_label_each_repeated_key_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    tp = train_pair_module(monkeypatch)
+    for seed in range(20):
+        doc = tp.keyed_episode(random.Random(seed), 200)
+        label_of: dict[str, str] = {}
+        for (prompt, _), (label, kind) in zip(doc[::2], doc[1::2], strict=True):
+            key = prompt.split("utterance: ")[1].removesuffix("\nintent:")
+            # Weighted exactly when the key was demonstrated before, with the same label.
+            assert (kind == tp.LABEL) == (key in label_of)
+            assert label_of.setdefault(key, label) == label
+            assert label.strip() != key
+        assert 2 <= len(label_of) <= 8
+
+
+def test_word_values_make_some_answers_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    tp = train_pair_module(monkeypatch)
+
+    def answers(word_values: float) -> list[str]:
+        rng = random.Random(3)
+        out = []
+        for _ in range(200):
+            for _, question in tp.retrieval_facts(rng, 3, word_values):
+                out.append(question[-1][0].strip())
+        return out
+
+    assert all(a.isdigit() for a in answers(0.0))
+    words = [a for a in answers(1.0) if not a.isdigit()]
+    # The NIAH-format sequences (75%) keep their numbers; every other fact has a word value.
+    assert 0.1 < len(words) / 600 < 0.4
+    assert all(a.replace(" ", "").isalpha() for a in words)
+
+
 def test_smoke_pair_is_matched(smoke_run: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(smoke_run / "tiny-base")
     diff = AutoModelForCausalLM.from_pretrained(smoke_run / "tiny-diff")
@@ -152,9 +203,7 @@ def test_parallel_training_gives_the_lockstep_pair(smoke_run: Path, tmp_path: Pa
 
 def test_parallel_refuses_a_preset_that_extends_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage lengthened until both answer losses broke needs both models in one process."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import train_pair
-
+    train_pair = train_pair_module(monkeypatch)
     smoke = train_pair.PRESETS["smoke"]
     train_pair.check_parallel(smoke)  # no extension: fine
     stage = dataclasses.replace(smoke.stages[0], max_extra_steps=100)
