@@ -170,60 +170,48 @@ DEFAULT = Preset(
     decay_steps=1200,
 )
 
+# The same model with more in-context episodes and intents labelled by their own names (about
+# an hour with --parallel). Tried for the default suite's icl rows and not shipped: both models
+# reach 1.00 on the icl task (the names' meaning, learned in weights), none learns labels
+# assigned in context, and the Llama learned retrieval first (docs/pair_names.md).
+NAMES = replace(
+    DEFAULT,
+    # A fixed schedule, so that --parallel can train it.
+    stages=(
+        Stage(
+            steps=5000,
+            seq_len=160,
+            batch_size=14,
+            facts=(3, 4),
+            questions=(3, 4),
+            classification=0.1,
+            intents=0.35,
+        ),
+        Stage(800, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4), intents=0.25),
+        Stage(800, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4), intents=0.25),
+        Stage(800, seq_len=1024, batch_size=2, facts=(1, 12), questions=(1, 4), intents=0.25),
+    ),
+    decay_steps=1600,
+    intent_names="own",
+)
+
+# The names preset's fixed schedule with the shipped (shuffled) intent labels, plus what in-context
+# labels need and the shipped pair lacks: it copies only digits from context (a label word after
+# a repeated key is at chance, a number at 0.87 for tiny-diff). Facts of the other formats get
+# word values; keyed episodes bridge retrieval to intent episodes.
+COPY = replace(
+    NAMES,
+    stages=(
+        replace(NAMES.stages[0], classification=0.05, intents=0.25, keyed=0.1, word_values=0.5),
+        *(replace(s, intents=0.25, keyed=0.05, word_values=0.5) for s in NAMES.stages[1:]),
+    ),
+    intent_names="shuffled",
+)
+
 PRESETS = {
     "default": DEFAULT,
-    # The same model with more in-context episodes and intents labelled by their own names (about
-    # an hour with --parallel). Tried for the default suite's icl rows and not shipped: both models
-    # reach 1.00 on the icl task (the names' meaning, learned in weights), none learns labels
-    # assigned in context, and the Llama learned retrieval first (docs/pair_names.md).
-    "names": replace(
-        DEFAULT,
-        # A fixed schedule, so that --parallel can train it.
-        stages=(
-            Stage(
-                steps=5000,
-                seq_len=160,
-                batch_size=14,
-                facts=(3, 4),
-                questions=(3, 4),
-                classification=0.1,
-                intents=0.35,
-            ),
-            Stage(800, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4), intents=0.25),
-            Stage(800, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4), intents=0.25),
-            Stage(800, seq_len=1024, batch_size=2, facts=(1, 12), questions=(1, 4), intents=0.25),
-        ),
-        decay_steps=1600,
-        intent_names="own",
-    ),
-    # The names preset's fixed schedule with the shipped (shuffled) intent labels, plus what
-    # in-context labels need and the shipped pair lacks: it copies only digits from context (a
-    # label word after a repeated key is at chance, a number at 0.87 for tiny-diff). Facts of
-    # the other formats get word values; keyed episodes bridge retrieval to intent episodes.
-    "copy": replace(
-        DEFAULT,
-        stages=(
-            Stage(
-                steps=5000,
-                seq_len=160,
-                batch_size=14,
-                facts=(3, 4),
-                questions=(3, 4),
-                intents=0.25,
-                keyed=0.1,
-                word_values=0.5,
-            ),
-            *(
-                Stage(800, n, b, f, q, intents=0.25, keyed=0.05, word_values=0.5)
-                for n, b, f, q in (
-                    (256, 8, (2, 8), (2, 4)),
-                    (512, 4, (1, 10), (1, 4)),
-                    (1024, 2, (1, 12), (1, 4)),
-                )
-            ),
-        ),
-        decay_steps=1600,
-    ),
+    "names": NAMES,
+    "copy": COPY,
     # Seconds on a CPU: exercises every code path for the tests.
     "smoke": Preset(
         hidden_size=32,
