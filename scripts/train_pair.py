@@ -178,15 +178,7 @@ NAMES = replace(
     DEFAULT,
     # A fixed schedule, so that --parallel can train it.
     stages=(
-        Stage(
-            steps=5000,
-            seq_len=160,
-            batch_size=14,
-            facts=(3, 4),
-            questions=(3, 4),
-            classification=0.1,
-            intents=0.35,
-        ),
+        replace(DEFAULT.stages[0], steps=5000, max_extra_steps=0, classification=0.1, intents=0.35),
         Stage(800, seq_len=256, batch_size=8, facts=(2, 8), questions=(2, 4), intents=0.25),
         Stage(800, seq_len=512, batch_size=4, facts=(1, 10), questions=(1, 4), intents=0.25),
         Stage(800, seq_len=1024, batch_size=2, facts=(1, 12), questions=(1, 4), intents=0.25),
