@@ -94,8 +94,9 @@ def test_sweep_run_end_to_end_records_variants_and_draws_metric_vs_value(cli, ti
     metrics = pd.read_csv(res_dir / "metrics.csv")
     assert set(metrics["model"]) == {"base@batch_size=1", "base@batch_size=4"}
     # Batching does not change a likelihood choice: the two variants agree.
-    acc = metrics[metrics["format"] == "all"].set_index("model")["value"]
-    assert acc["base@batch_size=1"] == acc["base@batch_size=4"]
+    acc = metrics[metrics["format"] == "all"].set_index(["model", "facts"])["value"]
+    one, four = acc["base@batch_size=1"], acc["base@batch_size=4"]
+    assert list(one.index) == [1, 2, 4] and one.equals(four)
     assert (res_dir / "figures" / "zeroshot_sweep_batch_size_accuracy.png").is_file()
     assert "zeroshot_sweep_batch_size_accuracy.png" in (res_dir / "report.md").read_text()
 
