@@ -15,8 +15,9 @@ circuit appear within a CPU budget.
     python scripts/train_pair.py --preset default --out bench/models --seed 0 --threads 1
 
 That run is what ships in bench/models (69 minutes on one core of the project's 2-core machine;
-its first stage lengthens until both answer losses broke, which needs lockstep). The `names`
-preset, a fixed schedule, trains with `--parallel` in 59 minutes. `--resume` continues a run
+its first stage lengthens until both answer losses broke, which needs lockstep). The `names` and
+`copy` presets, fixed schedules tried for the icl task and not shipped (docs/pair_names.md,
+docs/pair_copy.md), train with `--parallel` in about an hour. `--resume` continues a run
 that was interrupted from its last saved state. The saved pair is then checked by
 diffbench itself: its niah and icl tasks, run by `diffbench.runner.run` into OUT/.pair_check,
 whose metrics.csv gives the accuracies printed and written into the model cards.
