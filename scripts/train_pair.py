@@ -301,6 +301,11 @@ def nonsense_word(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
 
 
+def colour_animal(rng: random.Random) -> str:
+    """A two-word phrase such as "red fox"."""
+    return f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
+
+
 def kv_key(rng: random.Random, used: set[str]) -> str:
     """A fresh key for a non-NIAH fact: a city, a colour-animal pair or a nonsense word."""
     while True:
@@ -308,7 +313,7 @@ def kv_key(rng: random.Random, used: set[str]) -> str:
         if r < 0.3:
             key = rng.choice(CITIES)
         elif r < 0.65:
-            key = f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
+            key = colour_animal(rng)
         else:
             key = nonsense_word(rng)
         if key not in used:
@@ -321,11 +326,7 @@ def kv_value(rng: random.Random, word_values: float = 0.0) -> str:
     values are a colour-animal pair or a nonsense word."""
     # No draw when word_values is 0: the default preset's batch stream stays as it was.
     if word_values and rng.random() < word_values:
-        return (
-            f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
-            if rng.random() < 0.5
-            else (nonsense_word(rng))
-        )
+        return colour_animal(rng) if rng.random() < 0.5 else nonsense_word(rng)
     return magic_number(rng) if rng.random() < 0.8 else str(rng.randrange(100, 1_000_000))
 
 
@@ -461,10 +462,7 @@ def intent_labels(rng: random.Random, intents: list[str], names: str) -> list[st
         animal_below = 0.75
     labels: list[str] = []
     while len(labels) < len(intents):
-        if kind < animal_below:
-            w = f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
-        else:
-            w = nonsense_word(rng)
+        w = colour_animal(rng) if kind < animal_below else nonsense_word(rng)
         if w not in labels:
             labels.append(w)
     return labels
@@ -477,12 +475,26 @@ def intent_episode(rng: random.Random, seq_len: int, names: str) -> list[tuple[s
     n_classes = rng.randint(2, max(2, min(len(icl_datasets.INTENTS), seq_len // 32)))
     intents = rng.sample(list(icl_datasets.INTENTS), n_classes)
     labels = intent_labels(rng, intents, names)
+    # ~20 tokens per demonstration; the caller truncates the last one if it overflows.
+    return intent_demonstrations(
+        rng,
+        max(2, seq_len // 16),
+        labels,
+        lambda c: icl_datasets._utterance(icl_datasets.INTENTS[intents[c]], rng),
+    )
+
+
+def intent_demonstrations(
+    rng: random.Random, count: int, labels: list[str], utterance: Callable[[int], str]
+) -> list[tuple[str, int]]:
+    """`count` demonstrations in the icl task's default format (`utterance: ...\nintent: ...`,
+    apart by a blank line) of classes drawn at random, `utterance(c)` giving class c's text; a
+    label is weighted from the second demonstration of its class on."""
     doc: list[tuple[str, int]] = []
     seen: set[int] = set()
-    # ~20 tokens per demonstration; the caller truncates the last one if it overflows.
-    for _ in range(max(2, seq_len // 16)):
-        c = rng.randrange(n_classes)
-        text = icl_datasets._utterance(icl_datasets.INTENTS[intents[c]], rng)
+    for _ in range(count):
+        c = rng.randrange(len(labels))
+        text = utterance(c)
         sep = "" if not doc else "\n\n"
         doc.append((f"{sep}utterance: {text}\nintent:", FILLER))
         doc.append((" " + labels[c], LABEL if c in seen else FILLER))
@@ -503,16 +515,8 @@ def keyed_episode(rng: random.Random, seq_len: int) -> list[tuple[str, int]]:
             keys.append(key)
     # Never the keys themselves ("own" would label a key by its own name).
     labels = intent_labels(rng, keys, "shuffled")
-    doc: list[tuple[str, int]] = []
-    seen: set[int] = set()
     # ~10 tokens per demonstration; the caller truncates the last one if it overflows.
-    for _ in range(max(2, seq_len // 10)):
-        c = rng.randrange(n_classes)
-        sep = "" if not doc else "\n\n"
-        doc.append((f"{sep}utterance: {keys[c]}\nintent:", FILLER))
-        doc.append((" " + labels[c], LABEL if c in seen else FILLER))
-        seen.add(c)
-    return doc
+    return intent_demonstrations(rng, max(2, seq_len // 10), labels, keys.__getitem__)
 
 
 DOCUMENT_KINDS = (

@@ -107,7 +107,7 @@ def example(
     asked = rng.randrange(facts)
     in_passage = [v for i, v in enumerate(values[:facts]) if i != asked]
     wrong = rng.sample(in_passage, min(len(in_passage), cfg.choices - 1))
-    choices = [values[asked], *wrong, *values[facts:][: cfg.choices - 1 - len(wrong)]]
+    choices = [values[asked], *(wrong + values[facts:])[: cfg.choices - 1]]
     text = f"{' '.join(parts)}\n\n{question.format(key=keys[asked])}\n"
     return text, prefix.format(key=keys[asked]), choices
 
