@@ -42,7 +42,7 @@ from diffbench.api import (
 )
 from diffbench.backends import probes
 from diffbench.backends.prefix import PrefixCache, common_prefix, end_token_ids, greedy
-from diffbench.backends.trie import ROOT, ChoiceTrie, Method
+from diffbench.backends.trie import ROOT, ChoiceTrie, Method, search_pair_passes
 from diffbench.config import model_options
 from diffbench.errors import DiffbenchError
 from diffbench.models import LoadTarget, ModelSpec, resolve_target
@@ -581,31 +581,9 @@ class HFBackend:
                 target = torch.tensor(c, device=self.device)
                 per_token.append(lp[:-1].gather(1, target[:, None])[:, 0].tolist())
                 end_lp.append(float(lp[-1, end]) if end is not None else None)
-            trie = ChoiceTrie(e.choices, e.end_tokens)
-
-            def expand(
-                nodes: list[int],
-                trie: ChoiceTrie = trie,
-                per_token: list[list[float]] = per_token,
-                end_lp: list[float | None] = end_lp,
-            ) -> None:
-                # A child's next-token log-probability, read off a pass through that child.
-                for i in nodes:
-                    node = trie.nodes[i]
-                    lps = {
-                        t: per_token[trie.via[c][0]][trie.via[c][1]]
-                        for t, c in node.children.items()
-                    }
-                    if node.end_token is not None:
-                        lps.setdefault(node.end_token, end_lp[node.ends[0]])
-                    trie.expand(i, lps)
-
-            expand([ROOT])
-            chosen = trie.search(method, expand)
-            if method == "full":  # the exact per-pair sums, as a reference must report them
-                logprobs: list[float | None] = [sum(t) for t in per_token]
-            else:
-                logprobs = trie.choice_scores()
+            logprobs, chosen = search_pair_passes(
+                e.choices, e.end_tokens, per_token, end_lp, method
+            )
             out.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in e.choices), chosen))
         return out
 

@@ -16,7 +16,7 @@ are known; that gives its children their scores (summed log-probabilities from t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,7 +41,9 @@ class Node:
 class ChoiceTrie:
     """Choices' token sequences as a trie; parents always precede their children in `nodes`."""
 
-    def __init__(self, choices: list[list[int]], end_tokens: list[int] | None = None) -> None:
+    def __init__(
+        self, choices: list[list[int]], end_tokens: Sequence[int | None] | None = None
+    ) -> None:
         """`end_tokens[c]`: the token that ends choice c, needed only where another choice
         continues it and the search is `greedy`."""
         self.nodes = [Node(token=-1, parent=-1, depth=0, score=0.0)]
@@ -142,3 +144,33 @@ class ChoiceTrie:
                 break
             cur = -best[1]
         return nodes[cur].ends[0]
+
+
+def search_pair_passes(
+    choices: list[list[int]],
+    end_tokens: Sequence[int | None],
+    per_token: list[list[float]],
+    end_lp: list[float | None],
+    method: Method,
+) -> tuple[list[float | None], int]:
+    """`method` over log-probabilities already computed one (context, choice) pair at a time, the
+    backends' reference scoring: `per_token[k]` is choice k's per-token log-probabilities,
+    `end_lp[k]` its end token's after it. Returns each choice's score (every choice's exact sum
+    under `full`, as a reference must report them; the search's own scores otherwise) and the
+    chosen choice."""
+    trie = ChoiceTrie(choices, end_tokens)
+
+    def expand(nodes: list[int]) -> None:
+        # A child's next-token log-probability, read off the pass through a choice below it.
+        for i in nodes:
+            node = trie.nodes[i]
+            lps = {t: per_token[trie.via[c][0]][trie.via[c][1]] for t, c in node.children.items()}
+            if node.end_token is not None:
+                lps.setdefault(node.end_token, end_lp[node.ends[0]])  # type: ignore[arg-type]
+            trie.expand(i, lps)
+
+    expand([ROOT])
+    chosen = trie.search(method, expand)
+    if method == "full":
+        return [sum(t) for t in per_token], chosen
+    return trie.choice_scores(), chosen

@@ -42,7 +42,7 @@ from diffbench.backends.hf import (
     encode_choices,
     encode_prompt,
 )
-from diffbench.backends.trie import ROOT, ChoiceTrie, Method
+from diffbench.backends.trie import ROOT, ChoiceTrie, Method, search_pair_passes
 from diffbench.config import model_options
 from diffbench.errors import DiffbenchError
 from diffbench.models import LoadTarget, ModelSpec, resolve_target
@@ -453,28 +453,8 @@ class VLLMBackend:
                 n = len(e.context)
                 per_token.append([out.prompt_logprobs[n + j][t].logprob for j, t in enumerate(c)])
                 end_lp.append(out.outputs[0].logprobs[0][end].logprob if end is not None else None)
-            trie = ChoiceTrie(e.choices, e.end_tokens)
-
-            def expand(
-                nodes: list[int],
-                trie: ChoiceTrie = trie,
-                per_token: list[list[float]] = per_token,
-                end_lp: list[float | None] = end_lp,
-            ) -> None:
-                for i in nodes:
-                    node = trie.nodes[i]
-                    lps = {
-                        t: per_token[trie.via[c][0]][trie.via[c][1]]
-                        for t, c in node.children.items()
-                    }
-                    if node.end_token is not None:
-                        lps.setdefault(node.end_token, end_lp[node.ends[0]])
-                    trie.expand(i, lps)
-
-            expand([ROOT])
-            chosen = trie.search(method, expand)
-            logprobs: list[float | None] = (
-                [sum(t) for t in per_token] if method == "full" else trie.choice_scores()
+            logprobs, chosen = search_pair_passes(
+                e.choices, e.end_tokens, per_token, end_lp, method
             )
             results.append(ChoiceScores(tuple(logprobs), tuple(len(c) for c in e.choices), chosen))
         return results
