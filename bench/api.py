@@ -22,10 +22,13 @@ Sample: TypeAlias = dict[str, Any]
 # test example (several demonstration draws or orders of one ICL query, say); statistics then
 # resample and test whole clusters, since such samples are not independent. Without it every
 # sample is its own cluster. `input_sha256`: the identity of the request's inputs, written by the
-# runner; two runs pair a sample only where these agree.
+# runner; two runs pair a sample only where these agree. `chance` (optional): the score a uniform
+# guess would expect on the sample (1 / choices for a pick among choices); reports set a row's
+# estimate against it.
 SCORE_KEY = "score"
 CLUSTER_KEY = "cluster"
 INPUT_KEY = "input_sha256"
+CHANCE_KEY = "chance"
 
 # metrics.csv's fixed columns, in order; a task's setting keys follow them.
 METRIC_COLUMNS = ("task", "metric", "model", "value", "n", "stderr")

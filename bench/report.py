@@ -42,6 +42,7 @@ class Line:
     lower_is_better: bool
     estimates: dict[str, Estimate]
     differences: dict[str, Difference]
+    chance: float | None = None  # a uniform guess's expected value, where the samples record it
 
     def label(self, summary: bool = True) -> str:
         """`key=value, ...`; settings averaged over are left out of a summary's label."""
@@ -76,6 +77,7 @@ class PaperRow:
     estimates: dict[str, Estimate]  # column (model or base label) -> the run's value
     transformer: str  # the paper's number as text, or "" where it gives none
     diff: str
+    chance: float | None = None  # a uniform guess's expected value, where the task defines one
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,11 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
                         level=level,
                     )
         lower = not info.higher_is_better(metric)
-        out.append(Line(task, metric, setting, lower, estimates, diffs))
+        levels = [
+            c for sc in scores.values() if sc is not None and (c := sc.chance_level()) is not None
+        ]
+        chance = levels[0] if levels else None
+        out.append(Line(task, metric, setting, lower, estimates, diffs, chance))
     return out
 
 
@@ -241,7 +247,11 @@ def paper_table(
     for key, ln, estimates in keyed:
         detail = ", ".join(f"{k}={dict(ln.setting).get(k, '')}" for k in varying)
         label = " ".join(filter(None, (key, f"({detail})" if detail else ""))) or ref.metric
-        rows.append(PaperRow(label, estimates, ref.transformer.get(key, ""), ref.diff.get(key, "")))
+        rows.append(
+            PaperRow(
+                label, estimates, ref.transformer.get(key, ""), ref.diff.get(key, ""), ln.chance
+            )
+        )
     return PaperTable(task, ref, keyed[0][1].lower_is_better, columns, tuple(rows), shared)
 
 

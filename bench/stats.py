@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from diffbench.api import CLUSTER_KEY, INPUT_KEY, SCORE_KEY, WILDCARDS
+from diffbench.api import CHANCE_KEY, CLUSTER_KEY, INPUT_KEY, SCORE_KEY, WILDCARDS
 from scipy.stats import binomtest, norm
 
 LEVEL = 0.95
@@ -83,6 +83,7 @@ class SampleScores:
     score: pd.Series
     cluster: pd.Series
     inputs: pd.Series
+    chance: pd.Series | None = None  # a uniform guess's expected score, where the task gives one
 
     @classmethod
     def of(cls, scores: SampleScores | pd.Series) -> SampleScores:
@@ -102,6 +103,13 @@ class SampleScores:
     def mean(self) -> float:
         """The mean score."""
         return float(self.score.mean())
+
+    def chance_level(self) -> float | None:
+        """A uniform guess's expected mean score over these samples; None unless every sample
+        records its chance."""
+        if self.chance is None or not len(self.chance) or self.chance.isna().any():
+            return None
+        return float(self.chance.mean())
 
 
 def setting_text(value: object) -> str:
@@ -128,7 +136,7 @@ class SampleIndex:
     @classmethod
     def build(cls, samples: pd.DataFrame, setting_keys: tuple[str, ...]) -> SampleIndex:
         """Index `samples` (one task, every model) by their setting columns."""
-        columns = ["id", "model", SCORE_KEY, CLUSTER_KEY, INPUT_KEY]
+        columns = ["id", "model", SCORE_KEY, CLUSTER_KEY, INPUT_KEY, CHANCE_KEY]
         if samples.empty or SCORE_KEY not in samples.columns:
             return cls(pd.DataFrame(columns=columns), (), samples)
         keys = tuple(k for k in setting_keys if k in samples.columns)
@@ -144,6 +152,8 @@ class SampleIndex:
         ]
         inputs = samples.get(INPUT_KEY, pd.Series("", index=samples.index))
         frame[INPUT_KEY] = ["" if _absent(x) else str(x) for x in inputs]
+        chance = samples.get(CHANCE_KEY, pd.Series(np.nan, index=samples.index))
+        frame[CHANCE_KEY] = pd.to_numeric(chance, errors="coerce").to_numpy(dtype=float)
         return cls(frame, keys, samples)
 
     def scores(self, model: str, setting: Mapping[str, str]) -> SampleScores:
@@ -159,6 +169,7 @@ class SampleIndex:
             pd.Series(sub[SCORE_KEY].to_numpy(dtype=float), index=ids),
             pd.Series(sub[CLUSTER_KEY].to_numpy(), index=ids),
             pd.Series(sub[INPUT_KEY].to_numpy(), index=ids),
+            pd.Series(sub[CHANCE_KEY].to_numpy(dtype=float), index=ids),
         )
 
 

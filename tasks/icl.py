@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from diffbench.api import (
     ALL,
+    CHANCE_KEY,
     CLUSTER_KEY,
     LARGEST,
     SCORE_KEY,
@@ -250,6 +251,7 @@ class IclTask:
             "output": request.choices[response.chosen].strip(),
             "logprob": response.logprobs[response.chosen],
             SCORE_KEY: float(response.chosen == item.meta["target_index"]),
+            CHANCE_KEY: 1 / len(request.choices),
         }
 
     def aggregate(self, config: IclConfig, samples: pd.DataFrame) -> pd.DataFrame:

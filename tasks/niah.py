@@ -43,6 +43,7 @@ from typing import Any, Literal
 import pandas as pd
 from diffbench.api import (
     ALL,
+    CHANCE_KEY,
     CLUSTER_KEY,
     LARGEST,
     AttentionMass,
@@ -584,6 +585,7 @@ class NiahTask:
             "output": item.request.choices[best].strip(),
             "logprobs": [None if x is None else round(x, 6) for x in response.logprobs],
             "score": float(best == item.meta["target_index"]),
+            CHANCE_KEY: 1 / len(item.request.choices),
         }
 
     def aggregate(self, config: NiahConfig, samples: pd.DataFrame) -> pd.DataFrame:

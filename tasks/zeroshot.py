@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from diffbench.api import (
     ALL,
+    CHANCE_KEY,
     SCORE_KEY,
     ChoiceRequest,
     ChoiceScores,
@@ -165,6 +166,7 @@ class ZeroshotTask:
         return {
             "output": item.request.choices[response.chosen].strip(),
             SCORE_KEY: float(response.chosen == item.meta["target_index"]),
+            CHANCE_KEY: 1 / len(item.request.choices),
         }
 
     def aggregate(self, config: ZeroshotConfig, samples: pd.DataFrame) -> pd.DataFrame:

@@ -104,14 +104,21 @@ def test_the_variant_tables_rows_are_the_swept_values_and_its_columns_the_base_m
     assert md.index(SECTION) < md.index("## Summary")
     caption, rows = paper_section(md)["Figure 8: Zero-shot accuracy vs attention-logit bits"]
     assert "DIFF holds 16→6 bits" in caption
-    assert rows[0] == ["facts/logit_bits", "tiny-base", "tiny-diff", *PAPER_HEAD]
+    assert rows[0] == ["facts/logit_bits", "tiny-base", "tiny-diff", "chance", *PAPER_HEAD]
     assert [r[0] for r in rows[1:]] == ["1/16", "1/4", "4/16", "4/4"]
+    marked = []
     for row in rows[1:]:
         facts, bits = row[0].split("/")
+        assert row[3] == "0.250"  # four choices
         for cell, base in zip(row[1:3], ("tiny-base", "tiny-diff"), strict=True):
             v = value(sweep_run, "zeroshot", f"{base}@logit_bits={bits}", format="all", facts=facts)
             assert cell.startswith(f"{v:.3f} [")  # the run's value with its interval
-        assert row[3:] == ["—", "—"]  # the paper gives no exact numbers
+            low, high = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
+            # Marked exactly where the interval holds what a uniform guess scores.
+            assert cell.endswith("(at chance)") == (low <= 0.25 <= high), cell
+            marked.append(cell.endswith("(at chance)"))
+        assert row[4:] == ["—", "—"]  # the paper gives no exact numbers
+    assert any(marked) and not all(marked)  # the check saw both kinds of cell
 
 
 def test_paper_tables_without_rows_in_the_run_are_left_out(niah_run):

@@ -10,6 +10,9 @@ from diffbench.stats import Difference, Estimate
 # A significant difference, turned the right way for the metric's direction.
 MARKERS = {"better": "▲", "worse": "▼", "": ""}
 MISSING = "—"
+AT_CHANCE = "at chance"
+# Interval bounds print to three decimals: a chance level this close to one lies on it.
+NOISE = 5e-4
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,16 @@ class Cell:
     verdict: str = ""
 
     @classmethod
-    def of_estimate(cls, e: Estimate | None) -> Cell:
-        """A model's value with its interval."""
+    def of_estimate(cls, e: Estimate | None, chance: float | None = None) -> Cell:
+        """A model's value with its interval, noted "at chance" where the interval holds
+        `chance` (a uniform guess's expected value)."""
         if e is None:
             return cls(None)
-        bounds = None if e.interval is None else (e.interval.low, e.interval.high)
-        return cls(e.value, bounds)
+        if e.interval is None:
+            return cls(e.value)
+        bounds = (e.interval.low, e.interval.high)
+        near = chance is not None and bounds[0] - NOISE <= chance <= bounds[1] + NOISE
+        return cls(e.value, bounds, note=AT_CHANCE if near else "")
 
     @classmethod
     def of_difference(cls, d: Difference | None, verdict: str = "") -> Cell:

@@ -30,7 +30,9 @@ MODEL_HEAD = ("model", "spec", "architecture", "parameters", "dtype", "max conte
 PAPER_HEAD = ("paper Transformer (3B)", "paper DIFF (3B)")
 PAPER_INTRO = (
     "The paper columns are the DIFF paper's own numbers (Ye et al., ICLR 2025: 3B models at "
-    "4K-64K context), for reference only: they are not comparable in scale with this run's models."
+    "4K-64K context), for reference only: they are not comparable in scale with this run's models. "
+    "A chance column gives what a uniform guess among a row's choices would score; (at chance) "
+    "marks a value whose interval holds it."
 )
 # No fetch of any kind: images only as data: URIs, styles only inline, no scripts.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -88,7 +90,7 @@ def table(report: Report, rows: Sequence[Line], with_task: bool) -> Table:
         row: list[str | Cell] = [ln.task] if with_task else []
         row += [f"{ln.metric} {'↓' if ln.lower_is_better else '↑'}", ln.label(with_task) or "—"]
         row.append("/".join(str(n) for n in ns) or "—")
-        row += [Cell.of_estimate(ln.estimates.get(m)) for m in models]
+        row += [Cell.of_estimate(ln.estimates.get(m), ln.chance) for m in models]
         row += [Cell.of_difference(ln.differences.get(m), ln.verdict(m)) for m in report.others]
         body.append(tuple(row))
     return Table(tuple(head), tuple(body), frozenset({"setting"}))
@@ -107,16 +109,19 @@ def paper_caption(t: PaperTable) -> str:
 def paper_table(t: PaperTable) -> Table:
     """A paper table: the row key, the run's value per model (with its interval), the paper's."""
     key = "/".join(k for k in (*t.ref.by, t.ref.variant_key) if k) or "metric"
+    # A chance column where the task records one: what a uniform guess would score on the row.
+    with_chance = any(row.chance is not None for row in t.rows)
     body = tuple(
         (
             row.label,
-            *(Cell.of_estimate(row.estimates.get(c)) for c in t.columns),
+            *(Cell.of_estimate(row.estimates.get(c), row.chance) for c in t.columns),
+            *([MISSING if row.chance is None else f"{row.chance:.3f}"] if with_chance else []),
             row.transformer or MISSING,
             row.diff or MISSING,
         )
         for row in t.rows
     )
-    return Table((key, *t.columns, *PAPER_HEAD), body)
+    return Table((key, *t.columns, *(["chance"] if with_chance else []), *PAPER_HEAD), body)
 
 
 def provenance(report: Report) -> Provenance:
@@ -178,7 +183,8 @@ def legend(report: Report) -> str:
         "test on binary scores without clusters, else the sign-flip test on per-cluster sums of "
         "the paired differences (a cluster counts once, so repeated draws of one example add no "
         "significance). (inputs differ): a sample id was measured on different inputs, so no "
-        "paired test. "
+        "paired test. (at chance): the value's interval holds what a uniform guess among the "
+        "request's choices would score (1 / choices), so the model shows no skill on that row. "
         + (f"Tests used (differences per test): {used}. " if used else "")
         + f"▲/▼: significantly better/worse than {report.reference} at "
         f"α = {1 - report.level:.2g}, direction-aware (↑ higher is better, ↓ lower is better)."
