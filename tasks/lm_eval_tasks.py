@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 from diffbench.api import (
     ALL,
+    CHANCE_KEY,
     SCORE_KEY,
     ChoiceRequest,
     GenerateRequest,
@@ -298,6 +299,8 @@ class LmEvalTask:
             lls = [lm_eval_result(item.request, response, i)[0] for i in index]
             sample["logprobs"] = lls
             sample["prediction"] = max(range(len(lls)), key=lambda k: (lls[k], -k))
+            if task.OUTPUT_TYPE == "multiple_choice" and primary in ("acc", "acc_norm"):
+                sample[CHANCE_KEY] = 1 / len(instances)  # a uniform pick among the choices
         elif isinstance(item.request, GenerateRequest):
             sample["output"] = lm_eval_result(item.request, response)
         else:

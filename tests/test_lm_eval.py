@@ -116,6 +116,7 @@ def test_multiple_choice_predictions_and_loglikelihoods_equal_lm_evals_hf_model(
         assert mine["lm_eval"]["acc"] == s["acc"]
         assert mine["lm_eval"]["acc_norm"] == s["acc_norm"]
         assert mine["score"] == s["acc"]
+        assert mine["chance"] == 1 / len(lls)  # a uniform pick among the document's choices
     metrics = pd.read_csv(run_dir / "metrics.csv")
     acc = metrics[metrics["metric"] == "acc"].iloc[0]
     assert acc["value"] == pytest.approx(sum(s["acc"] for s in theirs) / 6)
@@ -129,6 +130,7 @@ def test_generation_with_until_equals_lm_evals_hf_model(task_dir, tmp_path):
     for s in theirs:
         assert ours[s["doc_id"]]["output"] == s["filtered_resps"][0]
         assert ours[s["doc_id"]]["lm_eval"]["exact_match"] == s["exact_match"]
+        assert "chance" not in ours[s["doc_id"]]  # no choices, no uniform guess
     assert sum(s["exact_match"] for s in theirs) > 0  # the tiny DIFF model does retrieve
 
 
