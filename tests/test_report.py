@@ -64,7 +64,8 @@ def test_run_writes_markdown_with_summary_intervals_and_provenance(workdir):
     assert sections == ["## Summary", "## niah", "## Provenance"]
     assert "| task | metric | setting | n | diff | base | twin | base − diff | twin − diff |" in md
     summary = md.split("## niah")[0]
-    assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", summary)  # value [low, high]
+    # value [low, high], and "(at chance)" where the interval holds 1 / choices (score mode)
+    assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]( \(at chance\))? \|", summary)
     assert re.search(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] p=", summary)
     assert "McNemar" in summary
     assert "DiffLlamaForCausalLM" in md and "LlamaForCausalLM" in md
