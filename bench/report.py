@@ -151,10 +151,9 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
                         level=level,
                     )
         lower = not info.higher_is_better(metric)
-        levels = [
-            c for sc in scores.values() if sc is not None and (c := sc.chance_level()) is not None
-        ]
-        chance = levels[0] if levels else None
+        # The models answered the same requests: the first that records a chance gives it.
+        levels = (sc.chance_level() for sc in scores.values() if sc is not None)
+        chance = next((c for c in levels if c is not None), None)
         out.append(Line(task, metric, setting, lower, estimates, diffs, chance))
     return out
 

@@ -22,6 +22,7 @@ curriculum's other data to compete for the model's capacity. docs/pair_copy.md h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -138,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     seg = tp.SegmentLengths(tok)
     stage = tp.Stage(args.steps, 128, 16, (3, 4), (3, 4), classification=0.3, intents=0.4,
                      keyed=0.3, documents=0.0)  # fmt: skip
-    preset = tp.replace(tp.DEFAULT, stages=(stage,), warmup_steps=100, decay_steps=1000)
+    preset = dataclasses.replace(tp.DEFAULT, stages=(stage,), warmup_steps=100, decay_steps=1000)
     run = tp.build_runs(preset, tok, args.seed)[MODELS.index(args.model)]
     rng = random.Random(args.seed)
     log: list[dict] = []

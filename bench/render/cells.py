@@ -12,7 +12,7 @@ MARKERS = {"better": "▲", "worse": "▼", "": ""}
 MISSING = "—"
 AT_CHANCE = "at chance"
 # Interval bounds print to three decimals: a chance level this close to one lies on it.
-NOISE = 5e-4
+PRINTED_HALF_STEP = 5e-4
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,10 @@ class Cell:
         if e.interval is None:
             return cls(e.value)
         bounds = (e.interval.low, e.interval.high)
-        near = chance is not None and bounds[0] - NOISE <= chance <= bounds[1] + NOISE
+        near = (
+            chance is not None
+            and bounds[0] - PRINTED_HALF_STEP <= chance <= bounds[1] + PRINTED_HALF_STEP
+        )
         return cls(e.value, bounds, note=AT_CHANCE if near else "")
 
     @classmethod
