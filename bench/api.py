@@ -447,6 +447,88 @@ class PaperRef:
         )
 
 
+# Which way a metric is better; "none": neither (a median's level, a count).
+Better: TypeAlias = Literal["higher", "lower", "none"]
+# What a metric's value is: "proportion", the mean over samples of a score in [0, 1] (accuracy, a
+# share of needles found); "mean", the mean over samples of an unbounded value (a mass, an NLL, a
+# rate); "statistic", anything else (a top-1, a kurtosis, a best-worst margin), which reports show
+# with no interval or test unless its samples give one.
+MetricKind: TypeAlias = Literal["proportion", "mean", "statistic"]
+BETTER = ("higher", "lower", "none")
+METRIC_KINDS = ("proportion", "mean", "statistic")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric a task emits, declared once: its direction, what its value is a mean of, and
+    its unit of independence.
+
+    A "proportion" or "mean" row is the mean of its samples' `key` field (where `by` names a
+    setting, that field maps the setting's value to the sample's value: NLL per position bucket).
+    Samples sharing a `cluster` are one independent `unit` ("haystack draw", "test example",
+    "document", "sequence"); intervals and paired tests resample and test whole units.
+    """
+
+    name: str
+    better: Better = "higher"
+    kind: MetricKind = "proportion"
+    key: str = SCORE_KEY
+    by: str = ""
+    unit: str = "sample"
+    note: str = ""  # for a statistic: what it is computed over, and why it gets no test
+
+    def __post_init__(self) -> None:
+        if self.better not in BETTER:
+            raise ValueError(f"metric {self.name}: better must be one of {BETTER}")
+        if self.kind not in METRIC_KINDS:
+            raise ValueError(f"metric {self.name}: kind must be one of {METRIC_KINDS}")
+
+    @property
+    def sample_mean(self) -> bool:
+        """Whether the row's value is a mean over its samples."""
+        return self.kind != "statistic"
+
+    def to_json(self) -> dict[str, Any]:
+        """The declaration as run.json stores it."""
+        return {
+            "name": self.name,
+            "better": self.better,
+            "kind": self.kind,
+            "key": self.key,
+            "by": self.by,
+            "unit": self.unit,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Metric:
+        """The declaration read back from run.json."""
+        return cls(
+            str(data["name"]),
+            data.get("better", "higher"),
+            data.get("kind", "statistic"),
+            str(data.get("key", SCORE_KEY)),
+            str(data.get("by", "")),
+            str(data.get("unit", "sample")),
+            str(data.get("note", "")),
+        )
+
+
+def declared_metrics(task: Any) -> tuple[Metric, ...]:
+    """A plugin's metric declarations. A plugin written before `Metric` (names in `metrics`, with
+    `lower_is_better` and `sample_mean_metrics` sets) is read as "mean" and "statistic" metrics."""
+    out = []
+    lower = frozenset(getattr(task, "lower_is_better", ()))
+    means = frozenset(getattr(task, "sample_mean_metrics", ()))
+    for m in task.metrics:
+        if isinstance(m, Metric):
+            out.append(m)
+        else:
+            better: Better = "lower" if m in lower else "higher"
+            out.append(Metric(str(m), better, "mean" if m in means else "statistic"))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What a run directory records about each of its tasks, so that statistics, comparisons and
@@ -454,10 +536,8 @@ class TaskInfo:
 
     name: str
     description: str
-    metrics: tuple[str, ...]
+    metric_defs: tuple[Metric, ...]
     setting_keys: tuple[str, ...]
-    lower_is_better: frozenset[str]
-    sample_mean_metrics: frozenset[str]
     headline: tuple[Headline, ...]
     # The paper's numbers for its tables (a plugin's optional `paper` attribute).
     paper: tuple[PaperRef, ...] = ()
@@ -468,19 +548,39 @@ class TaskInfo:
         return cls(
             task.name,
             task.description,
-            tuple(task.metrics),
+            declared_metrics(task),
             tuple(task.setting_keys),
-            frozenset(task.lower_is_better),
-            frozenset(task.sample_mean_metrics),
             tuple(task.headline),
             tuple(getattr(task, "paper", ())),
         )
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The declared metrics' names."""
+        return tuple(m.name for m in self.metric_defs)
+
+    @property
+    def lower_is_better(self) -> frozenset[str]:
+        """The metrics where lower is better."""
+        return frozenset(m.name for m in self.metric_defs if m.better == "lower")
+
+    @property
+    def sample_mean_metrics(self) -> frozenset[str]:
+        """The metrics whose value is a mean over samples."""
+        return frozenset(m.name for m in self.metric_defs if m.sample_mean)
+
+    def metric(self, name: str) -> Metric:
+        """The declaration of `name`; an undeclared metric is a statistic with no test."""
+        found = next((m for m in self.metric_defs if m.name == name), None)
+        return found or Metric(name, kind="statistic", note="not declared by its task")
+
     def to_json(self) -> dict[str, Any]:
-        """The record as run.json stores it (sets as sorted lists)."""
+        """The record as run.json stores it (the older per-property lists kept for readers of
+        earlier versions)."""
         return {
             "name": self.name,
             "description": self.description,
+            "metric_defs": [m.to_json() for m in self.metric_defs],
             "metrics": list(self.metrics),
             "setting_keys": list(self.setting_keys),
             "lower_is_better": sorted(self.lower_is_better),
@@ -491,23 +591,38 @@ class TaskInfo:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TaskInfo:
-        """The record read back from run.json."""
+        """The record read back from run.json (a run before `metric_defs`: from its lists)."""
+        if "metric_defs" in data:
+            defs = tuple(Metric.from_json(m) for m in data["metric_defs"])
+        else:
+            lower = frozenset(data.get("lower_is_better", ()))
+            means = frozenset(data.get("sample_mean_metrics", ()))
+            defs = tuple(
+                Metric(
+                    str(m),
+                    "lower" if m in lower else "higher",
+                    "mean" if m in means else "statistic",
+                )
+                for m in data.get("metrics", ())
+            )
         return cls(
             str(data["name"]),
             str(data.get("description", "")),
-            tuple(data.get("metrics", ())),
+            defs,
             tuple(data.get("setting_keys", ())),
-            frozenset(data.get("lower_is_better", ())),
-            frozenset(data.get("sample_mean_metrics", ())),
             tuple(
                 Headline(h["metric"], dict(h.get("where", {}))) for h in data.get("headline", ())
             ),
             tuple(PaperRef.from_json(p) for p in data.get("paper", ())),  # older runs: none
         )
 
+    def better(self, metric: str) -> Better:
+        """Which way `metric` is better ("none": neither)."""
+        return self.metric(metric).better
+
     def higher_is_better(self, metric: str) -> bool:
-        """The metric's direction."""
-        return metric not in self.lower_is_better
+        """Whether higher is better (also for a metric with no better direction)."""
+        return self.better(metric) != "lower"
 
 
 @runtime_checkable
@@ -526,14 +641,11 @@ class Task(Protocol):
     request_kinds: tuple[type, ...]
     # Named option sets (`--set TASK.preset=NAME`): the paper's settings are one preset away.
     presets: Mapping[str, Mapping[str, Any]]
-    metrics: tuple[str, ...]
+    # Every metric `aggregate` emits, declared once: direction, what it is a mean of, and its
+    # unit of independence (statistics pair and cluster by it).
+    metrics: tuple[Metric, ...]
     # Setting columns this task writes into metrics.csv, in display order.
     setting_keys: tuple[str, ...]
-    # Metric names where lower is better (all others are higher-is-better).
-    lower_is_better: frozenset[str]
-    # Metrics whose value is the mean of the samples' `score`: reports bootstrap their intervals
-    # over samples (clusters) and pair models by sample id.
-    sample_mean_metrics: frozenset[str]
     # The rows the report's summary leads with (the paper's own tables); the rest stay in the
     # task's section.
     headline: tuple[Headline, ...]

@@ -140,7 +140,15 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--require-significance",
         action="store_true",
-        help="a change beyond tolerance only counts when the paired test is significant",
+        help="a change beyond tolerance only counts when the paired test is significant "
+        "after multiplicity control (--adjust)",
+    )
+    cmp.add_argument(
+        "--adjust",
+        choices=("bh", "holm", "none"),
+        default="bh",
+        help="multiplicity control over every tested row: Benjamini-Hochberg (false discovery "
+        "rate, default), Holm (family-wise error) or none",
     )
     cmp.add_argument(
         "--fail-on",
@@ -531,6 +539,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         "tolerance": gate.parse_tolerance(args.tolerance),
         "require_significance": args.require_significance,
         "fail_on": fail_on,
+        "adjustment": gate.ADJUST_CHOICES[args.adjust],
     }
     if labels:
         result = gate.compare_models(args.baseline, labels[0], labels[1], **gate_args)

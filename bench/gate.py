@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 from diffbench import stats
 from diffbench.api import METRIC_COLUMNS
+from diffbench.config import split_variant
 from diffbench.errors import DiffbenchError
 from diffbench.results import Results, load_run, merge_task_infos
 from diffbench.stats import Difference, SampleScores
@@ -32,6 +33,7 @@ STATUSES = (
     "inputs differ",
     "new",
     "improvement",
+    "changed",  # beyond tolerance on a metric with no better direction (a median's level)
     "not significant",
     "unchanged",
 )
@@ -43,6 +45,10 @@ GATE_STATUSES = {
 GATES = frozenset(GATE_STATUSES)
 # Float noise below this never counts as a change (metrics.csv keeps 10 significant digits).
 EPSILON = 1e-9
+# A comparison tests every row it matched: significance is read from p-values adjusted over
+# them all (Benjamini-Hochberg unless --adjust says otherwise).
+DEFAULT_ADJUSTMENT = "benjamini-hochberg"
+ADJUST_CHOICES = {"bh": "benjamini-hochberg", "holm": "holm", "none": "none"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class Change:
     lower_is_better: bool
     tolerance: float
     status: str
+    better: str = "higher"  # "higher", "lower" or "none"
 
     @property
     def setting_text(self) -> str:
@@ -125,6 +132,7 @@ class Comparison:
     require_significance: bool
     fail_on: frozenset[str]
     level: float = stats.LEVEL
+    adjustment: str = DEFAULT_ADJUSTMENT
 
     def count(self, status: str) -> int:
         """How many rows have `status`."""
@@ -154,12 +162,14 @@ class Comparison:
 
 
 def _status(
-    gain: float, tolerance: float, difference: Difference, require_significance: bool
+    gain: float, tolerance: float, difference: Difference, require_significance: bool, better: str
 ) -> str:
     if abs(gain) <= tolerance + EPSILON:
         return "unchanged"
     if require_significance and not difference.significant:
         return "not significant"
+    if better == "none":
+        return "changed"
     return "improvement" if gain > 0 else "regression"
 
 
@@ -184,6 +194,7 @@ def compare(
     fail_on: Iterable[str] = (),
     names: tuple[str, str] = ("baseline", "candidate"),
     level: float = stats.LEVEL,
+    adjustment: str = DEFAULT_ADJUSTMENT,
 ) -> Comparison:
     """Match `baseline`'s rows of model a with `candidate`'s rows of model b for each (a, b).
 
@@ -225,8 +236,9 @@ def compare(
         frame = results.metrics[results.metrics["model"] == model]
         return frame.reindex(columns=[*METRIC_COLUMNS, *settings]).fillna({c: "" for c in settings})
 
+    # (change fields, difference) of every matched row: statuses wait for the adjusted p-values.
+    matched: list[tuple[dict[str, Any], Difference]] = []
     changes: list[Change] = []
-    untestable: list[Change] = []
     matched_any = False
     for a, b in pairs:
         joined = rows(baseline, a).merge(
@@ -243,7 +255,8 @@ def compare(
                     key=lambda kv: (order.get(kv[0], len(order)), kv[0]),
                 )
             )
-            lower = not info.higher_is_better(metric)
+            declared = info.metric(metric)
+            lower = declared.better == "lower"
             tol = tolerance.of(metric)
             base_v, cand_v = _value(row.get("value_b")), _value(row.get("value_c"))
             label = str(b if a is None or a == b else a if b is None else f"{b} vs {a}")
@@ -252,8 +265,11 @@ def compare(
                 if base_v is None and cand_v is None:
                     status = "unchanged"
                 changes.append(
-                    Change(task, metric, label, setting, base_v, cand_v, None, lower, tol, status)
-                )
+                    Change(
+                        task, metric, label, setting, base_v, cand_v, None, lower, tol, status,
+                        declared.better,
+                    )
+                )  # fmt: skip
                 continue
             where = dict(setting)
             assert a is not None and b is not None
@@ -262,8 +278,7 @@ def compare(
                 cand_v,
                 reference_scores=baseline.scores(task, metric, a, where),
                 candidate_scores=candidate.scores(task, metric, b, where),
-                reference_stderr=float(row["stderr_b"]),
-                candidate_stderr=float(row["stderr_c"]),
+                kind=declared.kind,
                 level=level,
             )
             ref_samples = samples_of(baseline, task, a, setting)
@@ -273,12 +288,24 @@ def compare(
                 and cand_samples is not None
                 and stats.inputs_differ(ref_samples, cand_samples)
             )
-            gain = -diff.delta if lower else diff.delta
-            status = "inputs differ" if differ else _status(gain, tol, diff, require_significance)
-            change = Change(task, metric, label, setting, base_v, cand_v, diff, lower, tol, status)
-            if status == "not significant" and diff.test == "none":
-                untestable.append(change)
-            changes.append(change)
+            fields = dict(
+                task=task, metric=metric, model=label, setting=setting, baseline=base_v,
+                candidate=cand_v, lower_is_better=lower, tolerance=tol,
+                status="inputs differ" if differ else "", better=declared.better,
+            )  # fmt: skip
+            matched.append((fields, diff))
+    untestable: list[Change] = []
+    adjusted = stats.adjust([d for _, d in matched], adjustment, level)
+    for (fields, _), adj in zip(matched, adjusted, strict=True):
+        gain = -adj.delta if fields["lower_is_better"] else adj.delta
+        if not fields["status"]:
+            fields["status"] = _status(
+                gain, fields["tolerance"], adj, require_significance, fields["better"]
+            )
+        change = Change(difference=adj, **fields)
+        if change.status == "not significant" and adj.test == "none":
+            untestable.append(change)
+        changes.append(change)
     if not matched_any:
         raise DiffbenchError(
             f"{names[0]} and {names[1]} have no rows in common (same task, metric, setting and "
@@ -287,15 +314,23 @@ def compare(
     if untestable:
         metrics = sorted({f"{c.task} {c.metric}" for c in untestable})
         first = untestable[0]
+        why = first.difference.reason if first.difference else "no test"
         raise DiffbenchError(
-            f"--require-significance cannot test {', '.join(metrics)}: no per-sample scores and "
-            f"no stderr, and {len(untestable)} such row(s) changed beyond tolerance (e.g. "
+            f"--require-significance cannot test {', '.join(metrics)} ({why}), and "
+            f"{len(untestable)} such row(s) changed beyond tolerance (e.g. "
             f"{first.model} {first.setting_text or first.metric}); drop the flag, or give them "
             f"a --tolerance they stay within (e.g. {first.metric}=...)"
         )
     changes.sort(key=_order)
     return Comparison(
-        names[0], names[1], tuple(changes), tolerance, require_significance, fail_on, level
+        names[0],
+        names[1],
+        tuple(changes),
+        tolerance,
+        require_significance,
+        fail_on,
+        level,
+        adjustment,
     )
 
 
@@ -318,15 +353,39 @@ def compare_runs(
     )
 
 
+def sweep_pairs(models: Sequence[str], reference: str, model: str) -> list[tuple[str, str]]:
+    """The (baseline, candidate) pairs that compare `model` with `reference` in one run: the two
+    labels themselves where both exist, and under a sweep each variant of `model` against the
+    reference's variant at the same swept value, and each variant of either against its own
+    variant at the sweep's first value."""
+    pairs = [(reference, model)] if reference in models and model in models else []
+    variants: dict[str, list[tuple[str, str, str]]] = {}
+    for m in models:
+        v = split_variant(m)
+        if v is not None and v[0] in (reference, model):
+            variants.setdefault(v[0], []).append((m, v[1], v[2]))
+    ref_at = {(key, value): m for m, key, value in variants.get(reference, [])}
+    for m, key, value in variants.get(model, []):
+        if (key, value) in ref_at:
+            pairs.append((ref_at[(key, value)], m))
+    for base in (reference, model):
+        found = variants.get(base, [])
+        pairs += [(found[0][0], m) for m, key, _ in found[1:] if key == found[0][1]]
+    return pairs
+
+
 def compare_models(run_dir: Path, reference: str, model: str, **gate: Any) -> Comparison:
-    """Model `model` of one run against model `reference` of the same run."""
+    """Model `model` of one run against model `reference` of the same run; under a sweep, at
+    each swept value, and each against its own first value (`sweep_pairs`)."""
     results = load_run(run_dir)
+    bases = {(split_variant(m) or (m,))[0] for m in results.models}
     for label in (reference, model):
-        if label not in results.models:
+        if label not in results.models and label not in bases:
             raise DiffbenchError(
                 f"{label!r} is not a model of {run_dir}; it has {', '.join(results.models)}"
             )
     if reference == model:
         raise DiffbenchError("--models needs two different models, e.g. --models base,diff")
     names = (f"{run_dir}:{reference}", f"{run_dir}:{model}")
-    return compare(results, results, [(reference, model)], names=names, **gate)
+    pairs: list[tuple[str | None, str | None]] = list(sweep_pairs(results.models, reference, model))
+    return compare(results, results, pairs, names=names, **gate)

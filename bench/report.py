@@ -14,22 +14,27 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 from diffbench import figures, stats
-from diffbench.api import ALL, LARGEST, WILDCARDS, Headline, PaperRef, TaskInfo
-from diffbench.config import split_variant
+from diffbench.api import ALL, LARGEST, WILDCARDS, Headline, MetricKind, PaperRef, TaskInfo
+from diffbench.config import split_variant, variant_label
 from diffbench.errors import DiffbenchError
 from diffbench.render.report import html_page, markdown
 from diffbench.results import Results, load_runs
-from diffbench.stats import Difference, Estimate, setting_text
+from diffbench.stats import Difference, Estimate, SampleScores, setting_text
 from diffbench.store import RunStore, natural_key, write_atomic
 
 log = logging.getLogger("diffbench")
 
 DIFFERENCES_STEM = "diffbench_differences"
+LEVEL = stats.LEVEL
+# Multiplicity control: Holm over the paper section's differences, Benjamini-Hochberg over
+# every other row's.
+PAPER_FAMILY = "holm"
+EXPLORATORY = "benjamini-hochberg"
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,14 @@ class Line:
     estimates: dict[str, Estimate]
     differences: dict[str, Difference]
     chance: float | None = None  # a uniform guess's expected value, where the samples record it
+    better: str = "higher"  # "higher", "lower" or "none" (no verdict either way)
+    unit: str = "sample"  # the metric's unit of independence
+    # model -> the model its difference is taken against, where that is not the reference (a
+    # sweep variant against the reference's variant at the same value, or its own first value)
+    against: dict[str, str] = field(default_factory=dict)
+    # model -> its difference from its own variant at the sweep's first value (swept models)
+    sweep_differences: dict[str, Difference] = field(default_factory=dict)
+    sweep_against: dict[str, str] = field(default_factory=dict)
 
     def label(self, summary: bool = True) -> str:
         """`key=value, ...`; settings averaged over are left out of a summary's label."""
@@ -52,10 +65,25 @@ class Line:
         """'better' or 'worse' when `model` differs significantly from the reference (turned the
         right way for a lower-is-better metric), else ''."""
         d = self.differences.get(model)
-        if d is None or not d.significant:
-            return ""
-        gain = -d.delta if self.lower_is_better else d.delta
-        return "better" if gain > 0 else "worse" if gain < 0 else ""
+        return _verdict(d, self.better)
+
+    def sweep_verdict(self, model: str) -> str:
+        """`verdict` for the difference from the model's own first swept value."""
+        return _verdict(self.sweep_differences.get(model), self.better)
+
+    def tested(self) -> list[Difference]:
+        """Every difference of the line that carries a test."""
+        found = [*self.differences.values(), *self.sweep_differences.values()]
+        return [d for d in found if d.p_value is not None]
+
+
+def _verdict(d: Difference | None, better: str) -> str:
+    """'better' or 'worse' for a significant difference (after multiplicity control) on a
+    metric with a direction, else ''."""
+    if d is None or not d.significant or better == "none":
+        return ""
+    gain = -d.delta if better == "lower" else d.delta
+    return "better" if gain > 0 else "worse" if gain < 0 else ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,14 @@ class PaperRow:
     transformer: str  # the paper's number as text, or "" where it gives none
     diff: str
     chance: float | None = None  # a uniform guess's expected value, where the task defines one
+    # column -> its difference from the reference column in this row, Holm-adjusted over the
+    # paper section
+    differences: dict[str, Difference] = field(default_factory=dict)
+    better: str = "higher"
+
+    def verdict(self, column: str) -> str:
+        """'better' or 'worse' where the column differs significantly from the reference."""
+        return _verdict(self.differences.get(column), self.better)
 
 
 @dataclass(frozen=True)
@@ -125,6 +161,7 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
         metric = str(values[-1])
         where = dict(setting)
         by_model = {str(r["model"]): r for _, r in group.iterrows()}
+        declared = info.metric(metric)
         scores = {m: results.scores(task, metric, m, where) for m in by_model}
         estimates = {
             m: stats.estimate(
@@ -132,30 +169,97 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
                 None if pd.isna(r["n"]) else int(r["n"]),
                 float(r["stderr"]),
                 scores[m],
+                declared.kind,
                 level,
             )
             for m, r in by_model.items()
         }
+
+        row_values = {m: float(r["value"]) for m, r in by_model.items()}
+
         diffs: dict[str, Difference] = {}
-        if reference in by_model:
-            ref = by_model[reference]
-            for m, r in by_model.items():
-                if m != reference:
-                    diffs[m] = stats.difference(
-                        float(ref["value"]),
-                        float(r["value"]),
-                        reference_scores=scores[reference],
-                        candidate_scores=scores[m],
-                        reference_stderr=float(ref["stderr"]),
-                        candidate_stderr=float(r["stderr"]),
-                        level=level,
-                    )
-        lower = not info.higher_is_better(metric)
+        against: dict[str, str] = {}
+        sweep_diffs: dict[str, Difference] = {}
+        sweep_against: dict[str, str] = {}
+        models = list(by_model)
+        for m in models:
+            ref = counterpart(m, reference, models)
+            if ref is not None:
+                diffs[m] = _difference(row_values, scores, declared.kind, level, ref, m)
+                if ref != reference:
+                    against[m] = ref
+            own = own_first(m, models)
+            if own is not None and own != ref:
+                sweep_diffs[m] = _difference(row_values, scores, declared.kind, level, own, m)
+                sweep_against[m] = own
         # The models answered the same requests: the first that records a chance gives it.
         levels = (sc.chance_level() for sc in scores.values() if sc is not None)
         chance = next((c for c in levels if c is not None), None)
-        out.append(Line(task, metric, setting, lower, estimates, diffs, chance))
+        out.append(
+            Line(
+                task,
+                metric,
+                setting,
+                declared.better == "lower",
+                estimates,
+                diffs,
+                chance,
+                declared.better,
+                declared.unit,
+                against,
+                sweep_diffs,
+                sweep_against,
+            )
+        )
     return out
+
+
+def _difference(
+    values: dict[str, float],
+    scores: dict[str, SampleScores | None],
+    kind: MetricKind,
+    level: float,
+    reference: str,
+    model: str,
+) -> Difference:
+    """`model`'s row against `reference`'s, paired over their samples."""
+    return stats.difference(
+        values[reference],
+        values[model],
+        reference_scores=scores[reference],
+        candidate_scores=scores[model],
+        kind=kind,
+        level=level,
+    )
+
+
+def counterpart(model: str, reference: str, models: Sequence[str]) -> str | None:
+    """The model a row's `model` is compared with: the reference; under a sweep, the reference's
+    variant at the same swept value (DIFF against the Transformer at 8 bits), and for the
+    reference's own variants, the first swept value (its own 16-bit row). None: no comparison."""
+    variant = split_variant(model)
+    if variant is not None:
+        base, key, value = variant
+        ref_base = (split_variant(reference) or (reference,))[0]
+        same = variant_label(ref_base, key, value)
+        if same != model and same in models:
+            return same
+        if base == ref_base:
+            return own_first(model, models)
+    return reference if reference in models and reference != model else None
+
+
+def own_first(model: str, models: Sequence[str]) -> str | None:
+    """A sweep variant's own variant at the first swept value among `models` (itself: None)."""
+    variant = split_variant(model)
+    if variant is None:
+        return None
+    base, key, _ = variant
+    for m in models:
+        other = split_variant(m)
+        if other is not None and other[0] == base and other[1] == key:
+            return None if m == model else m
+    return None
 
 
 def _largest(values: Sequence[str]) -> str | None:
@@ -213,19 +317,29 @@ def paper_table(
     (or of the swept option `ref.variant_key`), a column per model (or per base model), and the
     paper's numbers. Rows that share a key are told apart by the settings they differ in."""
     found = matching_lines(ref, task_lines)
-    # (row key, line, column -> estimate) per row, in line order (variants: in model order).
+    # (row key, line, column -> estimate, column -> difference) per row, in line order
+    # (variants: in model order; a variant's difference is from the reference's variant at the
+    # same swept value).
     keyed: list[tuple[str, Line, dict[str, Estimate]]] = []
+    row_diffs: list[dict[str, Difference]] = []
     for ln in found:
         prefix = "/".join(dict(ln.setting).get(k, "") for k in ref.by)
         if not ref.variant_key:
             keyed.append((prefix, ln, {m: ln.estimates[m] for m in models if m in ln.estimates}))
+            row_diffs.append({m: d for m, d in ln.differences.items() if m not in ln.against})
             continue
         per_value: dict[str, dict[str, Estimate]] = {}
+        per_value_diffs: dict[str, dict[str, Difference]] = {}
         for m in models:
             variant = split_variant(m)
             if m in ln.estimates and variant is not None and variant[1] == ref.variant_key:
                 per_value.setdefault(variant[2], {})[variant[0]] = ln.estimates[m]
-        keyed += [("/".join(filter(None, (prefix, v))), ln, e) for v, e in per_value.items()]
+                against = split_variant(ln.against.get(m, ""))
+                if m in ln.differences and against is not None and against[2] == variant[2]:
+                    per_value_diffs.setdefault(variant[2], {})[variant[0]] = ln.differences[m]
+        for v, e in per_value.items():
+            keyed.append(("/".join(filter(None, (prefix, v))), ln, e))
+            row_diffs.append(per_value_diffs.get(v, {}))
     # Columns in model order: a base label where its first variant stands.
     bases = [(split_variant(m) or (m,))[0] if ref.variant_key else m for m in models]
     columns = tuple(c for c in dict.fromkeys(bases) if any(c in e for _, _, e in keyed))
@@ -243,12 +357,18 @@ def paper_table(
         (k, v) for k, v in keyed[0][1].setting if ref.where.get(k) == LARGEST and k not in varying
     )
     rows = []
-    for key, ln, estimates in keyed:
+    for (key, ln, estimates), diffs in zip(keyed, row_diffs, strict=True):
         detail = ", ".join(f"{k}={dict(ln.setting).get(k, '')}" for k in varying)
         label = " ".join(filter(None, (key, f"({detail})" if detail else ""))) or ref.metric
         rows.append(
             PaperRow(
-                label, estimates, ref.transformer.get(key, ""), ref.diff.get(key, ""), ln.chance
+                label,
+                estimates,
+                ref.transformer.get(key, ""),
+                ref.diff.get(key, ""),
+                ln.chance,
+                diffs,
+                ln.better,
             )
         )
     return PaperTable(task, ref, keyed[0][1].lower_is_better, columns, tuple(rows), shared)
@@ -293,19 +413,51 @@ def build(results: Results, reference: str | None = None) -> Report:
         raise DiffbenchError(
             f"--reference {reference!r} is not a model of this report ({', '.join(models)})"
         )
+    measured = [t for t in results.tasks if t in set(results.metrics["task"])]  # the run's order
+    per_task = {
+        task: lines(results, results.metrics[results.metrics["task"] == task], reference, LEVEL)
+        for task in measured
+    }
+    # The paper section is a small family declared in advance: Holm. Every other row is
+    # exploration: Benjamini-Hochberg over all of them together.
+    raw_sections = [TaskSection(t, "", "", tuple(per_task[t]), ()) for t in measured]
+    paper = tuple(_holm_paper(paper_tables(results, raw_sections)))
+    adjusted = iter(_adjust_lines([ln for t in measured for ln in per_task[t]], EXPLORATORY))
     summary: list[Line] = []
     sections: list[TaskSection] = []
-    measured = set(results.metrics["task"].unique())
-    for task in [t for t in results.tasks if t in measured]:  # the run's task order
+    for task in measured:
         info = results.info(task)
-        rows = results.metrics[results.metrics["task"] == task]
-        task_lines = lines(results, rows, reference, stats.LEVEL)
+        task_lines = [next(adjusted) for _ in per_task[task]]
         summary += headline_lines(info, task_lines)
         sections.append(
             TaskSection(task, info.description, describe_headline(info), tuple(task_lines), ())
         )
-    paper = tuple(paper_tables(results, sections))
     return Report(results, reference, tuple(summary), tuple(sections), None, paper=paper)
+
+
+def _adjust_lines(found: Sequence[Line], method: str) -> list[Line]:
+    """The lines with every difference's p adjusted over all of them as one family."""
+    flat = [d for ln in found for d in (*ln.differences.values(), *ln.sweep_differences.values())]
+    adjusted = iter(stats.adjust(flat, method))
+    out = []
+    for ln in found:
+        diffs = {m: next(adjusted) for m in ln.differences}
+        sweep = {m: next(adjusted) for m in ln.sweep_differences}
+        out.append(replace(ln, differences=diffs, sweep_differences=sweep))
+    return out
+
+
+def _holm_paper(tables: Sequence[PaperTable]) -> list[PaperTable]:
+    """The paper tables with Holm's adjustment over every difference they show."""
+    flat = [d for t in tables for row in t.rows for d in row.differences.values()]
+    adjusted = iter(stats.adjust(flat, PAPER_FAMILY))
+    out = []
+    for t in tables:
+        rows = tuple(
+            replace(row, differences={c: next(adjusted) for c in row.differences}) for row in t.rows
+        )
+        out.append(replace(t, rows=rows))
+    return out
 
 
 def with_figures(report: Report, figures_dir: Path) -> Report:

@@ -58,10 +58,12 @@ class Results:
     def scores(
         self, task: str, metric: str, model: str, setting: Mapping[str, str]
     ) -> SampleScores | None:
-        """Per-sample scores behind a row (by sample id), or None if it is no mean of them."""
-        if metric not in self.info(task).sample_mean_metrics:
+        """Per-sample values behind a row (by sample id), or None if it is no mean of them."""
+        declared = self.info(task).metric(metric)
+        if not declared.sample_mean or task not in self.samples:
             return None
-        return self.samples_of(task, model, setting)
+        found = self.samples[task].scores(model, setting, declared)
+        return found if len(found) else None
 
     def samples_of(self, task: str, model: str, setting: Mapping[str, str]) -> SampleScores | None:
         """The samples measured in a row's setting, whatever its metric (None if there are none)."""
@@ -153,7 +155,7 @@ def load_run(run_dir: Path) -> Results:
         keys = tasks[task].setting_keys or tuple(
             c for c in metrics.columns if c not in METRIC_COLUMNS
         )
-        samples[task] = SampleIndex.build(store.samples(task), keys)
+        samples[task] = SampleIndex.build(store.samples(task), keys, tasks[task].metric_defs)
     configured = [m["label"] for m in record.get("config", {}).get("models", [])]
     present = list(dict.fromkeys(metrics["model"]))
     models = [m for m in configured if m in present] + [m for m in present if m not in configured]

@@ -32,6 +32,7 @@ from diffbench.api import (
     Generation,
     Headline,
     Item,
+    Metric,
     PaperRef,
     Response,
     Sample,
@@ -249,10 +250,13 @@ class HallucinationTask:
     description = "Contextual hallucination in summarisation and QA, judged against the document"
     config_type = HallucinationConfig
     presets = PRESETS
-    metrics = ("hallucination_free", "support", "rouge_l", "unparseable")
+    metrics = (
+        Metric("hallucination_free", unit="document"),
+        Metric("support", "higher", "mean", "support", unit="document"),
+        Metric("rouge_l", "higher", "mean", "rouge_l", unit="document"),
+        Metric("unparseable", "lower", "proportion", "unparseable", unit="document"),
+    )
     setting_keys = ("dataset",)
-    lower_is_better = frozenset({"unparseable"})
-    sample_mean_metrics = frozenset({"hallucination_free"})
     headline = (Headline("hallucination_free"),)  # Table 4: one row per dataset
     # The paper's numbers beside the run's (report.md's first section). The shipped synthetic
     # sets have no paper number: each is set beside the mean of the paper's sets of its kind.
@@ -314,6 +318,7 @@ class HallucinationTask:
             "supported": verdict.supported,
             "support": verdict.support_score,
             "parsed": verdict.parsed,
+            "unparseable": float(not verdict.parsed),
             "rouge_l": rouge,
             "spans": list(verdict.spans),
             "verdict": verdict.raw,

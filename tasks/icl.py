@@ -32,6 +32,7 @@ from diffbench.api import (
     ChoiceScores,
     Headline,
     Item,
+    Metric,
     PaperRef,
     Response,
     Sample,
@@ -130,6 +131,9 @@ def _shot_counts(cfg: IclConfig) -> list[int]:
     return counts
 
 
+ORDERS = "over the demonstration orders of a draw (each a mean over test examples); no test"
+
+
 class IclTask:
     """The many-shot ICL task plugin."""
 
@@ -137,10 +141,15 @@ class IclTask:
     description = "Many-shot in-context classification vs number of demonstrations and order"
     config_type = IclConfig
     presets = PRESETS
-    metrics = ("accuracy", "accuracy_std", "accuracy_min", "accuracy_max", "margin")
+    # A test example read under several demonstration draws and orders is one unit.
+    metrics = (
+        Metric("accuracy", unit="test example"),
+        Metric("accuracy_std", "lower", "statistic", unit="test example", note=ORDERS),
+        Metric("accuracy_min", "higher", "statistic", unit="test example", note=ORDERS),
+        Metric("accuracy_max", "higher", "statistic", unit="test example", note=ORDERS),
+        Metric("margin", "lower", "statistic", unit="test example", note=ORDERS),
+    )
     setting_keys = SETTING_KEYS
-    lower_is_better = frozenset({"accuracy_std", "margin"})
-    sample_mean_metrics = frozenset({"accuracy"})
     # The paper's Figures 6 and 7: accuracy per shot count, and the best-worst order margin at
     # the largest shot count.
     headline = (

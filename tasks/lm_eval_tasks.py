@@ -28,10 +28,13 @@ from diffbench.api import (
     ALL,
     CHANCE_KEY,
     SCORE_KEY,
+    Better,
     ChoiceRequest,
     GenerateRequest,
     Headline,
     Item,
+    Metric,
+    MetricKind,
     Request,
     Response,
     RollingRequest,
@@ -43,6 +46,10 @@ from diffbench.errors import DiffbenchError
 from diffbench.lm_eval import block_prefixes, choice_request, generate_request, lm_eval_result
 
 PREFIX = "lm-eval:"
+# The sample field holding each document's lm-eval metric values.
+SAMPLE_FIELD = "lm_eval"
+# lm-eval metrics that score a document 0 or 1.
+BINARY_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "em"})
 SETTING_KEYS = ("subtask",)
 # diffbench request kind by lm-eval output type.
 KIND_OF_OUTPUT = {
@@ -185,8 +192,26 @@ class LmEvalTask:
         return rows
 
     @property
-    def metrics(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(name for _, name, _, _ in self._metric_table()))
+    def metrics(self) -> tuple[Metric, ...]:
+        """A mean-aggregated metric is a mean over documents of the value each sample records
+        under `lm_eval` (a proportion where lm-eval scores a document 0 or 1); any other
+        aggregation (perplexity, corpus BLEU) is a statistic."""
+        from lm_eval.api.metrics import mean
+
+        out: dict[str, Metric] = {}
+        for sub, name, m, agg in self._metric_table():
+            if name in out:
+                continue
+            better: Better = (
+                "lower" if self._subtasks[sub].higher_is_better().get(m) is False else "higher"
+            )
+            if agg is mean:
+                kind: MetricKind = "proportion" if m in BINARY_METRICS else "mean"
+                out[name] = Metric(name, better, kind, f"{SAMPLE_FIELD}.{name}", unit="document")
+            else:
+                note = "lm-eval's corpus-level aggregation; shown without a test"
+                out[name] = Metric(name, better, "statistic", unit="document", note=note)
+        return tuple(out.values())
 
     @property
     def primary(self) -> str | None:
@@ -194,18 +219,6 @@ class LmEvalTask:
         from lm_eval.api.metrics import mean
 
         return next((n for _, n, _, agg in self._metric_table() if agg is mean), None)
-
-    @property
-    def lower_is_better(self) -> frozenset[str]:
-        out = set()
-        for sub, name, m, _ in self._metric_table():
-            if self._subtasks[sub].higher_is_better().get(m) is False:
-                out.add(name)
-        return frozenset(out)
-
-    @property
-    def sample_mean_metrics(self) -> frozenset[str]:
-        return frozenset({self.primary} if self.primary else ())
 
     @property
     def headline(self) -> tuple[Headline, ...]:
@@ -292,7 +305,7 @@ class LmEvalTask:
         primary = self.primary
         score = metrics.get(primary) if primary else None
         sample: Sample = {
-            "lm_eval": metrics,
+            SAMPLE_FIELD: metrics,
             SCORE_KEY: float(score) if isinstance(score, int | float) else None,
         }
         if isinstance(item.request, ChoiceRequest):

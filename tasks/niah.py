@@ -54,6 +54,7 @@ from diffbench.api import (
     Generation,
     Headline,
     Item,
+    Metric,
     PaperRef,
     Response,
     Sample,
@@ -65,6 +66,7 @@ from diffbench.tasks import haystack as hs
 
 SETTING_KEYS = ("mode", "length", "depth", "needles", "queries")
 ATTENTION_METRICS = ("attention_answer", "attention_noise")
+UNIT = "haystack draw"
 
 
 @dataclass(frozen=True)
@@ -346,10 +348,14 @@ class NiahTask:
     description = "Needle-in-a-haystack retrieval over context length x depth, single/multi-needle"
     config_type = NiahConfig
     presets = PRESETS
-    metrics = ("accuracy", *ATTENTION_METRICS)
+    # One haystack draw (its filler text, needles, numbers and decoys) is read at every depth,
+    # in every mode and by every query: it, not the sample, is the independent unit.
+    metrics = (
+        Metric("accuracy", unit=UNIT),
+        Metric("attention_answer", "higher", "mean", "attention_answer", unit=UNIT),
+        Metric("attention_noise", "lower", "mean", "attention_noise", unit=UNIT),
+    )
     setting_keys = SETTING_KEYS
-    lower_is_better: frozenset[str] = frozenset({"attention_noise"})
-    sample_mean_metrics: frozenset[str] = frozenset({"accuracy"})
     # The paper's Table 2: accuracy per length and N/R, averaged over depths; Table 3 (attention
     # mode): attention on the answer and on the noise per depth.
     headline = (
@@ -463,6 +469,13 @@ class NiahTask:
                                 room,
                                 {"mode": mode, **setting},
                             )
+                            # Every item of one draw, whatever its depth, mode or query, is
+                            # one independent unit.
+                            draw = f"L{length}-n{n}r{r}-s{k}"
+                            items = [
+                                dataclasses.replace(it, meta={**it.meta, CLUSTER_KEY: draw})
+                                for it in items
+                            ]
                             order = (
                                 (li, pi, k, mi, di)
                                 if config.haystack_per == "sample"
@@ -530,8 +543,6 @@ class NiahTask:
                         **meta,
                         "target": q.number,
                         "target_index": choices.index(q.number),
-                        # The R queried needles of one prompt are not independent samples.
-                        **({CLUSTER_KEY: f"{base_id}-score"} if r > 1 else {}),
                     },
                 )
             )

@@ -22,6 +22,7 @@ from diffbench.api import (
     SCORE_KEY,
     Headline,
     Item,
+    Metric,
     Response,
     RollingRequest,
     Sample,
@@ -95,10 +96,12 @@ class NllTask:
     description = "Per-token negative log-likelihood vs position in long texts (paper Fig. 4)"
     config_type = NllConfig
     presets = PRESETS
-    metrics = ("nll", "nll_at")
+    metrics = (
+        Metric("nll", "lower", "mean", unit="sequence"),
+        # Each sample's `nll_at` maps a position bucket's last position to its mean NLL.
+        Metric("nll_at", "lower", "mean", "nll_at", by="position", unit="sequence"),
+    )
     setting_keys = SETTING_KEYS
-    lower_is_better = frozenset({"nll", "nll_at"})
-    sample_mean_metrics = frozenset({"nll"})
     headline = (Headline("nll", {"position": ALL}),)
     request_kinds = (RollingRequest,)
 
@@ -125,7 +128,8 @@ class NllTask:
         nll = -np.asarray(response.logprobs, dtype=float)
         edges = bucket_edges(len(nll), config.buckets)
         per_bucket = [float(nll[a:b].mean()) for a, b in itertools.pairwise(edges)]
-        return {"n_tokens": len(nll), "edges": edges, "bucket_nll": per_bucket,
+        at = {str(end): x for end, x in zip(edges[1:], per_bucket, strict=True)}
+        return {"n_tokens": len(nll), "edges": edges, "bucket_nll": per_bucket, "nll_at": at,
                 SCORE_KEY: float(nll.mean())}  # fmt: skip
 
     def aggregate(self, config: NllConfig, samples: pd.DataFrame) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from diffbench.api import (
     LARGEST,
     Headline,
     Item,
+    Metric,
     PaperRef,
     Response,
     Sample,
@@ -34,6 +35,7 @@ from diffbench.errors import DiffbenchError
 
 log = logging.getLogger("diffbench")
 
+MEDIAN = "the median over timed repeats; shown without a test"
 RATES = ("prefill_tokens_per_s", "decode_tokens_per_s")
 RELATIVE = {"prefill_tokens_per_s": "prefill_relative", "decode_tokens_per_s": "decode_relative"}
 
@@ -69,10 +71,15 @@ class ThroughputTask:
     description = "Prefill and decode tokens/s and peak memory per context length (Table 7)"
     config_type = ThroughputConfig
     presets = PRESETS
-    metrics = (*RATES, *RELATIVE.values(), "peak_memory_mb")
+    metrics = (
+        *(Metric(m, "higher", "statistic", unit="timing repeat", note=MEDIAN) for m in RATES),
+        *(
+            Metric(m, "higher", "statistic", unit="timing repeat", note=MEDIAN)
+            for m in RELATIVE.values()
+        ),
+        Metric("peak_memory_mb", "lower", "statistic", unit="timing repeat", note=MEDIAN),
+    )
     setting_keys = ("length",)
-    lower_is_better = frozenset({"peak_memory_mb"})
-    sample_mean_metrics: frozenset[str] = frozenset()
     headline = (
         Headline("prefill_tokens_per_s"),
         Headline("decode_tokens_per_s"),

@@ -34,6 +34,7 @@ from diffbench.api import (
     ChoiceScores,
     Headline,
     Item,
+    Metric,
     PaperRef,
     Response,
     Sample,
@@ -120,10 +121,8 @@ class ZeroshotTask:
     description = "Zero-shot multiple choice: recall a fact from a short passage (Figure 8's task)"
     config_type = ZeroshotConfig
     presets = PRESETS
-    metrics = ("accuracy",)
+    metrics = (Metric("accuracy", unit="passage"),)  # each question has its own passage
     setting_keys = ("format", "facts")
-    lower_is_better: frozenset[str] = frozenset()
-    sample_mean_metrics = frozenset({"accuracy"})
     headline = (Headline("accuracy", {"format": ALL}),)  # a row per fact count
     # The paper's Figure 8 beside the run's, for a run with --sweep logit_bits=16,8,6,4.
     paper = (

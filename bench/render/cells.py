@@ -26,6 +26,7 @@ class Cell:
     signed: bool = False  # a difference: printed with its sign
     note: str = ""
     verdict: str = ""
+    p_adjusted: float | None = None  # a difference's p after multiplicity control
 
     @classmethod
     def of_estimate(cls, e: Estimate | None, chance: float | None = None) -> Cell:
@@ -48,8 +49,17 @@ class Cell:
         if d is None:
             return cls(None, signed=True)
         bounds = None if d.interval is None else (d.interval.low, d.interval.high)
-        note = "inputs differ" if d.inputs_differ else ""
-        return cls(d.delta, bounds, d.p_value, True, note, verdict)
+        if d.test == "none":
+            note = "no test: " + (d.reason or "untested")
+        elif not d.can_reach:
+            note = f"{d.n_clusters} units: p≥{d.p_min:.3g}"
+        else:
+            note = ""
+        if d.n_reference is not None:
+            note = ", ".join(filter(None, (note, f"{d.n_pairs} of {d.n_reference}/"
+                                           f"{d.n_candidate} paired")))  # fmt: skip
+        adjusted = d.p_adjusted if d.adjustment != "none" else None
+        return cls(d.delta, bounds, d.p_value, True, note, verdict, adjusted)
 
     def _format(self, v: float) -> str:
         return f"{v:+.3f}" if self.signed else f"{v:.3f}"
@@ -71,7 +81,12 @@ class Cell:
     @property
     def p_value(self) -> str:
         """The p-value to three significant digits (two would print 0.0496 as 0.05), or ''."""
-        return "" if self.p is None else f"{self.p:.3g}"
+        return self.p_text(self.p)
+
+    @staticmethod
+    def p_text(p: float | None) -> str:
+        """A p-value to three significant digits, or ''."""
+        return "" if p is None else f"{p:.3g}"
 
     @property
     def strong(self) -> bool:
@@ -87,6 +102,8 @@ class Cell:
     def detail(self) -> str:
         """What qualifies the number: `[low, high] p=... (note)`."""
         parts = [self.bounds, f"p={self.p_value}" if self.p_value else ""]
+        if self.p_adjusted is not None:
+            parts.append(f"adj. {self.p_text(self.p_adjusted)}")
         parts.append(f"({self.note})" if self.note else "")
         return " ".join(p for p in parts if p)
 

@@ -11,6 +11,7 @@ from typing import Any
 from diffbench.gate import STATUSES, Change, Comparison
 from diffbench.render import fill
 from diffbench.render.cells import Cell, Table, Text
+from diffbench.stats import Difference
 
 # Statuses a reader must not miss, whether or not this gate fails on them.
 ALARMING = frozenset({"regression", "missing", "inputs differ"})
@@ -19,7 +20,7 @@ ALARMING = frozenset({"regression", "missing", "inputs differ"})
 def _head(level: float) -> tuple[str, ...]:
     return (
         "status", "task", "metric", "setting", "model", "baseline", "candidate", "Δ",
-        f"{level:.0%} CI", "p", "tolerance",
+        f"{level:.0%} CI", "p", "p adj.", "units", "tolerance",
     )  # fmt: skip
 
 
@@ -37,8 +38,25 @@ def _row(c: Change) -> tuple[Text | str, ...]:
         delta.number,
         delta.bounds or "—",
         delta.p_value or "—",
+        Cell.p_text(d.p_adjusted if d else None) or "—",
+        units(d),
         f"{c.tolerance:g}",
     )
+
+
+def units(d: Difference | None) -> str:
+    """`pairs/units` of a tested row, with the test's floor where the units cannot reach the
+    level; what stopped a test otherwise."""
+    if d is None:
+        return "—"
+    if d.test == "none":
+        return d.reason or "—"
+    text = f"{d.n_pairs}/{d.n_clusters}"
+    if d.n_reference is not None:
+        text += f" (of {d.n_reference}/{d.n_candidate} samples)"
+    if not d.can_reach:
+        text += f" p≥{d.p_min:.3g}"
+    return text
 
 
 def table(cmp: Comparison, changes: Sequence[Change]) -> Table:
@@ -83,12 +101,19 @@ def _change_dict(c: Change) -> dict[str, Any]:
         "interval": [d.interval.low, d.interval.high] if d and d.interval else None,
         "interval_method": d.interval.method if d and d.interval else None,
         "p_value": d.p_value if d else None,
+        "p_adjusted": d.p_adjusted if d else None,
+        "adjustment": d.adjustment if d else None,
+        "p_min": d.p_min if d else None,
         "test": d.test if d else None,
+        "no_test_reason": d.reason if d and d.test == "none" else None,
         "significant": d.significant if d else None,
         "n_pairs": d.n_pairs if d else None,
         "n_clusters": d.n_clusters if d else None,
+        "n_baseline": d.n_reference if d else None,
+        "n_candidate": d.n_candidate if d else None,
         "inputs_differ": c.status == "inputs differ",
         "lower_is_better": c.lower_is_better,
+        "better": c.better,
         "tolerance": c.tolerance,
         "status": c.status,
     }
@@ -100,6 +125,7 @@ def render_json(cmp: Comparison) -> str:
         "baseline": cmp.baseline,
         "candidate": cmp.candidate,
         "level": cmp.level,
+        "adjustment": cmp.adjustment,
         "tolerance": asdict(cmp.tolerance),
         "require_significance": cmp.require_significance,
         "fail_on": sorted(cmp.fail_on),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 TEST_NAMES = {
     "McNemar exact": "McNemar's exact test",
     "sign-flip": "sign-flip test",
-    "cluster sign-flip": "sign-flip test over clusters",
-    "normal": "normal approximation from the stderrs",
+    "cluster sign-flip": "sign-flip test over units",
 }
+ARROWS = {"higher": "↑", "lower": "↓", "none": "·"}
 MODEL_HEAD = ("model", "spec", "architecture", "parameters", "dtype", "max context", "weights")
 PAPER_HEAD = ("paper Transformer (3B)", "paper DIFF (3B)")
 PAPER_INTRO = (
@@ -79,27 +79,69 @@ class Figure:
         return "data:image/png;base64," + base64.b64encode(self.path.read_bytes()).decode("ascii")
 
 
+def _counts(ln: Line) -> str:
+    """`n/units` of a line's models (samples and independent units), or a dash."""
+    pairs = sorted(
+        {(e.n, e.n_clusters) for e in ln.estimates.values() if e.n is not None},
+        key=lambda x: (x[0] or 0, x[1] or 0),
+    )
+    return ", ".join(f"{n}/{k}" if k is not None else str(n) for n, k in pairs) or "—"
+
+
+def _method(ln: Line) -> str:
+    """The line's interval method and test, short."""
+    intervals = sorted({e.interval.method for e in ln.estimates.values() if e.interval})
+    found = [*ln.differences.values(), *ln.sweep_differences.values()]
+    tests = sorted({d.test for d in found if d.test != "none"})
+    return "; ".join(filter(None, (", ".join(intervals), ", ".join(tests)))) or "—"
+
+
+def _against_note(cell: Cell, against: str | None) -> Cell:
+    if not against:
+        return cell
+    return replace(cell, note=", ".join(filter(None, (f"vs {against}", cell.note))))
+
+
 def table(report: Report, rows: Sequence[Line], with_task: bool) -> Table:
-    """Report lines as a table: settings, n, each model's value, each difference."""
+    """Report lines as a table: settings, samples/units, each model's value, each difference."""
     models = list(report.results.models)
-    head = (["task"] if with_task else []) + ["metric", "setting", "n", *models]
+    head = (["task"] if with_task else []) + ["metric", "setting", "n/units", "method", *models]
     head += [f"{m} − {report.reference}" for m in report.others]
     body = []
     for ln in rows:
-        ns = sorted({e.n for e in ln.estimates.values() if e.n is not None})
         row: list[str | Cell] = [ln.task] if with_task else []
-        row += [f"{ln.metric} {'↓' if ln.lower_is_better else '↑'}", ln.label(with_task) or "—"]
-        row.append("/".join(str(n) for n in ns) or "—")
+        row += [f"{ln.metric} {ARROWS[ln.better]}", ln.label(with_task) or "—"]
+        row += [_counts(ln), _method(ln)]
         row += [Cell.of_estimate(ln.estimates.get(m), ln.chance) for m in models]
-        row += [Cell.of_difference(ln.differences.get(m), ln.verdict(m)) for m in report.others]
+        row += [
+            _against_note(
+                Cell.of_difference(ln.differences.get(m), ln.verdict(m)), ln.against.get(m)
+            )
+            for m in report.others
+        ]
         body.append(tuple(row))
+    return Table(tuple(head), tuple(body), frozenset({"setting"}))
+
+
+def sweep_table(rows: Sequence[Line], with_task: bool) -> Table | None:
+    """Each swept model against its own variant at the sweep's first value, or None."""
+    body = []
+    for ln in rows:
+        for m, d in ln.sweep_differences.items():
+            row: list[str | Cell] = [ln.task] if with_task else []
+            row += [f"{ln.metric} {ARROWS[ln.better]}", ln.label(with_task) or "—", m]
+            row += [ln.sweep_against[m], Cell.of_difference(d, ln.sweep_verdict(m))]
+            body.append(tuple(row))
+    if not body:
+        return None
+    head = (["task"] if with_task else []) + ["metric", "setting", "model", "against", "Δ"]
     return Table(tuple(head), tuple(body), frozenset({"setting"}))
 
 
 def paper_caption(t: PaperTable) -> str:
     """The paper table's title, what the run shows (task, metric, settings) and the paper's
     conditions; the table's source ("Table 2") is set apart by the templates."""
-    shown = f"{t.task} {t.ref.metric} {'↓' if t.lower_is_better else '↑'}"
+    shown = f"{t.task} {t.ref.metric} {ARROWS[t.rows[0].better] if t.rows else ''}"
     if t.run_setting:
         shown += " at " + ", ".join(f"{k}={v}" for k, v in t.run_setting)
     note = f" Paper: {t.ref.note}." if t.ref.note else ""
@@ -111,17 +153,27 @@ def paper_table(t: PaperTable) -> Table:
     key = "/".join(k for k in (*t.ref.by, t.ref.variant_key) if k) or "metric"
     # A chance column where the task records one: what a uniform guess would score on the row.
     with_chance = any(row.chance is not None for row in t.rows)
+    compared = [c for c in t.columns if any(c in row.differences for row in t.rows)]
+    reference = next((c for c in t.columns if c not in compared), "")
     body = tuple(
         (
             row.label,
             *(Cell.of_estimate(row.estimates.get(c), row.chance) for c in t.columns),
+            *(Cell.of_difference(row.differences.get(c), row.verdict(c)) for c in compared),
             *([MISSING if row.chance is None else f"{row.chance:.3f}"] if with_chance else []),
             row.transformer or MISSING,
             row.diff or MISSING,
         )
         for row in t.rows
     )
-    return Table((key, *t.columns, *(["chance"] if with_chance else []), *PAPER_HEAD), body)
+    head = (
+        key,
+        *t.columns,
+        *(f"{c} − {reference} (Holm)" for c in compared),
+        *(["chance"] if with_chance else []),
+        *PAPER_HEAD,
+    )
+    return Table(head, body)
 
 
 def provenance(report: Report) -> Provenance:
@@ -166,7 +218,7 @@ def tests_used(report: Report) -> str:
     counts: dict[str, int] = {}
     for section in report.tasks:
         for ln in section.lines:
-            for d in ln.differences.values():
+            for d in (*ln.differences.values(), *ln.sweep_differences.values()):
                 if d.test in TEST_NAMES:
                     counts[d.test] = counts.get(d.test, 0) + 1
     return "; ".join(f"{TEST_NAMES[t]}: {n}" for t, n in sorted(counts.items()))
@@ -175,19 +227,26 @@ def tests_used(report: Report) -> str:
 def legend(report: Report) -> str:
     """How to read the summary's numbers."""
     used = tests_used(report)
+    alpha = f"{1 - report.level:.2g}"
     return (
-        f"Values: {report.level:.0%} bootstrap interval over samples, resampling whole clusters "
-        "where samples share a `cluster` (one test example under several draws or orders); "
-        "normal from the stderr when the metric is no sample mean. Differences: model − "
-        f"{report.reference}, paired by sample id (paired bootstrap interval); p: McNemar's exact "
-        "test on binary scores without clusters, else the sign-flip test on per-cluster sums of "
-        "the paired differences (a cluster counts once, so repeated draws of one example add no "
-        "significance). (inputs differ): a sample id was measured on different inputs, so no "
-        "paired test. (at chance): the value's interval holds what a uniform guess among the "
-        "request's choices would score (1 / choices), so the model shows no skill on that row. "
+        f"n/units: samples and independent units (a NIAH haystack draw, an ICL test example, a "
+        f"document, a sequence: samples of one unit count once). Values: {report.level:.0%} "
+        "interval over units, as the method column says: Wilson for a proportion, at the "
+        "effective sample size of its units; t with the cluster-robust standard error for a "
+        "mean; none for a statistic (a top-1, a margin over orders), which gets no test. "
+        f"Differences: model − {report.reference} (under a sweep: the reference's variant at the "
+        "same value, noted vs), from the samples both measured, paired by id: Newcombe's paired "
+        "interval for a proportion, a paired t for a mean; p: McNemar's exact test on binary "
+        "scores with one sample per unit, else the exact sign-flip test on per-unit sums of the "
+        "paired differences. k units can give no p below 2/2^k: a row noted p≥… cannot reach "
+        f"α = {alpha} whatever the models do. Many rows are tested: adj. is the p-value adjusted "
+        "by Benjamini-Hochberg over every row of this report (false discovery rate), and the "
+        "paper tables use Holm over their own rows (family-wise error). (inputs differ): a "
+        "sample id was measured on different inputs, so no paired test. (at chance): the value's "
+        "interval holds what a uniform guess among the request's choices would score. "
         + (f"Tests used (differences per test): {used}. " if used else "")
-        + f"▲/▼: significantly better/worse than {report.reference} at "
-        f"α = {1 - report.level:.2g}, direction-aware (↑ higher is better, ↓ lower is better)."
+        + f"▲/▼: significantly better/worse than the model compared with, adjusted p < {alpha}, "
+        "direction-aware (↑ higher is better, ↓ lower is better, · neither: no verdict)."
     )
 
 
@@ -202,6 +261,7 @@ def _view(report: Report) -> dict[str, Any]:
         "reference": report.reference,
         "others": report.others,
         "summary": table(report, report.summary, True),
+        "summary_sweep": sweep_table(report.summary, True),
         "legend": legend(report),
         "summary_figure": Figure(report.summary_figure) if report.summary_figure else None,
         "sections": [
@@ -211,6 +271,7 @@ def _view(report: Report) -> dict[str, Any]:
                 "headline_note": s.headline_note,
                 "figures": [Figure(f) for f in s.figures],
                 "table": table(report, s.lines, False),
+                "sweep": sweep_table(s.lines, False),
             }
             for s in report.tasks
         ],
