@@ -429,6 +429,7 @@ class PaperRef:
             "transformer": dict(self.transformer),
             "diff": dict(self.diff),
             "note": self.note,
+            "relative": self.relative,
         }
 
     @classmethod
@@ -476,6 +477,9 @@ class Metric:
     by: str = ""
     unit: str = "sample"
     note: str = ""  # for a statistic: what it is computed over, and why it gets no test
+    # A metric reports derive from this one when they are built: each model's value over the
+    # report's reference model's, minus 1 (throughput's -0.09 is the paper's "-9%").
+    relative: str = ""
 
     def __post_init__(self) -> None:
         if self.better not in BETTER:
@@ -511,6 +515,7 @@ class Metric:
             str(data.get("by", "")),
             str(data.get("unit", "sample")),
             str(data.get("note", "")),
+            str(data.get("relative", "")),
         )
 
 
