@@ -429,7 +429,6 @@ class PaperRef:
             "transformer": dict(self.transformer),
             "diff": dict(self.diff),
             "note": self.note,
-            "relative": self.relative,
         }
 
     @classmethod
@@ -502,6 +501,7 @@ class Metric:
             "by": self.by,
             "unit": self.unit,
             "note": self.note,
+            "relative": self.relative,
         }
 
     @classmethod
