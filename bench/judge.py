@@ -225,14 +225,28 @@ def judge_prompt(item: JudgeInput, document: str | None = None) -> str:
     )
 
 
-_CONCLUSION = re.compile(r"conclusion\W{0,4}\s*(true|false)\b", re.IGNORECASE)
+# A verdict line as judges write it: "Conclusion: True", "**Conclusion**: **True**",
+# "**Conclusion:** True", "Conclusion - False", "Conclusion:\nFalse", "Final answer: True".
+_CONCLUSION = re.compile(
+    r"(?:conclusion|final\s+(?:answer|verdict|judge?ment)|verdict)"
+    r"[\s*_:=>#`'\"\-–—]{0,12}(?:(?:the\s+proposed\s+(?:answer|summary)\s+)?is\s+)?"
+    r"[\s*_`'\"]*(true|false)\b",
+    re.IGNORECASE,
+)
+# A reply whose last line is the bare verdict ("**False**", "True.").
+_BARE = re.compile(r"[\s*_`'\"]*(true|false)[\s*_`'\".!]*", re.IGNORECASE)
 _SPANS = re.compile(r"problematic spans\W{0,4}\s*(\[.*?\])", re.IGNORECASE | re.DOTALL)
 
 
 def parse_verdict(text: str) -> bool | None:
-    """The judge's conclusion: True, False, or None when it gives no readable one (the last
-    "Conclusion: True/False" counts, as a judge may quote the instruction first)."""
+    """The judge's conclusion: True, False, or None when it gives no readable one. The last
+    verdict line counts ("Conclusion: True/False" in any markup, or "Final answer: ..."), as a
+    judge may quote the instruction first; failing one, a last line that is only True or False."""
     found = _CONCLUSION.findall(text)
+    if not found:
+        lines = [line for line in text.splitlines() if line.strip()]
+        bare = _BARE.fullmatch(lines[-1]) if lines else None
+        found = [bare.group(1)] if bare else []
     return found[-1].lower() == "true" if found else None
 
 

@@ -38,19 +38,39 @@ REPLY_QUOTED = (
     "I must end with Conclusion: True or Conclusion: False. The answer adds a mayor the document "
     "never names. Conclusion: false"
 )
+REPLY_REASONED = (
+    "The document names Edda Voss as the founder, and the answer says so too.\n\n"
+    "So the answer is supported.\nConclusion: True"
+)
 MALFORMED = ("The answer seems mostly fine.", "Conclusion: maybe", "")
 
+# Reply -> (supported, parsed): the verdict shapes real judges write, and unreadable replies.
+VERDICTS = [
+    (REPLY_TRUE, True, True),
+    (REPLY_FALSE, False, True),
+    (REPLY_QUOTED, False, True),  # the instruction quoted first: the last verdict counts
+    ("**Conclusion**: **True**", True, True),
+    ("Conclusion - False", False, True),
+    ("Conclusion: false.", False, True),
+    ("**Conclusion:** True", True, True),
+    ("Final answer: True", True, True),
+    ("Conclusion:\nTrue", True, True),
+    (REPLY_REASONED, True, True),
+    ("The answer invents a mayor.\n\n### Conclusion\n**False**", False, True),
+    ("Conclusion: The proposed answer is False.", False, True),
+    ("Every detail is in the document.\n\n**True**", True, True),  # a bare last line
+    ("It is true that the town lies on the Teyne.", False, False),  # "true" in prose: no verdict
+    *((reply, False, False) for reply in MALFORMED),
+]
 
-def test_parse_verdict_reads_true_false_and_the_last_conclusion() -> None:
-    assert parse_verdict(REPLY_TRUE) is True
-    assert parse_verdict(REPLY_FALSE) is False
-    assert parse_verdict(REPLY_QUOTED) is False
 
-
-@pytest.mark.parametrize("reply", MALFORMED)
-def test_malformed_reply_counts_as_not_hallucination_free(reply: str) -> None:
+@pytest.mark.parametrize(("reply", "supported", "parsed"), VERDICTS)
+def test_llm_verdict_reads_the_conclusion_shapes_judges_write(
+    reply: str, supported: bool, parsed: bool
+) -> None:
     verdict = llm_verdict(reply)
-    assert verdict.supported is False and verdict.parsed is False and verdict.raw == reply
+    assert (verdict.supported, verdict.parsed) == (supported, parsed)
+    assert parse_verdict(reply) == (supported if parsed else None) and verdict.raw == reply
 
 
 def test_problematic_spans_are_read_from_a_false_verdict() -> None:
