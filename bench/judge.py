@@ -2,9 +2,11 @@
 
 Two kinds, behind one small interface (`Judge.judge(list[JudgeInput]) -> list[Verdict]`):
 
-- `overlap` (offline, no model): the share of the output's content units (content words, numbers,
-  names) that the source (document and question) also holds, a threshold for the binary call,
-  and ROUGE-L against the reference through `rouge-score`.
+- `overlap` (offline, no model): every fact of the output must be held by the source (document
+  and question): numbers in digits or words ("seven" = 7), ordinals, dates, negations (a denied
+  unit must be denied there too), names and every other content word, matched by lemma and
+  stem. The support score is the share held; ROUGE-L against the reference comes through
+  `rouge-score`.
 - `llm`: the binary judge of Lookback Lens (Chuang et al. 2024), as the DIFF paper's Table 4 uses
   it: the judge sees the document, the ground truth and the proposal and must end with
   "Conclusion: True/False". It runs over any OpenAI-compatible chat endpoint (`EndpointJudge`,
@@ -86,19 +88,72 @@ class Judge(Protocol):
     def judge(self, items: Sequence[JudgeInput]) -> list[Verdict]: ...
 
 
-# ---- overlap: support of the output's content units by the source ------------------------------
+# ---- overlap: support of the output's facts by the source --------------------------------------
 
+# Function words: an output may use them freely. Negation cues are not among them.
 STOPWORDS = frozenset(
-    """a about above after again against all also am an and any are as at be because been before
-    being below between both but by can could did do does doing down during each either few for
-    from further had has have having he her here hers herself him himself his how however i if in
-    into is it its itself just me more most my myself neither no nor not now of off on once only or
-    other our ours ourselves out over own same she should so some such than that the their theirs
-    them themselves then there these they this those through to too under until up very was we
-    were what when where which while who whom why will with would you your yours yourself
-    yourselves document summary answer article question according said says""".split()  # noqa: SIM905
+    """a about above across after again against all along already also although am among an and
+    any are around as at be because been before behind being below beside between both but by can
+    could did do does doing down during each either even every few for from further had has have
+    having he her here hers herself him himself his how however i if in into is it its itself just
+    may me might more most much must my myself near now of off on once only onto or other our ours
+    ourselves out over own per same shall she should since so some still such than that the their
+    theirs them themselves then there these they this those though through to too toward towards
+    under unless until up upon very via was we were what whereas whether when where which while
+    who whom whose why will with within would yet you your yours yourself yourselves
+    document summary answer article question according said says""".split()  # noqa: SIM905
 )
-_TOKEN = re.compile(r"\d[\d,.]*\d|\d|[^\W\d_]+(?:['’-][^\W\d_]+)*")
+# A negation cue denies the next content unit of its clause, and that unit must be denied in the
+# source too ("not founded" needs a "not founded" there). Only the head is scoped: a scope to the
+# clause's end would fail a reordered paraphrase ("in winter the ferry does not run").
+NEGATIONS = frozenset(
+    "not no never without none nobody nothing nowhere neither nor cannot".split()  # noqa: SIM905
+)
+_CLAUSE_WORDS = frozenset(
+    "and but however although though yet whereas while which who whom whose".split()  # noqa: SIM905
+)
+_MONTH_NAMES = ("january", "february", "march", "april", "may", "june", "july", "august",
+                "september", "october", "november", "december")  # fmt: skip
+_MONTHS = {name[:3]: i for i, name in enumerate(_MONTH_NAMES, 1)}
+_MONTH = (
+    r"(?:January|February|March|April|May|June|July|August|September|October|November|December"
+    r"|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept|Sep|Oct|Nov|Dec)\b\.?"
+)
+_DAY = r"(?:[12]\d|3[01]|0?[1-9])(?:st|nd|rd|th)?(?!\d)"
+_YEAR = r"\d{4}(?!\d)"
+_UNIT = re.compile(
+    rf"(?P<iso>\b\d{{4}}-[01]\d-[0-3]\d\b)"
+    rf"|(?P<md>\b{_MONTH}\s+{_DAY}(?:,?\s+{_YEAR})?)"
+    rf"|(?P<dm>\b{_DAY}\s+(?:of\s+)?{_MONTH}(?:,?\s+{_YEAR})?)"
+    rf"|(?P<my>\b{_MONTH},?\s+(?:of\s+)?{_YEAR})"
+    r"|(?P<ordinal>\b\d+(?:st|nd|rd|th)\b)"
+    r"|(?P<number>\d+(?:[.,]\d+)*)"
+    r"|(?P<word>[^\W\d_]+(?:['’][^\W\d_]+)*)"
+    r"|(?P<stop>[.,;:!?()\[\]{}—–\n]|\s-\s)"
+)
+_SCALED = re.compile(r"(\d+(?:,\d{3})*(?:\.\d+)?)\s+(thousand|million|billion)\b", re.IGNORECASE)
+_SCALE = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One checkable fact of a text: its kind, normalised form and the text it came from."""
+
+    kind: str  # number, ordinal, date, negation, name or word
+    form: str  # digits, #N, YEAR-MM-DAY (? for a part left out), "not", or a word's stem
+    text: str
+    negated: bool = False  # the head a negation cue denies
+    also: str = ""  # a word's other form: the stem of the word itself, beside its lemma's
+
+    @property
+    def key(self) -> str:
+        """The form the source must hold: "not FORM" for a denied unit."""
+        return f"not {self.form}" if self.negated else self.form
+
+    def found(self, source: set[str]) -> bool:
+        """Whether `source` (from `_source_forms`) holds the unit."""
+        no = "not " if self.negated else ""
+        return self.key in source or (bool(self.also) and no + self.also in source)
 
 
 @functools.cache
@@ -108,32 +163,106 @@ def _stemmer() -> Any:
     return porter.PorterStemmer()
 
 
-def content_units(text: str) -> list[tuple[str, str]]:
-    """The output's checkable units as (kind, normalised form): `number`, `name` (a capitalised
-    word that is not a stopword) or `word` (any other non-stopword of 3+ letters, stemmed)."""
-    out = []
-    for token in _TOKEN.findall(text):
-        if token[0].isdigit():
-            out.append(("number", token.replace(",", "").rstrip(".")))
+@functools.cache
+def _stems(word: str) -> tuple[str, str]:
+    """The Porter stem of a lowercase word's lemma, and of the word itself: the lemma (simplemma,
+    a dictionary) brings irregular forms together ("drew", "drawn" -> draw), the stem
+    derivations ("restored", "restoration" -> restor)."""
+    import simplemma
+
+    stem = _stemmer().stem
+    return str(stem(simplemma.lemmatize(word, lang="en").lower())), str(stem(word))
+
+
+def _digits(text: str) -> str:
+    """`text` with its spelled numbers in digits (text2num: "seven" -> 7, "twenty-one" -> 21,
+    "third" -> 3rd, "a hundred" -> a 100) and scale words applied ("464 thousand" -> 464000)."""
+    from text_to_num import alpha2digit
+
+    def scaled(m: re.Match[str]) -> str:
+        value = float(m.group(1).replace(",", "")) * _SCALE[m.group(2).lower()]
+        return _number(f"{value:f}")
+
+    # threshold 0: "one" and "first" too ("no one" -> no 1), in the output and source alike
+    return str(alpha2digit(_SCALED.sub(scaled, text), "en", threshold=0))
+
+
+def _number(token: str) -> str:
+    """A number's canonical digits: "12,400" -> 12400, "3.50" -> 3.5, "07" -> 7."""
+    whole, _, frac = token.replace(",", "").partition(".")
+    frac = frac.rstrip("0")
+    return (whole.lstrip("0") or "0") + (f".{frac}" if frac else "")
+
+
+def _date_form(kind: str, span: str) -> str:
+    """A matched date as YEAR-MM-DAY, with ? for a part the text leaves out."""
+    if kind == "iso":
+        y, m, d = (int(p) for p in span.split("-"))
+        return f"{y}-{m:02d}-{d}"
+    month = next(_MONTHS[w[:3]] for w in re.findall(r"[a-z]+", span.lower()) if w[:3] in _MONTHS)
+    numbers = [int(n) for n in re.findall(r"\d+", span)]
+    year = next((str(n) for n in numbers if n >= 1000), "?")
+    day = next((str(n) for n in numbers if n < 1000), "?")
+    return f"{year}-{month:02d}-{day}"
+
+
+def _units(text: str) -> list[Unit]:
+    """The text's units in order, each negation cue's head marked as denied."""
+    out: list[Unit] = []
+    negate = False
+    for m in _UNIT.finditer(_digits(text)):
+        kind, token = m.lastgroup or "", m.group()
+        if kind == "stop":
+            negate = False
             continue
-        low = token.lower()
-        if low in STOPWORDS:
-            continue
-        if token[0].isupper():
-            out.append(("name", low))
-        elif len(low) >= 3:
-            out.append(("word", _stemmer().stem(low)))
+        if kind == "word":
+            low = re.sub(r"['’](?:s|re|ve|ll|d|m)$", "", token.lower())  # "Voss's" -> voss
+            if low.endswith(("n't", "n’t")) or low in NEGATIONS:
+                out.append(Unit("negation", "not", token))
+                negate = True if low == "nor" else not negate  # "not without" affirms
+                continue
+            if low in _CLAUSE_WORDS:
+                negate = False
+            if low in STOPWORDS or (len(low) < 3 and not token[0].isupper()):
+                continue
+            lemma, plain = _stems(low)
+            kind = "name" if token[0].isupper() else "word"
+            unit = Unit(kind, lemma, token, negate, plain if plain != lemma else "")
+        elif kind == "number":
+            unit = Unit("number", _number(token), token, negate)
+        elif kind == "ordinal":
+            unit = Unit("ordinal", f"#{_number(token[:-2])}", token, negate)
+        else:
+            unit = Unit("date", _date_form(kind, token), token, negate)
+        negate = False
+        out.append(unit)
     return out
 
 
+def content_units(text: str) -> list[tuple[str, str]]:
+    """The output's facts as (kind, form), each of which the source must hold: `number` (digits
+    or number words, "seven" = 7), `ordinal` ("third" = "3rd" = #3), `date` ("March 3, 1999" =
+    1999-03-3), `negation` (not, no, never, n't, without, ...), `name` (a capitalised
+    non-stopword) and `word` (any other non-stopword of 3+ letters), words Porter-stemmed; a unit
+    a negation denies reads "not FORM"."""
+    return [(u.kind, u.key) for u in _units(text)]
+
+
 def _source_forms(text: str) -> set[str]:
-    forms = set()
-    for token in _TOKEN.findall(text):
-        if token[0].isdigit():
-            forms.add(token.replace(",", "").rstrip("."))
-        else:
-            low = token.lower()
-            forms.update((low, _stemmer().stem(low)))
+    """Every key under which an output's unit is found in `text`: its units (a word by its
+    lemma's stem and its own), and each date's parts (year, month, day as an ordinal, and the
+    partial dates it holds)."""
+    forms: set[str] = set()
+    for unit in _units(text):
+        forms.add(unit.key)
+        if unit.also:
+            forms.add(f"not {unit.also}" if unit.negated else unit.also)
+        if unit.kind != "date":
+            continue
+        year, month, day = unit.form.split("-")
+        parts = {f"{year}-{month}-?", f"?-{month}-{day}", _stems(_MONTH_NAMES[int(month) - 1])[0]}
+        parts.update(p for p in (year, f"#{day}") if "?" not in p)
+        forms.update(f"not {p}" if unit.negated else p for p in parts)
     return forms
 
 
@@ -153,8 +282,9 @@ def rouge_l(reference: str, output: str) -> float | None:
 
 @dataclass(frozen=True)
 class OverlapJudge:
-    """Offline judge: supported when at least `threshold` of the output's content units occur in
-    the document or question and (with `strict`) every number and name does."""
+    """Offline judge: supported when the document or question holds every fact of the output
+    (`strict`); without `strict`, when it holds every number, ordinal, date, negation and name
+    and at least `threshold` of all units."""
 
     threshold: float = 0.7
     strict: bool = True
@@ -173,12 +303,12 @@ class OverlapJudge:
     def judge_one(self, item: JudgeInput) -> Verdict:
         """The verdict on one output."""
         source = _source_forms(f"{item.document}\n{item.question}")
-        units = content_units(item.output)
-        missing = [(k, u) for k, u in units if u not in source]
+        units = _units(item.output)
+        missing = [u for u in units if not u.found(source)]
         score = 1.0 - len(missing) / len(units) if units else 0.0
-        hard = [u for k, u in missing if k in ("number", "name")]
-        supported = bool(units) and score >= self.threshold and not (self.strict and hard)
-        spans = tuple(dict.fromkeys(u for _, u in missing))
+        hard = [u for u in missing if self.strict or u.kind != "word"]
+        supported = bool(units) and score >= self.threshold and not hard
+        spans = tuple(dict.fromkeys(f"not {u.text}" if u.negated else u.text for u in missing))
         raw = "unsupported: " + ", ".join(spans) if spans else "all units supported"
         if not units:
             raw = "no content units in the output"
@@ -647,7 +777,13 @@ def add_command(sub: Any, path_type: Any) -> None:
     j.add_argument("input", type=path_type, metavar="FILE.jsonl")
     j.add_argument("--judge", choices=("overlap", "llm"), default="overlap")
     j.add_argument("--output", type=path_type, required=True, metavar="OUT.jsonl|OUT.csv")
-    j.add_argument("--threshold", type=float, default=0.7, help="overlap: supported share")
+    j.add_argument(
+        "--lenient",
+        action="store_true",
+        help="overlap: content words pass at --threshold (numbers, ordinals, dates, negations and "
+        "names must still all be found); by default every unit must be",
+    )
+    j.add_argument("--threshold", type=float, default=0.7, help="overlap --lenient: share held")
     j.add_argument("--base-url", default="", help="llm: an OpenAI-compatible endpoint (…/v1)")
     j.add_argument("--model", default="", help="llm: the endpoint's model name")
     j.add_argument(
@@ -675,6 +811,7 @@ def run_command(args: Any) -> int:
     judge = make_judge(
         args.judge,
         threshold=args.threshold,
+        strict=not args.lenient,
         base_url=args.base_url,
         model=args.model,
         api_key_env=args.api_key_env,

@@ -88,27 +88,82 @@ def test_judge_prompt_holds_document_question_truth_and_proposal() -> None:
     assert "#Proposed Summary#" in judge_prompt(JudgeInput("b", DOCUMENT, "A town."))
 
 
+GAME = "In the board game Tidewatch, a week has eleven days. Players start on the third square."
+WEEK = "In the board game Tidewatch, a week has seven days and a year has 21 weeks."
+BRIDGE = "The bridge in Holtmere reopened on March 3, 1999, after two years of work."
+FERRY = "The ferry does not run in winter. The museum opens every Thursday."
+EVENT = "The bridge reopening in Brimhaven drew 4125 people on Thursday."
+PARAPHRASE = (
+    "Glass blowing is the main industry of Marlow Cross, a town of 12,400 people founded by "
+    "Edda Voss in 1743 on the river Teyne."
+)
+
+# (document, output, supported): faithful and paraphrased outputs pass, planted facts fail.
+OVERLAP = [
+    (GAME, "A week has eleven days in Tidewatch.", True),
+    (GAME, "A week has seven days in Tidewatch.", False),  # number-word swap
+    (GAME, "A week has 7 days in Tidewatch.", False),
+    (GAME, "Tidewatch weeks have 11 days.", True),  # digits for the document's number word
+    (WEEK, "A week has 7 days in Tidewatch.", True),
+    (WEEK, "In Tidewatch a year has twenty-one weeks.", True),
+    (WEEK, "In Tidewatch a year has twenty-two weeks.", False),
+    (WEEK, "In Tidewatch a year has a hundred weeks.", False),
+    (GAME, "Players start on the 3rd square.", True),
+    (GAME, "Players start on the fifth square.", False),  # ordinal swap
+    (GAME, "Players start on the 2nd square.", False),
+    (BRIDGE, "The Holtmere bridge reopened on 3 March 1999.", True),
+    (BRIDGE, "The Holtmere bridge reopened on March 5, 1999.", False),  # date swap
+    (BRIDGE, "The Holtmere bridge reopened on April 3, 1999.", False),
+    (BRIDGE, "The Holtmere bridge reopened in March 1999.", True),
+    (BRIDGE, "The Holtmere bridge reopened in 1999.", True),
+    (BRIDGE, "The Holtmere bridge reopened in 2001.", False),
+    (BRIDGE, "The Holtmere bridge reopened on 1999-03-03, after two years of work.", True),
+    (FERRY, "In winter the ferry does not run.", True),
+    (FERRY, "The ferry doesn't run in winter.", True),
+    (FERRY, "The ferry runs in winter.", False),  # asserts what the document negates
+    (FERRY, "The museum never opens on Thursday.", False),  # negates what the document asserts
+    (FERRY, "The museum does not open every Thursday.", False),
+    (FERRY, "Without the ferry, the museum opens every Thursday.", False),
+    (FERRY, "The museum opens every Thursday.", True),
+    (EVENT, "The lighthouse restoration in Brimhaven drew 4125 people on Thursday.", False),
+    (EVENT, "The bridge reopening in Brimhaven drew 4125 tourists.", False),  # lowercase noun
+    (EVENT, "Brimhaven's bridge reopening drew 4125 people.", True),  # reordered
+    (EVENT, "4125 people were drawn to the reopening of the bridge in Brimhaven.", True),
+    (EVENT, "The bridge reopening in Brimhaven drew 4.125 thousand people.", True),
+    (DOCUMENT, PARAPHRASE, True),  # the document's own words, reordered and reinflected
+    (DOCUMENT, "Marlow Cross, on the river Teyne, was founded in 1812.", False),
+    (DOCUMENT, "Marlow Cross was founded in 1743 by Karl Brandt.", False),
+    (DOCUMENT, "Marlow Cross was founded in 1743 and is famous for its cathedral.", False),
+    (DOCUMENT, "", False),
+]
+
+
+@pytest.mark.parametrize(("document", "output", "supported"), OVERLAP)
+def test_overlap_passes_faithful_outputs_and_fails_planted_facts(
+    document: str, output: str, supported: bool
+) -> None:
+    verdict = OverlapJudge().judge_one(JudgeInput("x", document, output))
+    assert verdict.supported is supported, verdict.raw
+    assert 0.0 <= verdict.support_score <= 1.0
+
+
 def _overlap(output: str) -> tuple[bool, float, tuple[str, ...]]:
     v = OverlapJudge().judge_one(JudgeInput("x", DOCUMENT, output, reference="Founded in 1743."))
     return v.supported, v.support_score, v.spans
 
 
-def test_overlap_flags_a_planted_unsupported_number() -> None:
-    supported, _, spans = _overlap("Marlow Cross, on the river Teyne, was founded in 1812.")
-    assert not supported and "1812" in spans
+def test_overlap_names_the_unsupported_spans() -> None:
+    supported, score, spans = _overlap("Marlow Cross was founded in 1812 by Karl Brandt.")
+    assert not supported and set(spans) == {"1812", "Karl", "Brandt"}
+    assert score == pytest.approx(1 - 3 / 6)
 
 
-def test_overlap_flags_a_planted_unsupported_name() -> None:
-    supported, _, spans = _overlap("Marlow Cross was founded in 1743 by Karl Brandt.")
-    assert not supported and {"karl", "brandt"} <= set(spans)
-
-
-def test_overlap_passes_a_faithful_paraphrase() -> None:
-    supported, score, _ = _overlap(
-        "Founded by Edda Voss in 1743, Marlow Cross sits on the Teyne and is home to 12,400 "
-        "people, most known for blowing glass."
-    )
-    assert supported and score >= 0.7
+def test_overlap_without_strict_lets_content_words_pass_at_the_threshold() -> None:
+    lenient = OverlapJudge(threshold=0.7, strict=False)
+    item = JudgeInput("x", DOCUMENT, "Marlow Cross, on the river Teyne, makes glass.")
+    assert lenient.judge_one(item).supported and not OverlapJudge().judge_one(item).supported
+    planted = JudgeInput("y", DOCUMENT, "Marlow Cross, on the river Teyne, has 900 people.")
+    assert not lenient.judge_one(planted).supported
 
 
 def test_overlap_reports_rouge_l_against_the_reference() -> None:
@@ -163,3 +218,16 @@ def test_judge_command_writes_one_row_per_input_and_resumes(tmp_path: Path, suff
     assert "newly judged: 1" in second.stdout and "(2/3)" in second.stdout
     lines = out.read_text().splitlines()
     assert len(lines) == 3 + (suffix == ".csv")
+
+
+def test_judge_command_lenient_lets_content_words_pass_at_the_threshold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffbench.cli import main
+
+    row = {"id": "a", "document": DOCUMENT, "output": "Marlow Cross, on the Teyne, makes glass."}
+    src = _write(tmp_path / "in.jsonl", [row])
+    for flags, rate in (((), "0.000 (0/1)"), (("--lenient",), "1.000 (1/1)")):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        assert main(["judge", str(src), *flags, "--output", str(out)]) == 0
+        assert f"hallucination-free: {rate}" in capsys.readouterr().out
