@@ -286,16 +286,21 @@ def cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> tuple[np.nd
     return np.bincount(codes, weights=values), np.bincount(codes).astype(float)
 
 
-def cluster_variance(values: np.ndarray, clusters: np.ndarray | None) -> tuple[float, int]:
-    """The cluster-robust (CR1) variance of the mean of `values`, and the number of clusters:
-    k / (k - 1) * sum over clusters of (sum - mean * size)^2 / N^2 (NaN for one cluster)."""
+def cluster_variance(
+    values: np.ndarray, clusters: np.ndarray | None, small_sample: bool = True
+) -> tuple[float, int]:
+    """The cluster-robust variance of the mean of `values`, and the number of clusters:
+    sum over clusters of (sum - mean * size)^2 / N^2, times k / (k - 1) with `small_sample`
+    (CR1; without it CR0, which is p(1 - p) / N for unclustered 0/1 scores). NaN for one
+    cluster."""
     sums, sizes = cluster_sums(values, clusters)
     k, total = len(sums), float(sizes.sum())
     if k < 2:
         return float("nan"), k
     mean = float(sums.sum()) / total
     resid = sums - mean * sizes
-    return float(k / (k - 1) * np.sum(resid * resid) / total**2), k
+    factor = k / (k - 1) if small_sample else 1.0
+    return float(factor * np.sum(resid * resid) / total**2), k
 
 
 def _z(level: float) -> float:
@@ -304,12 +309,13 @@ def _z(level: float) -> float:
 
 def effective_n(values: np.ndarray, clusters: np.ndarray | None) -> float:
     """The sample size a proportion's interval uses: N samples over the clustering's design
-    effect (p(1 - p) / N against the cluster-robust variance), between 1 and N. Where the scores
+    effect (the cluster-robust CR0 variance of the mean against p(1 - p) / N; so N without
+    clusters, and k for k clusters whose samples always agree), between 1 and N. Where the scores
     do not vary at all (every one 0, or every one 1) the design effect cannot be estimated, and
     each unit counts once."""
     values = np.asarray(values, dtype=float)
     total = len(values)
-    var, k = cluster_variance(values, clusters)
+    var, k = cluster_variance(values, clusters, small_sample=False)
     p = float(values.mean())
     if p <= _noise(p) or p >= 1 - _noise(p):
         return float(k)
@@ -324,7 +330,10 @@ def wilson(p: float, n: float, level: float = LEVEL) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 the bound on that side is exactly 0 or 1 (rounding would leave 1 - 2e-16).
+    low = 0.0 if p <= 0 else max(0.0, float(centre - half))
+    high = 1.0 if p >= 1 else min(1.0, float(centre + half))
+    return low, high
 
 
 def _in_unit_range(values: np.ndarray) -> bool:

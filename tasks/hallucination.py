@@ -172,7 +172,10 @@ class HallucinationConfig:
     qa_prompt: str = QA_PROMPT
     chat: bool = True  # the model's chat template, when it has one
     judge: Literal["overlap", "llm"] = "overlap"
-    threshold: float = 0.7  # overlap: share of supported content units for a "supported" call
+    # overlap: every unit of the answer must be in the document (strict); lenient: every number,
+    # ordinal, date, negation and name, and at least `threshold` of the other content words
+    lenient: bool = False
+    threshold: float = 0.7
     judge_base_url: str = ""  # llm: an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     judge_model: str = ""
     judge_api_key_env: str = "OPENAI_API_KEY"  # the variable's name; the key is never stored
@@ -388,6 +391,7 @@ def _judge(config: HallucinationConfig) -> judges.Judge:
     return judges.make_judge(
         config.judge,
         threshold=config.threshold,
+        strict=not config.lenient,
         base_url=config.judge_base_url,
         model=config.judge_model,
         api_key_env=config.judge_api_key_env,

@@ -48,12 +48,89 @@ def twin_run(tiny_pair, tmp_path_factory) -> Path:
     return copy
 
 
-def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+def test_a_proportion_gets_a_wilson_interval_never_of_zero_width():
     scores = np.array([1.0] * 7 + [0.0] * 13)
-    first, second = stats.bootstrap_interval(scores), stats.bootstrap_interval(scores)
-    assert first == second
-    assert first.low < 0.35 < first.high
-    assert first.low > 0.1 and first.high < 0.6
+    e = stats.estimate(0.35, 20, float("nan"), pd.Series(scores), "proportion")
+    assert e.interval is not None and e.interval.method == "Wilson"
+    assert e.interval.low == pytest.approx(0.1812, abs=1e-3)
+    assert e.interval.high == pytest.approx(0.5671, abs=1e-3)
+    # 60 of 60 (the old percentile bootstrap said [1.000, 1.000]): Wilson's lower bound ~0.94.
+    perfect = stats.estimate(1.0, 60, float("nan"), pd.Series(np.ones(60)), "proportion")
+    assert perfect.interval is not None
+    assert 0.93 < perfect.interval.low < 0.95 and perfect.interval.high == 1.0
+    # 2 of 4 units where each unit's five samples agree (NIAH 2/2 on 4 haystacks, old:
+    # [0.500, 0.500]): the units, not the 20 samples, set the width.
+    clustered = stats.SampleScores(
+        pd.Series([1.0] * 10 + [0.0] * 10, index=[f"s{i}" for i in range(20)]),
+        pd.Series([f"h{i // 5}" for i in range(20)], index=[f"s{i}" for i in range(20)]),
+        pd.Series("", index=[f"s{i}" for i in range(20)]),
+    )
+    e = stats.estimate(0.5, 20, float("nan"), clustered, "proportion")
+    assert e.n_clusters == 4 and e.interval is not None
+    assert e.interval.low < 0.2 and e.interval.high > 0.8
+    # All-zero clustered scores: each unit counts once, and the interval still has width.
+    zeros = stats.SampleScores(pd.Series(0.0, index=clustered.score.index), clustered.cluster,
+                               clustered.inputs)  # fmt: skip
+    e = stats.estimate(0.0, 20, float("nan"), zeros, "proportion")
+    assert e.interval is not None and e.interval.high == pytest.approx(stats.wilson(0.0, 4)[1])
+
+
+def test_a_mean_gets_a_t_interval_over_its_units():
+    values = np.array([0.1, 0.3, 0.2, 0.4])
+    e = stats.estimate(0.25, 4, float("nan"), pd.Series(values), "mean")
+    assert e.interval is not None and e.interval.method == "t"
+    half = 3.182446 * values.std(ddof=1) / 2  # t(0.975, 3) * se
+    assert e.interval.low == pytest.approx(0.25 - half) and e.interval.high == pytest.approx(
+        0.25 + half
+    )
+
+
+def test_a_continuous_metric_on_four_paired_haystacks_gets_the_exact_test_not_a_z():
+    # The review's evidence: NIAH attention_noise, depth=50, 1/1, 4 haystacks, delta -0.029 with
+    # stderrs 0.001: the old unpaired z-test gave p = 1.3e-90. Four paired units can give no p
+    # below 2/2^4 = 0.125.
+    ids = [f"h{i}" for i in range(4)]
+    base = pd.Series([0.500, 0.503, 0.498, 0.501], index=ids)
+    diff = base - pd.Series([0.028, 0.030, 0.029, 0.0296], index=ids)
+    d = stats.difference(
+        float(base.mean()), float(diff.mean()), reference_scores=base, candidate_scores=diff,
+        kind="mean",
+    )  # fmt: skip
+    assert d.test == "sign-flip" and d.p_value == pytest.approx(0.125)
+    assert d.p_min == pytest.approx(0.125) and not d.can_reach and not d.significant
+    assert d.interval is not None and d.interval.method == "paired t"
+    # A statistic (not a mean over samples) gets no test at all, whatever its stderr.
+    none = stats.difference(1.0, 2.0, kind="statistic")
+    assert none.test == "none" and none.p_value is None and "statistic" in none.reason
+
+
+def test_delta_interval_and_test_come_from_the_same_paired_ids():
+    # Reference: 50 samples, 12 of them ones; candidate: those 12 ids, all ones. The old code
+    # took delta from every row (+0.760) and the test from the 12 shared ids (p=1).
+    ids = [f"s{i}" for i in range(50)]
+    reference = pd.Series([1.0] * 12 + [0.0] * 38, index=ids)
+    candidate = pd.Series(1.0, index=ids[:12])
+    d = stats.difference(
+        0.24, 1.0, reference_scores=reference, candidate_scores=candidate, kind="proportion"
+    )
+    assert d.delta == 0.0 and d.n_pairs == 12
+    assert (d.n_reference, d.n_candidate) == (50, 12)
+    assert d.p_value == 1.0 and d.interval is not None and d.interval.low < 0 < d.interval.high
+
+
+def test_holm_and_benjamini_hochberg_adjust_a_family():
+    p = [0.01, 0.04, 0.03, 0.005]
+    assert stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    diffs = [
+        stats.Difference(0.1, 10, None, x, "sign-flip", x < 0.05, 10, p_min=0.002) for x in p
+    ]
+    bh = stats.adjust(diffs, "benjamini-hochberg")
+    assert [d.p_adjusted for d in bh] == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert all(d.significant for d in bh) and bh[0].adjustment == "benjamini-hochberg"
+    holm = stats.adjust(diffs, "holm")
+    assert [d.significant for d in holm] == [True, False, False, True]
+    untested = stats.Difference(0.1, 0, None, None, "none", False)
+    assert stats.adjust([untested], "holm") == [untested]
 
 
 def test_mcnemar_exact_is_the_binomial_test_on_discordant_pairs():
@@ -70,9 +147,12 @@ def test_difference_is_paired_by_sample_id():
     reference = pd.Series([0.0] * 30, index=ids)
     # Same scores, listed in another order: pairing is by id, not by position.
     candidate = pd.Series([1.0] * 25 + [0.0] * 5, index=ids)[::-1]
-    d = stats.difference(0.0, 25 / 30, reference_scores=reference, candidate_scores=candidate)
+    d = stats.difference(
+        0.0, 25 / 30, reference_scores=reference, candidate_scores=candidate, kind="proportion"
+    )
     assert d.test == "McNemar exact" and d.n_pairs == 30 and d.significant
-    assert d.interval is not None and d.interval.low > 0.6
+    assert d.interval is not None and d.interval.method == "Newcombe paired"
+    assert d.interval.low > 0.6
     graded = stats.difference(
         0.0, 0.5, reference_scores=reference, candidate_scores=reference + 0.5
     )
@@ -133,7 +213,7 @@ def test_one_or_two_pairs_are_never_significant(n, p):
     reference = pd.Series([0.25] * n, index=ids)
     d = stats.difference(0.25, 0.75, reference_scores=reference, candidate_scores=reference + 0.5)
     assert d.p_value == pytest.approx(p) and not d.significant
-    if n == 1:  # a bootstrap of one pair is a point, not an interval
+    if n == 1:  # one unit gives no interval
         assert d.interval is None
         assert stats.estimate(0.25, 1, float("nan"), reference).interval is None
 
@@ -174,13 +254,16 @@ def test_repeated_draws_of_one_example_add_no_significance():
     assert both.test == "cluster sign-flip" and both.n_pairs == 48 and both.n_clusters == 24
     # Each model's interval: the second draw repeats the first, so it is no narrower.
     for model in ("base", "diff"):
-        alone = stats.estimate(0.0, None, float("nan"), index.scores(model, {"draw": "0"}))
-        twice = stats.estimate(0.0, None, float("nan"), index.scores(model, {"draw": "all"}))
+        alone = stats.estimate(
+            0.0, None, float("nan"), index.scores(model, {"draw": "0"}), "proportion"
+        )
+        twice = stats.estimate(
+            0.0, None, float("nan"), index.scores(model, {"draw": "all"}), "proportion"
+        )
         assert alone.interval is not None and twice.interval is not None
-        assert twice.interval.method == "cluster bootstrap"
-        assert (twice.interval.low, twice.interval.high) == (
-            alone.interval.low,
-            alone.interval.high,
+        assert twice.interval.method == "Wilson" and twice.n_clusters == 24
+        assert (twice.interval.low, twice.interval.high) == pytest.approx(
+            (alone.interval.low, alone.interval.high)
         )
     # Without the cluster key the 48 samples count as independent pairs: 14 gained, 2 lost.
     flat = draws_of_one_example(with_cluster=False)
@@ -212,24 +295,30 @@ def test_samples_measured_on_different_inputs_get_no_paired_test():
     assert not paired.inputs_differ and paired.test == "McNemar exact"
 
 
-def test_metrics_without_samples_get_a_normal_interval_from_their_stderr():
-    e = stats.estimate(2.0, 100, 0.1, None)
-    assert e.interval is not None and e.interval.method == "normal"
+def test_statistics_get_an_interval_only_from_their_tasks_stderr_and_no_test():
+    e = stats.estimate(2.0, 100, 0.1, None, "statistic")
+    assert e.interval is not None and e.interval.method == "normal (task's stderr)"
     assert e.interval.low == pytest.approx(2.0 - 1.96 * 0.1, abs=1e-3)
-    assert stats.estimate(2.0, 1, float("nan"), None).interval is None
-    d = stats.difference(2.0, 2.5, reference_stderr=0.1, candidate_stderr=0.1)
-    assert d.test == "normal" and d.significant
+    assert stats.estimate(2.0, 1, float("nan"), None, "statistic").interval is None
+    # A mean whose samples are missing gets no interval from a stderr, and no test.
+    assert stats.estimate(2.0, 100, 0.1, None, "mean").interval is None
+    d = stats.difference(2.0, 2.5)
+    assert d.test == "none" and not d.significant and d.p_value is None
 
 
 def test_every_metric_row_maps_to_the_samples_it_averages(twin_run):
     results = load_run(twin_run)
-    assert results.info("niah").sample_mean_metrics == {"accuracy"}  # as run.json records it
+    info = results.info("niah")  # as run.json records it
+    assert info.metric("accuracy").kind == "proportion"
+    assert info.metric("accuracy").unit == "haystack draw"
     for _, row in results.metrics.iterrows():
         setting = {k: row[k] for k in results.setting_columns("niah")}
         scores = results.scores("niah", row["metric"], row["model"], setting)
         assert scores is not None and len(scores) == int(row["n"])
         assert scores.mean() == pytest.approx(float(row["value"]))
-        assert set(scores.cluster) == set(scores.score.index)  # NIAH names no clusters
+        # The unit is the haystack draw, read at every depth: 4 draws behind every row.
+        assert scores.n_clusters() == 4
+        assert set(scores.cluster) == {f"L256-n1r1-s{k}" for k in range(4)}
 
 
 def test_identical_models_show_no_significant_difference(twin_run):
@@ -248,12 +337,14 @@ def test_identical_models_show_no_significant_difference(twin_run):
     changes = json.loads(res.stdout)["changes"]
     assert changes and all(c["status"] == "unchanged" for c in changes)
     for c in changes:
-        assert c["delta"] == 0 and c["interval"] == [0, 0]
-        assert c["test"] == "McNemar exact" and c["p_value"] == 1 and not c["significant"]
+        assert c["delta"] == 0 and c["interval"][0] < 0 < c["interval"][1]  # never zero width
+        assert c["test"] in ("McNemar exact", "cluster sign-flip") and c["p_value"] == 1
+        assert not c["significant"]
+        assert c["n_clusters"] <= 4 and c["p_adjusted"] == 1
     summary = (twin_run / "report.md").read_text().split("## niah")[0]
     assert "| diff | base | twin | base − diff | twin − diff |" in summary
     twin_cells = [row.split(" | ")[-1] for row in summary.splitlines() if row.startswith("| niah")]
-    assert twin_cells and all(c.startswith("+0.000 [+0.000, +0.000] p=1 |") for c in twin_cells)
+    assert twin_cells and all(c.startswith("+0.000 [-") and " p=1 " in c for c in twin_cells)
 
 
 def test_report_intervals_are_deterministic(twin_run):

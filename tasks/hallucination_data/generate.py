@@ -198,7 +198,8 @@ def summary_rows(rng: random.Random) -> list[dict[str, str]]:
             rng.choice(FILLER),
             f"{person.split()[0]} thanked the volunteers and said a second phase may follow.",
         ])  # fmt: skip
-        reference = (f"{crowd} people attended the {event} in {town}, which {person} said cost "
+        # The document's own verb: the overlap judge counts every content word as a fact.
+        reference = (f"The {event} in {town} drew {crowd} people; {person} said it cost "
                      f"{cost} thousand pounds.")  # fmt: skip
         rows.append({"id": f"summary-{i:02d}", "document": document, "question": "",
                      "reference": reference})  # fmt: skip
