@@ -268,21 +268,33 @@ def summary_kurtosis(summary: ActivationSummary) -> float:
 
 @dataclass(frozen=True)
 class AttentionMass:
-    """Per layer, per requested span: the mass of the last token's attention (mean over heads).
-    For a DIFF model the differential map, normalised as the backend documents."""
+    """Per layer, per requested span: the positive and the negative mass of the last token's
+    attention map, each summed over the span's tokens and averaged over heads. A Transformer's
+    map is its softmax (negative mass 0); a DIFF model's the differential map of each head pair,
+    normalised as the backend documents, whose entries can be negative."""
 
-    masses: tuple[tuple[float, ...], ...]  # [layer][span]
+    masses: tuple[tuple[float, ...], ...]  # [layer][span]: sum of max(map, 0)
     n_prompt_tokens: int
+    # [layer][span]: sum of max(-map, 0), a magnitude (>= 0); empty from a backend that reports
+    # signed masses only.
+    negative: tuple[tuple[float, ...], ...] = ()
+    # Layers whose map could not be normalised as documented (a DIFF layer with lambda >= 1),
+    # one line each.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Throughput:
-    """Each timed repeat's prefill and decode rates, and the peak memory of the timed work."""
+    """Each timed repeat's prefill and decode rates, the peak memory of the timed work (the
+    model's own: models loaded beside it do not count), and when the timing began."""
 
     prefill_tokens_per_s: tuple[float, ...]
     decode_tokens_per_s: tuple[float, ...]
     peak_memory_bytes: int
     device: str
+    # Unix time (seconds) at which the first timed repeat began: orders the timings of several
+    # models, across processes too (a resumed run).
+    timed_at: float
 
 
 Response: TypeAlias = (

@@ -25,9 +25,16 @@ from diffbench.backends import probes
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget, coerce_options, encode_prompt
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack
-from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    DiffLlamaConfig,
+    DiffLlamaForCausalLM,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+SHIPPED = Path(probes.__file__).resolve().parents[1] / "models"
 # The api's histogram quantile: the geometric centre of a bin of width 2^(1/H).
 QUANTILE_BOUND = 2 ** (0.5 / HIST_BINS_PER_OCTAVE) - 1
 
@@ -232,7 +239,17 @@ def test_allocation_masses_of_a_llama_lie_in_0_1_and_sum_with_the_rest_to_1(tiny
         assert math.isclose(alone.masses[layer][0] + float(row[:, 0].mean()), 1, abs_tol=1e-5)
 
 
-def test_diff_allocation_is_the_differential_map_normalised_by_1_minus_lambda(tiny_pair):
+def layer_lambda(attn: torch.nn.Module) -> float:
+    """DiffLlamaAttention's lambda, computed here from its parameters."""
+    with torch.no_grad():
+        return float(
+            torch.exp((attn.lambda_q1 * attn.lambda_k1).sum())
+            - torch.exp((attn.lambda_q2 * attn.lambda_k2).sum())
+            + attn.lambda_init
+        )
+
+
+def test_diff_allocation_is_the_differential_maps_positive_and_negative_mass(tiny_pair):
     b = backend(tiny_pair["tiny-diff"])
     prompt = text(12, 300)
     ids = encode_prompt(b.tokenizer, prompt)
@@ -241,18 +258,87 @@ def test_diff_allocation_is_the_differential_map_normalised_by_1_minus_lambda(ti
     enc = b.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [(0, 0)] + [tuple(o) for o in enc["offset_mapping"]]
     inside = torch.tensor([s < span[1] and e > span[0] for s, e in offsets])
+    assert mass.warnings == () and len(mass.negative) == len(mass.masses)
     for layer, row in enumerate(eager_last_row(b, ids)):
-        attn = b.model.model.layers[layer].self_attn
-        with torch.no_grad():
-            lam = float(
-                torch.exp((attn.lambda_q1 * attn.lambda_k1).sum())
-                - torch.exp((attn.lambda_q2 * attn.lambda_k2).sum())
-                + attn.lambda_init
-            )
+        lam = layer_lambda(b.model.model.layers[layer].self_attn)
         h = row.shape[0]
-        diff = ((row[: h // 2] - lam * row[h // 2 :]) / (1 - lam)).mean(0)
-        assert math.isclose(mass.masses[layer][0], float(diff[inside].sum()), abs_tol=1e-5)
-        assert math.isclose(mass.masses[layer][1] + float(diff[0]), 1, abs_tol=1e-5)
+        diff = (row[: h // 2] - lam * row[h // 2 :]) / (1 - lam)  # (H/2, keys)
+        pos, neg = diff.clamp(min=0).mean(0), (-diff).clamp(min=0).mean(0)
+        assert math.isclose(mass.masses[layer][0], float(pos[inside].sum()), abs_tol=1e-5)
+        assert math.isclose(mass.negative[layer][0], float(neg[inside].sum()), abs_tol=1e-5)
+        assert math.isclose(mass.masses[layer][1], float(pos[1:].sum()), abs_tol=1e-5)
+        assert math.isclose(mass.negative[layer][1], float(neg[1:].sum()), abs_tol=1e-5)
+
+
+def test_diff_positive_minus_negative_mass_over_the_prompt_is_1_per_layer():
+    # The shipped (trained) tiny-diff over-subtracts: its maps have real negative mass, where a
+    # random-init one's two softmaxes are nearly equal and its maps barely dip below 0.
+    b = backend(SHIPPED / "tiny-diff")
+    prompt = text(13, 1500)
+    ids = encode_prompt(b.tokenizer, prompt)
+    (mass,) = b.attention_mass([AttentionRequest(prompt, ((0, len(prompt)),))])
+    assert all(row[0] > 0.1 for row in mass.negative)
+    for layer, row in enumerate(eager_last_row(b, ids)):
+        positive, negative = mass.masses[layer][0], mass.negative[layer][0]
+        assert 0 <= positive <= 1 + 2 * negative + 1e-6 and negative >= 0
+        lam = layer_lambda(b.model.model.layers[layer].self_attn)
+        h = row.shape[0]
+        bos = float(((row[: h // 2, 0] - lam * row[h // 2 :, 0]) / (1 - lam)).mean())
+        # BOS covers no character, so it is in no span: its share is added back.
+        assert math.isclose(positive - negative + bos, 1, abs_tol=1e-4)
+
+
+def test_a_llama_has_no_negative_attention_mass(tiny_pair):
+    b = backend(tiny_pair["tiny-base"])
+    prompt = text(14, 300)
+    (mass,) = b.attention_mass([AttentionRequest(prompt, ((0, 90), (0, len(prompt))))])
+    assert len(mass.negative) == len(mass.masses) == b.model.config.num_hidden_layers
+    assert all(x == 0 for row in mass.negative for x in row)
+    assert mass.warnings == ()
+
+
+@pytest.fixture(scope="module")
+def diff_lambda_above_1(tiny_pair, tmp_path_factory) -> Path:
+    """A random tiny DiffLlama whose layer 0 has lambda about 7.6 (layer 1 keeps its own)."""
+    path = tmp_path_factory.mktemp("lambda") / "tiny-diff-lambda"
+    tok = AutoTokenizer.from_pretrained(tiny_pair["tiny-diff"])
+    torch.manual_seed(0)
+    config = DiffLlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    model = DiffLlamaForCausalLM(config)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.lambda_q1.fill_(0.5)  # exp(8 x 0.25) = 7.39
+        attn.lambda_k1.fill_(0.5)
+        attn.lambda_q2.zero_()  # exp(0) = 1
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_diff_layer_with_lambda_at_least_1_is_left_unnormalised_with_a_warning(
+    diff_lambda_above_1,
+):
+    b = backend(diff_lambda_above_1)
+    lam = layer_lambda(b.model.model.layers[0].self_attn)
+    assert lam >= 1 and layer_lambda(b.model.model.layers[1].self_attn) < 1
+    prompt = text(15, 300)
+    ids = encode_prompt(b.tokenizer, prompt)
+    (mass,) = b.attention_mass([AttentionRequest(prompt, ((0, len(prompt)),))])
+    (warning,) = mass.warnings
+    assert warning.startswith("layer 0: lambda = ") and ">= 1" in warning
+    assert all(math.isfinite(x) for rows in (mass.masses, mass.negative) for r in rows for x in r)
+    row = eager_last_row(b, ids)[0]
+    h = row.shape[0]
+    raw = row[: h // 2] - lam * row[h // 2 :]  # not divided by 1 - lambda
+    assert math.isclose(mass.masses[0][0], float(raw.clamp(min=0).mean(0)[1:].sum()), abs_tol=1e-4)
+    assert math.isclose(
+        mass.negative[0][0], float((-raw).clamp(min=0).mean(0)[1:].sum()), abs_tol=1e-4
+    )
 
 
 def test_throughput_reports_each_repeat_and_a_peak_memory(tiny_pair):

@@ -777,9 +777,10 @@ class HFBackend:
 
     @torch.inference_mode()
     def attention_mass(self, requests: Sequence[AttentionRequest]) -> list[AttentionMass]:
-        """Per prompt, per layer, the share of the last token's attention (mean over heads; DIFF:
-        the differential map normalised by 1 - lambda, see probes.AllocationProbe) on the tokens
-        that overlap each character span."""
+        """Per prompt, per layer, the positive and the negative mass of the last token's
+        attention map (mean over heads; DIFF: the differential map normalised by 1 - lambda, see
+        probes.AllocationProbe) on the tokens that overlap each character span, and a warning
+        per DIFF layer whose lambda >= 1 left its map un-normalised."""
         out = []
         for r in requests:
             for a, b in r.spans:
@@ -797,18 +798,30 @@ class HFBackend:
             with probes.probing(self.model, probe):
                 self.model(torch.tensor([ids], device=self.device), logits_to_keep=1)
             self._check_all_layers(probe)
-            masses = tuple(tuple(probe.masses[i]) for i in sorted(probe.masses))
-            out.append(AttentionMass(masses=masses, n_prompt_tokens=len(ids)))
+            layers = sorted(probe.masses)
+            out.append(
+                AttentionMass(
+                    masses=tuple(tuple(probe.masses[i]) for i in layers),
+                    n_prompt_tokens=len(ids),
+                    negative=tuple(tuple(probe.negative[i]) for i in layers),
+                    warnings=tuple(probe.warnings),
+                )
+            )
         return out
 
     # ---- throughput --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def throughput(self, requests: Sequence[ThroughputRequest]) -> list[Throughput]:
-        """Prefill and greedy-decode rates over a synthetic token sequence, `warmup` untimed
-        and `repeats` timed runs each, with the peak memory of the timed runs (PeakMemory)."""
+        """Prefill and greedy-decode rates over a synthetic token sequence, `repeats` timed runs
+        each (after `warmup` untimed ones the first time this backend times that shape), with
+        the peak memory of the timed runs: this model's weights and buffers plus what the timed
+        runs added to the memory in use when they began (PeakMemory), so that other models
+        loaded beside this one (an interleaved run) do not count."""
         out = []
         vocab = int(self.model.config.vocab_size)
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        own_bytes = sum(t.numel() * t.element_size() for t in tensors)
         for r in requests:
             if r.n_tokens < 1 or r.new_tokens < 0 or r.repeats < 1 or r.warmup < 0:
                 raise DiffbenchError(

@@ -16,7 +16,9 @@ On that function ride, per model (`attach`):
   token's logits depend only on its prefix, so caching, batching and blocking cannot change them.
 - while a probe is active (`probing`): `ActivationProbe` (statistics of the logits at causal
   positions, and of each decoder layer's output through forward hooks) and `AllocationProbe`
-  (where the last token's attention goes). Probes reduce to statistics inside the backend.
+  (where the last token's attention goes: the positive and negative mass of its map, for DIFF
+  the differential map normalised by 1 - lambda). Probes reduce to statistics inside the
+  backend.
 
 DiffLlama pairs Q/K head h with head h + H/2 (the first call's probabilities of heads [0, H/2)
 are softmax1, of [H/2, H) softmax2; see `DiffLlamaAttention.forward`): logit maps "1" and "2"
@@ -45,6 +47,8 @@ LOGIT_QUANT = ("tensor", "head")
 # temporaries small next to a forward's own activations while a row of 16K keys x 8 heads still
 # gives blocks of 8 rows, so per-block overhead stays small.
 BLOCK_ELEMENTS = 1 << 20
+# A DIFF layer whose lambda is this close to 1, or above it, is not normalised by 1 - lambda.
+LAMBDA_GUARD = 1e-6
 # |x| histogram bins that can occur for a finite float32 (2^-149 .. 2^128), offset to >= 0.
 _BIN_LO = -150 * HIST_BINS_PER_OCTAVE
 _N_BINS = 280 * HIST_BINS_PER_OCTAVE
@@ -267,28 +271,47 @@ class ActivationProbe(Probe):
 
 
 class AllocationProbe(Probe):
-    """The last query token's attention, mean over heads, summed over each span's tokens
-    (`spans`: n_spans x keys, True where a key token overlaps the span). For a DIFF layer, the
-    differential map of head pair i, (softmax1_i - lambda softmax2_i) / (1 - lambda): it then sums
-    to 1 over the keys, as a softmax does (its entries may be negative)."""
+    """Where the last query token's attention goes: per layer, per span (`spans`: n_spans x
+    keys, True where a key token overlaps the span), the positive mass sum(max(map, 0)) and the
+    negative mass sum(max(-map, 0)) over the span's tokens, averaged over heads.
+
+    A Transformer's map is its softmax (negative mass 0). A DIFF layer's map for head pair i is
+    the differential map (softmax1_i - lambda softmax2_i) / (1 - lambda): it then sums to 1 over
+    the keys, as a softmax does, and positive minus negative mass over every key is 1. Where
+    lambda >= 1 (within LAMBDA_GUARD) dividing would flip or blow up the map: the layer keeps
+    softmax1_i - lambda softmax2_i, and a line in `warnings` says so."""
 
     def __init__(self, spans: torch.Tensor) -> None:
         super().__init__()
         self.spans = spans
         self.masses: dict[int, list[float]] = {}
+        self.negative: dict[int, list[float]] = {}
+        self.warnings: list[str] = []
 
     def wants_probs(self, rows: slice, n_rows: int) -> bool:
         return rows.stop == n_rows
 
     def probs(self, module: torch.nn.Module, probs: torch.Tensor, rows: slice, n_rows: int) -> None:
         last = probs[0, :, -1, :].float()  # (H, keys): batch of one, the prompt's last token
+        layer = int(getattr(module, "layer_idx", -1))
         if is_diff(module):
             h = last.shape[0]
-            lam = diff_lambda(module, torch.float32)
-            last = (last[: h // 2] - lam * last[h // 2 :]) / (1 - lam)
-        mean = last.mean(dim=0)  # over heads
-        layer = int(getattr(module, "layer_idx", -1))
-        self.masses[layer] = (self.spans.float() @ mean).tolist()
+            lam = float(diff_lambda(module, torch.float32))
+            last = last[: h // 2] - lam * last[h // 2 :]
+            if lam < 1 - LAMBDA_GUARD:
+                last = last / (1 - lam)
+            else:
+                self.warnings.append(
+                    f"layer {layer}: lambda = {lam:.6g} >= 1, so its differential map is not "
+                    "divided by 1 - lambda (it does not sum to 1)"
+                )
+        # Clamped per head before the mean: a head's negative entries must not cancel another
+        # head's positive ones.
+        positive = last.clamp(min=0).mean(dim=0)
+        negative = last.neg().clamp_(min=0).mean(dim=0)
+        spans = self.spans.float()
+        self.masses[layer] = (spans @ positive).tolist()
+        self.negative[layer] = (spans @ negative).tolist()
 
 
 # ---- the attention function ----------------------------------------------------------------
