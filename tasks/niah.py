@@ -16,15 +16,26 @@ the tokenizer, and each sample records the needle's realised depth in tokens (`t
 Attention mode (`mode=attention`, the paper's Table 3) asks no question of the model's output:
 on the generate-mode prompt (single-needle: ending in the answer prefix, so its last token is the
 one that produces the answer) it asks where that last token's attention goes
-(`AttentionRequest`). `attention_answer` is the mass on the tokens of the answer needle's
-sentence; `attention_noise` the mass on the rest of the haystack (every other token of the
-context, other needles included); the remaining mass (the BOS token, the question, the chat
-template and the answer prefix) is in neither. Both are averaged over heads (by the backend) and
-over layers (here), per sample, and then over samples. For a Transformer the masses are softmax
-probabilities: each in [0, 1], and with the rest of the prompt they sum to 1. For a DIFF model
-they are masses of the differential map of each head pair, (softmax1 - lambda softmax2) /
-(1 - lambda) with lambda the layer's own: dividing by 1 - lambda makes the map sum to 1 over the
-prompt like a softmax, so the two models' numbers share a scale (a DIFF mass can be negative).
+(`AttentionRequest`, one span per queried needle's sentence and one for the whole haystack).
+The map is, for a Transformer, its softmax; for a DIFF model, the differential map of each head
+pair, (softmax1 - lambda softmax2) / (1 - lambda) with lambda the layer's own: dividing by
+1 - lambda makes the map sum to 1 over the prompt like a softmax, so the two models' numbers share
+a scale. A differential map has negative entries, and a signed sum would let over-subtraction
+read as "no noise", so its positive and negative parts are reported apart:
+- `attention_answer`: the positive mass, sum of max(map, 0), on the tokens of every queried
+  needle's sentence (an R = 2 row counts both needles);
+- `attention_noise`: the positive mass on the rest of the haystack (every other token of the
+  context, unqueried needles included);
+- `attention_negative`: the magnitude of the negative mass, sum of max(-map, 0), over the whole
+  haystack, answer needles included (0 for a Transformer).
+The remaining positions (the BOS token, the question, the chat template and the answer prefix)
+count in none. Each is averaged over heads (by the backend) and over layers (here), per sample,
+and then over samples. A Transformer's positive masses are probabilities: each in [0, 1], and with
+the rest of the prompt they sum to 1; for a DIFF model positive minus negative mass over the whole
+prompt is 1 per layer. Where a DIFF layer's lambda >= 1 the backend does not divide (it would flip
+or blow up the map) and reports that layer's map un-normalised with a warning: the sample keeps the
+warnings (`warnings`), the task logs per model how many samples of which cells had one, and the
+rows of those cells mix two normalisations.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -65,8 +77,14 @@ from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack as hs
 
 SETTING_KEYS = ("mode", "length", "depth", "needles", "queries")
-ATTENTION_METRICS = ("attention_answer", "attention_noise")
+ATTENTION_METRICS = ("attention_answer", "attention_noise", "attention_negative")
 UNIT = "haystack draw"
+log = logging.getLogger("diffbench")
+NORMALISATION = (
+    "positive and negative mass of the last token's map, mean over heads then layers; DIFF: "
+    "(a1 - lambda a2) / (1 - lambda) per head pair, so a map sums to 1 over the prompt like a "
+    "softmax (un-normalised where lambda >= 1, with a warning)"
+)
 
 
 @dataclass(frozen=True)
@@ -354,7 +372,9 @@ class NiahTask:
         Metric("accuracy", unit=UNIT),
         Metric("attention_answer", "higher", "mean", "attention_answer", unit=UNIT),
         Metric("attention_noise", "lower", "mean", "attention_noise", unit=UNIT),
-    )
+        Metric("attention_negative", "lower", "mean", "attention_negative", unit=UNIT,
+               note=NORMALISATION),
+    )  # fmt: skip
     setting_keys = SETTING_KEYS
     # The paper's Table 2: accuracy per length and N/R, averaged over depths; Table 3 (attention
     # mode): attention on the answer and on the noise per depth.
@@ -401,7 +421,7 @@ class NiahTask:
             "Table 3",
             "Attention on the answer span",
             "attention_answer",
-            {"mode": "attention", "depth": ALL, "length": LARGEST},
+            {"mode": "attention", "depth": ALL, "length": LARGEST, "needles": "1", "queries": "1"},
             transformer={"": "0.03–0.09"},
             diff={"": "0.27–0.40"},
             note="4K context, range over depths 0-100%; the run: mean over depths",
@@ -410,7 +430,7 @@ class NiahTask:
             "Table 3",
             "Attention on the noise context",
             "attention_noise",
-            {"mode": "attention", "depth": ALL, "length": LARGEST},
+            {"mode": "attention", "depth": ALL, "length": LARGEST, "needles": "1", "queries": "1"},
             transformer={"": "0.49–0.54"},
             diff={"": "0.01–0.02"},
             note="4K context, range over depths 0-100%; the run: mean over depths",
@@ -558,29 +578,43 @@ class NiahTask:
         setting: dict[str, Any],
         meta: dict[str, Any],
     ) -> Item:
-        """The generate-mode prompt with the answer needle's span and the haystack's span."""
+        """The generate-mode prompt with one span per queried needle's sentence, then the
+        haystack's span."""
         answer_prefix = hs.ANSWER_PREFIX.format(city=queried[0].city) if len(queried) == 1 else ""
         prompt = tok.render(ctx.user, answer_prefix, cfg.chat)
-        needle = hs.NEEDLE.format(city=queried[0].city, number=queried[0].number)
         haystack = ctx.user.rsplit("\n\n", 1)[0]
         h0 = prompt.find(haystack)
-        a0 = prompt.find(needle, h0)
-        assert h0 >= 0 and a0 >= 0, "the rendered prompt holds the haystack and the needle"
-        request = AttentionRequest(prompt, ((a0, a0 + len(needle)), (h0, h0 + len(haystack))))
-        return Item(f"{base_id}-attn", request, setting, {**meta, "target": queried[0].number})
+        assert h0 >= 0, "the rendered prompt holds the haystack"
+        spans = []
+        for q in queried:
+            needle = hs.NEEDLE.format(city=q.city, number=q.number)
+            a0 = prompt.find(needle, h0)
+            assert h0 <= a0 < h0 + len(haystack), "the haystack holds every queried needle"
+            spans.append((a0, a0 + len(needle)))
+        request = AttentionRequest(prompt, (*spans, (h0, h0 + len(haystack))))
+        target = [q.number for q in queried]
+        return Item(f"{base_id}-attn", request, setting, {**meta, "target": target})
 
     def score(self, config: NiahConfig, item: Item, response: Response) -> Sample:
         """Per-needle substring match (generate), whether the true number ranks first (score), or
-        the attention on the answer needle and on the rest of the haystack (attention)."""
+        the attention's positive mass on the queried needles and on the rest of the haystack and
+        its negative mass on the haystack (attention)."""
         if isinstance(response, AttentionMass):
-            answer = [float(m[0]) for m in response.masses]
-            noise = [float(m[1]) - float(m[0]) for m in response.masses]
-            return {
+            # Spans: each queried needle's sentence, then the whole haystack (needles included).
+            answer = [sum(float(x) for x in m[:-1]) for m in response.masses]
+            noise = [float(m[-1]) - a for m, a in zip(response.masses, answer, strict=True)]
+            sample: Sample = {
                 "attention_answer": sum(answer) / len(answer),
                 "attention_noise": sum(noise) / len(noise),
                 "answer_per_layer": [round(x, 6) for x in answer],
                 "noise_per_layer": [round(x, 6) for x in noise],
+                "warnings": list(response.warnings),
             }
+            if response.negative:  # a backend reporting signed masses only has none
+                negative = [float(m[-1]) for m in response.negative]
+                sample["attention_negative"] = sum(negative) / len(negative)
+                sample["negative_per_layer"] = [round(x, 6) for x in negative]
+            return sample
         if isinstance(response, Generation):
             targets: list[str] = list(item.meta["target"])
             found = [t in response.text for t in targets]
@@ -609,10 +643,30 @@ class NiahTask:
         return pd.concat(frames, ignore_index=True)
 
     def _allocation(self, samples: pd.DataFrame) -> pd.DataFrame:
-        """attention_answer and attention_noise per depth, and their mean over depths."""
+        """attention_answer, attention_noise and attention_negative per depth, and their mean
+        over depths; a warning per model whose samples hold un-normalised layers."""
         keys = ["model", "mode", "length", "needles", "queries"]
+        if "warnings" in samples.columns:
+            warned = samples[samples["warnings"].map(lambda w: isinstance(w, list) and bool(w))]
+            for model, group in warned.groupby("model", sort=True):
+                where = sorted(
+                    {f"L{length} n{n}r{r} d{float(depth):g}" for length, n, r, depth in
+                     zip(group["length"], group["needles"], group["queries"], group["depth"],
+                         strict=True)}
+                )  # fmt: skip
+                log.warning(
+                    "niah/%s: %d of %d attention samples have a DIFF layer with lambda >= 1, left "
+                    "un-normalised (%s); the rows of cells %s mix normalisations",
+                    model,
+                    len(group),
+                    int((samples["model"] == model).sum()),
+                    group["warnings"].iloc[0][0],
+                    ", ".join(where),
+                )
         frames = []
         for metric in ATTENTION_METRICS:
+            if metric not in samples.columns or samples[metric].isna().all():
+                continue  # attention_negative, from a backend reporting signed masses only
             cells = (
                 samples.groupby([*keys, "depth"], sort=True)[metric]
                 .agg(value="mean", n="count", stderr=stderr_of_mean)

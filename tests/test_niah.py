@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,8 @@ import pandas as pd
 import pytest
 from diffbench.api import (
     CLUSTER_KEY,
+    AttentionMass,
+    AttentionRequest,
     ChoiceRequest,
     ChoiceScores,
     GenerateRequest,
@@ -273,3 +276,98 @@ def test_one_haystack_per_length_serves_every_sample_and_depth(view):
     assert [it.setting["depth"] for it in items[:4]] == [100.0, 100.0, 100.0, 75.0]
     per_sample = TASK.items(NiahConfig(lengths=(512,), samples=3, mode="generate"), view, seed=5)
     assert len({it.request.prompt.split("\n\n")[0][:200] for it in per_sample}) > 1
+
+
+def test_an_r2_attention_item_has_a_span_per_queried_needle_and_the_haystack(view):
+    cfg = NiahConfig(lengths=(512,), depths=(50.0,), needles=("3/2",), samples=1, mode="attention")
+    (it,) = TASK.items(cfg, view, seed=4)
+    assert isinstance(it.request, AttentionRequest)
+    prompt, spans = it.request.prompt, it.request.spans
+    assert len(spans) == 3
+    needles = it.meta["needle_list"]
+    for (a, b), (city, number, _) in zip(spans[:2], needles[:2], strict=False):
+        assert prompt[a:b] == haystack.NEEDLE.format(city=city, number=number)
+    h0, h1 = spans[2]
+    assert all(h0 <= a < b <= h1 for a, b in spans[:2])
+    unqueried = haystack.NEEDLE.format(city=needles[2][0], number=needles[2][1])
+    assert unqueried in prompt[h0:h1] and all(unqueried != prompt[a:b] for a, b in spans[:2])
+    assert it.meta["target"] == [needles[0][1], needles[1][1]]
+
+
+def test_r2_answer_mass_is_the_sum_of_both_needles_spans(tiny_pair, view):
+    cfg = NiahConfig(lengths=(512,), depths=(25.0,), needles=("2/2",), samples=1, mode="attention")
+    (it,) = TASK.items(cfg, view, seed=6)
+    path = tiny_pair["tiny-diff"]
+    (mass,) = HFBackend("d", str(path), LoadTarget(str(path)), HFOptions()).attention_mass(
+        [it.request]
+    )
+    s = TASK.score(cfg, it, mass)
+    answer = [m[0] + m[1] for m in mass.masses]
+    assert s["answer_per_layer"] == pytest.approx(answer, abs=1e-6)
+    assert s["attention_answer"] == pytest.approx(sum(answer) / len(answer))
+    noise = [m[2] - a for m, a in zip(mass.masses, answer, strict=True)]
+    assert s["attention_noise"] == pytest.approx(sum(noise) / len(noise))
+    negative = [m[2] for m in mass.negative]
+    assert s["attention_negative"] == pytest.approx(sum(negative) / len(negative))
+    assert s["attention_negative"] >= 0 and s["warnings"] == []
+
+
+def test_attention_scores_split_positive_and_negative_mass_and_keep_warnings():
+    it = Item("x", AttentionRequest("p" * 30, ((0, 5), (0, 30))), {}, {"target": ["1"]})
+    mass = AttentionMass(
+        masses=((0.5, 1.25), (0.25, 0.75)),
+        n_prompt_tokens=12,
+        negative=((0.0, 0.5), (0.1, 0.25)),
+        warnings=("layer 1: lambda = 1.2 >= 1",),
+    )
+    s = TASK.score(NiahConfig(), it, mass)
+    assert s["attention_answer"] == pytest.approx(0.375)
+    assert s["attention_noise"] == pytest.approx(0.625)
+    assert s["attention_negative"] == pytest.approx(0.375)  # the whole haystack's
+    assert s["warnings"] == ["layer 1: lambda = 1.2 >= 1"]
+
+
+def attention_samples(warnings: list[list[str]]) -> pd.DataFrame:
+    n = len(warnings)
+    return pd.DataFrame(
+        {
+            "model": ["diff"] * n,
+            "mode": ["attention"] * n,
+            "length": [512] * n,
+            "needles": [1] * n,
+            "queries": [1] * n,
+            "depth": [0.0] * (n // 2) + [100.0] * (n - n // 2),
+            "attention_answer": [0.3] * n,
+            "attention_noise": [0.5] * n,
+            "attention_negative": [0.25] * n,
+            "warnings": warnings,
+        }
+    )
+
+
+def test_attention_rows_hold_the_negative_mass_and_log_warned_samples_per_model(caplog):
+    warning = "layer 0: lambda = 7.6 >= 1, so its differential map is not divided"
+    samples = attention_samples([[], [], [warning], []])
+    with caplog.at_level(logging.WARNING, logger="diffbench"):
+        rows = TASK.aggregate(NiahConfig(), samples)
+    assert set(rows["metric"]) == {"attention_answer", "attention_noise", "attention_negative"}
+    negative = rows[rows["metric"] == "attention_negative"].set_index("depth")["value"]
+    assert negative.to_dict() == {"0": 0.25, "100": 0.25, "all": 0.25}
+    (record,) = [r for r in caplog.records if "lambda >= 1" in r.getMessage()]
+    message = record.getMessage()
+    assert "niah/diff: 1 of 4 attention samples" in message and "L512 n1r1 d100" in message
+    assert "d0" not in message and "mix normalisations" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffbench"):
+        TASK.aggregate(NiahConfig(), attention_samples([[], []]))
+    assert not caplog.records
+
+
+def test_table_3_paper_refs_match_single_needle_rows_only():
+    refs = [r for r in TASK.paper if r.source == "Table 3"]
+    assert len(refs) == 2
+    assert all(r.where["needles"] == "1" and r.where["queries"] == "1" for r in refs)
+    metrics = {m.name: m for m in TASK.metrics}
+    negative = metrics["attention_negative"]
+    assert (negative.better, negative.kind, negative.key) == ("lower", "mean", "attention_negative")
+    assert "(a1 - lambda a2) / (1 - lambda)" in negative.note
