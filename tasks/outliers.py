@@ -297,16 +297,27 @@ class OutliersTask:
         }
 
     def aggregate(self, config: OutliersConfig, samples: pd.DataFrame) -> pd.DataFrame:
-        """Every metric per model, activation, layer (and all layers) and map."""
+        """Every metric per model, activation, layer (and all layers) and map; `n` is the number
+        of sequences (samples) behind the row, not of the values pooled from them."""
         rows = []
         for model, group in samples.groupby("model", sort=True):
             merged = merge_records(r for lst in group["summaries"] for r in lst)
+            # Each sequence counts once in every row its summaries reach (a DIFF layer's maps
+            # 1 and 2 both reach map "all"; every layer reaches layer "all").
+            sequences: dict[tuple[str, str, str], int] = {}
+            for lst in group["summaries"]:
+                reached = set()
+                for r in lst:
+                    activation, map_ = str(r["activation"]), _map_setting(r["activation"], r["map"])
+                    reached |= {(activation, str(r["layer"]), map_), (activation, ALL, map_)}
+                for key in reached:
+                    sequences[key] = sequences.get(key, 0) + 1
             for (activation, layer, map_), m in merged.items():
                 for metric, value in summary_values(m).items():
                     rows.append(
                         {"task": self.name, "metric": metric, "model": model, "value": value,
-                         "n": m.count, "stderr": float("nan"), "activation": activation,
-                         "layer": str(layer), "map": map_}
+                         "n": sequences[(activation, layer, map_)], "stderr": float("nan"),
+                         "activation": activation, "layer": str(layer), "map": map_}
                     )  # fmt: skip
         return pd.DataFrame(rows)
 
