@@ -130,7 +130,9 @@ class AttentionRequest:
 @dataclass(frozen=True)
 class ThroughputRequest:
     """Time a forward over `n_tokens` tokens (prefill) and `new_tokens` greedy decode steps,
-    `warmup` untimed times then `repeats` timed times, on a synthetic token sequence."""
+    `repeats` timed times, on a synthetic token sequence. `warmup` untimed runs come first the
+    first time a loaded backend times this (n_tokens, new_tokens): a warm-up is paid once per
+    model and shape, whichever request asks first, and again after a reload (a resumed run)."""
 
     n_tokens: int
     new_tokens: int = 32

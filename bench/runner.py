@@ -11,6 +11,17 @@ into its own sample files, and rank 0, which holds the lock and writes run.json,
 files and aggregates once all are done. Items are dealt to ranks one by one (a run of requests
 sharing a prefix counts as one), never by batch, so scores do not depend on the world size; what
 any rank scored counts for every later run, whatever its world size.
+
+A task that declares `interleave_models = True` (throughput) runs after that loop, in another
+order: every model that runs it is loaded at once, and its i-th item is answered on the first
+model, the second, ... before any model answers item i + 1, so that drift in the machine's load
+(or its clock) falls on every model alike and the items pair across models by id. Holding every
+such model at once costs their weights together, in host or device memory: fine for the
+benchmarking this is for, not for a long-context task. Such a task is never sharded: once every
+rank's other work is done, rank 0 alone runs it while the others wait, since timings taken on
+several devices at once would measure each against the others' load. Its requests are built on
+every model before the first timed item, and also when a model loads for the per-model tasks, so
+a length beyond a model's context stops the run before any task spends time on that model.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from diffbench.api import (
     Request,
     Task,
     TaskInfo,
+    TokenizerView,
     answers,
     shared_text,
 )
@@ -550,35 +562,20 @@ def _run_locked(
             store.write_run(record)
 
     group.first(start)
+    interleaved = {n: p for n, p in prepared.items() if interleaves(p.task)}
     try:
         for spec in cfg.models:
-            t0 = time.perf_counter()
-            backend = load_backend(spec)
+            if all(name in interleaved for name in prepared if spec.runs(name)):
+                continue  # it loads with the others for its interleaved tasks
+            backend = _load_model(spec, record, store, group)
             try:
-                info = backend.info.__dict__.copy()
-                fingerprints = group.gather(str(info["fingerprint"]))
-
-                group.first(partial(_admit, record, store, spec, info, fingerprints))
-                log.info(
-                    "loaded %s (%s, %s parameters) in %.1fs",
-                    spec.label,
-                    info["architecture"],
-                    f"{info['n_parameters']:,}",
-                    time.perf_counter() - t0,
-                )
-                view = backend.tokenizer_view()
-                # Every task's requests first: a task that cannot run on this model (a prompt
-                # beyond its context) stops the run before any other task spends time on it.
-                planned = {
-                    name: _limited(list(p.task.items(p.config, view, cfg.seed)), cfg.limit)
-                    for name, p in prepared.items()
-                    if spec.runs(name)
-                }
+                # Every task's requests first (an interleaved task's too): a task that cannot run
+                # on this model (a prompt beyond its context) stops the run before any other task
+                # spends time on it.
+                planned = _plan(prepared, spec, backend.tokenizer_view(), cfg)
                 for name, items in planned.items():
-                    p = prepared[name]
-                    ids = [it.id for it in items]
-                    if len(set(ids)) != len(ids):
-                        raise RuntimeError(f"task {name} produced duplicate sample ids")
+                    if name in interleaved:
+                        continue
                     mine = shard(items, ranks)
                     todo = _unscored(store, name, spec.label, mine)
                     desc = f"{name}/{spec.label}"
@@ -586,11 +583,15 @@ def _run_locked(
                         desc += f" rank {ranks.rank}/{ranks.world_size}"
                     bar = Progress(desc, len(mine), len(mine) - len(todo), ranks.world_size == 1)
                     try:
-                        score_items(backend, p, todo, store, spec.label, bar)
+                        score_items(backend, prepared[name], todo, store, spec.label, bar)
                     finally:
                         bar.close()
             finally:
                 backend.close()
+        if interleaved:
+            group.barrier()  # no rank computes while rank 0 times
+            if ranks.rank == 0:
+                _run_interleaved(cfg, interleaved, record, store)
     finally:
         store.close()
     group.barrier()  # every rank's samples are on disk
@@ -602,6 +603,86 @@ def _run_locked(
         store.write_run(record)
 
     group.first(finish)
+
+
+def interleaves(task: Task) -> bool:
+    """Whether a task's items run on every model in turn (its optional `interleave_models`)."""
+    return bool(getattr(task, "interleave_models", False))
+
+
+def _load_model(spec: ModelSpec, record: dict[str, Any], store: RunStore, group: Group) -> Backend:
+    """The model's backend, loaded and recorded in run.json (every rank of `group` loads it)."""
+    t0 = time.perf_counter()
+    backend = load_backend(spec)
+    try:
+        info = backend.info.__dict__.copy()
+        fingerprints = group.gather(str(info["fingerprint"]))
+        group.first(partial(_admit, record, store, spec, info, fingerprints))
+    except BaseException:
+        backend.close()
+        raise
+    log.info(
+        "loaded %s (%s, %s parameters) in %.1fs",
+        spec.label,
+        info["architecture"],
+        f"{info['n_parameters']:,}",
+        time.perf_counter() - t0,
+    )
+    return backend
+
+
+def _plan(
+    prepared: dict[str, PreparedTask], spec: ModelSpec, view: TokenizerView, cfg: RunConfig
+) -> dict[str, list[Item]]:
+    """The items of every task of `prepared` that `spec` runs, limited as the run asks."""
+    planned = {
+        name: _limited(list(p.task.items(p.config, view, cfg.seed)), cfg.limit)
+        for name, p in prepared.items()
+        if spec.runs(name)
+    }
+    for name, items in planned.items():
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            raise RuntimeError(f"task {name} produced duplicate sample ids")
+    return planned
+
+
+def _run_interleaved(
+    cfg: RunConfig,
+    interleaved: dict[str, PreparedTask],
+    record: dict[str, Any],
+    store: RunStore,
+) -> None:
+    """Score the interleaved tasks: every model that runs one loaded at once, each item index
+    answered on every model in turn (in the run's model order), each sample stored as it comes."""
+    specs = [s for s in cfg.models if any(s.runs(name) for name in interleaved)]
+    alone = Group(Ranks())  # rank 0 by itself: no other rank loads these models
+    with ExitStack() as loaded:
+        backends: dict[str, Backend] = {}
+        for spec in specs:
+            backends[spec.label] = _load_model(spec, record, store, alone)
+            loaded.callback(backends[spec.label].close)
+        # Every model's requests before the first is timed (the context checks).
+        plans = {
+            s.label: _plan(interleaved, s, backends[s.label].tokenizer_view(), cfg) for s in specs
+        }
+        for name, p in interleaved.items():
+            labels = [s.label for s in specs if s.runs(name)]
+            items = {label: plans[label][name] for label in labels}
+            todo = {
+                label: {it.id for it in _unscored(store, name, label, items[label])}
+                for label in labels
+            }
+            total = sum(len(v) for v in items.values())
+            left = sum(len(v) for v in todo.values())
+            bar = Progress(f"{name}/{len(labels)} models in turn", total, total - left)
+            try:
+                for i in range(max(len(v) for v in items.values())):
+                    for label in labels:
+                        if i < len(items[label]) and items[label][i].id in todo[label]:
+                            score_items(backends[label], p, [items[label][i]], store, label, bar)
+            finally:
+                bar.close()
 
 
 def _unscored(store: RunStore, task: str, label: str, items: list[Item]) -> list[Item]:

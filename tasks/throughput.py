@@ -1,18 +1,28 @@
 """Throughput (the paper's Table 7): prefill and decode tokens/s per model and context length.
 
-Protocol: ../shared/paper-protocols.md section 5. For each context length the backend times a
-forward pass over that many tokens (prefill) and `new_tokens` greedy decode steps after it,
-`warmup` untimed times and then `repeats` timed times (`ThroughputRequest`); the rows hold the
-median over repeats, and the peak memory of the timed work. The paper reports the DIFF model's
-rate relative to the Transformer's: the `*_relative` rows are each model's median rate over the
-reference model's, minus 1 (-0.09 is the paper's "-9%"); the reference is `reference`, or when
-that is empty (or not a model of the run) the alphabetically first model label. On a CPU the
-absolute numbers say little; the ratio is the point.
+Protocol: ../shared/paper-protocols.md section 5. An item is one timing repeat at one context
+length (`L512-r0`, `L512-r1`, ...): a forward over that many tokens of a synthetic sequence
+(prefill), then `new_tokens` greedy decode steps. A model's first timed repeat of a length comes
+after `warmup` untimed ones (the backend warms each shape once per loaded model, so a resumed run
+warms up again). The task declares `interleave_models`: the runner loads every model that runs it
+and times repeat r of every model before repeat r + 1 of any (A B A B ...), so drift in the
+machine's load falls on all models alike, and the repeats pair across models by id. Each sample
+is one repeat: its prefill and decode rates, the peak memory of its timed work, and `timed_at`,
+the Unix time its timing began.
+
+Rows per model and length: the mean rate over repeats (n = repeats, stderr over repeats, the
+repeat being the unit of independence) and the largest peak memory. The paper reports the DIFF
+model's rate relative to the Transformer's (-0.09 for "-9%"): reports derive `prefill_relative`
+and `decode_relative` from the rates' declarations (`Metric.relative`) against the report's own
+reference model, so the run itself names no reference.
+
+At this scale the numbers measure transformers' DiffLlama implementation, which computes each
+layer's attention as two full attention calls (one per half of V), not the paper's FlashDiff
+kernel; on a CPU the absolute rates say little, and the paired ratio is the point.
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +40,12 @@ from diffbench.api import (
     Throughput,
     ThroughputRequest,
     TokenizerView,
+    stderr_of_mean,
 )
 from diffbench.errors import DiffbenchError
 
-log = logging.getLogger("diffbench")
-
-MEDIAN = "the median over timed repeats; shown without a test"
 RATES = ("prefill_tokens_per_s", "decode_tokens_per_s")
-RELATIVE = {"prefill_tokens_per_s": "prefill_relative", "decode_tokens_per_s": "decode_relative"}
+UNIT = "timing repeat"
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,8 @@ class ThroughputConfig:
 
     lengths: tuple[int, ...] = (256, 512)
     new_tokens: int = 16
-    repeats: int = 3
-    warmup: int = 1
-    reference: str = ""  # model label the relative rows divide by (empty: first label)
+    repeats: int = 8  # timed repeats per model and length: the samples the interval is over
+    warmup: int = 1  # untimed runs before a model's first timed repeat of each length
     preset: str = ""
 
     def __post_init__(self) -> None:
@@ -60,7 +67,7 @@ class ThroughputConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Table 7: 2K and 4K contexts (the paper times training too, which diffbench does not).
-    "paper": {"lengths": (2048, 4096), "repeats": 5, "warmup": 2, "new_tokens": 128},
+    "paper": {"lengths": (2048, 4096), "repeats": 10, "warmup": 2, "new_tokens": 128},
 }
 
 
@@ -71,14 +78,16 @@ class ThroughputTask:
     description = "Prefill and decode tokens/s and peak memory per context length (Table 7)"
     config_type = ThroughputConfig
     presets = PRESETS
+    # The runner times this task's items on every model in turn (see the module docstring).
+    interleave_models = True
     metrics = (
-        *(Metric(m, "higher", "statistic", unit="timing repeat", note=MEDIAN) for m in RATES),
-        *(
-            Metric(m, "higher", "statistic", unit="timing repeat", note=MEDIAN)
-            for m in RELATIVE.values()
-        ),
-        Metric("peak_memory_mb", "lower", "statistic", unit="timing repeat", note=MEDIAN),
-    )
+        Metric("prefill_tokens_per_s", "higher", "mean", "prefill_tokens_per_s", unit=UNIT,
+               relative="prefill_relative"),
+        Metric("decode_tokens_per_s", "higher", "mean", "decode_tokens_per_s", unit=UNIT,
+               relative="decode_relative"),
+        Metric("peak_memory_mb", "lower", "statistic", "peak_memory_mb", unit=UNIT,
+               note="the largest over timed repeats; shown without a test"),
+    )  # fmt: skip
     setting_keys = ("length",)
     headline = (
         Headline("prefill_tokens_per_s"),
@@ -102,7 +111,7 @@ class ThroughputTask:
     request_kinds = (ThroughputRequest,)
 
     def items(self, config: ThroughputConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
-        """One timing request per context length."""
+        """One single-repeat timing request per context length and repeat, repeats in order."""
         out = []
         for n in sorted(set(config.lengths)):
             if n + config.new_tokens > tokenizer.max_context:
@@ -111,46 +120,38 @@ class ThroughputTask:
                     f"model's maximum context of {tokenizer.max_context}; lower "
                     "--set throughput.lengths"
                 )
-            request = ThroughputRequest(n, config.new_tokens, config.repeats, config.warmup)
-            out.append(Item(f"L{n}", request, {"length": n}))
+            # Every repeat asks the same; the backend warms the shape up before the first.
+            request = ThroughputRequest(n, config.new_tokens, repeats=1, warmup=config.warmup)
+            out += [
+                Item(f"L{n}-r{r}", request, {"length": n}, {"repeat": r})
+                for r in range(config.repeats)
+            ]
         return out
 
     def score(self, config: ThroughputConfig, item: Item, response: Response) -> Sample:
-        """Every repeat's rates, their medians and the peak memory."""
+        """The repeat's prefill and decode rates, its peak memory and when it was timed."""
         assert isinstance(response, Throughput)
         return {
-            "prefill_tokens_per_s": statistics.median(response.prefill_tokens_per_s),
-            "decode_tokens_per_s": statistics.median(response.decode_tokens_per_s),
-            "prefill_repeats": list(response.prefill_tokens_per_s),
-            "decode_repeats": list(response.decode_tokens_per_s),
+            "prefill_tokens_per_s": statistics.fmean(response.prefill_tokens_per_s),
+            "decode_tokens_per_s": statistics.fmean(response.decode_tokens_per_s),
             "peak_memory_mb": response.peak_memory_bytes / 2**20,
             "device": response.device,
+            "timed_at": response.timed_at,
         }
 
     def aggregate(self, config: ThroughputConfig, samples: pd.DataFrame) -> pd.DataFrame:
-        """Median rates and peak memory per model and length; rates relative to the reference."""
-        models = sorted(samples["model"].astype(str).unique())
-        reference = config.reference
-        if reference not in models:
-            if reference:
-                log.warning(
-                    "throughput.reference %r is not a model of this run; relative rates use %r",
-                    reference,
-                    models[0],
-                )
-            reference = models[0]
+        """Per model and length: each rate's mean over repeats (stderr over repeats), and the
+        largest peak memory."""
         rows = []
-        for _, s in samples.iterrows():
-            base = {"task": self.name, "model": s["model"], "length": int(s["length"]),
-                    "stderr": float("nan")}  # fmt: skip
-            n = len(s["prefill_repeats"])
-            for metric in (*RATES, "peak_memory_mb"):
-                rows.append({**base, "metric": metric, "value": float(s[metric]), "n": n})
-            ref = samples[(samples["model"] == reference) & (samples["length"] == s["length"])]
-            for metric, relative in RELATIVE.items():
-                if len(ref):
-                    value = float(s[metric]) / float(ref[metric].iloc[0]) - 1
-                    rows.append({**base, "metric": relative, "value": value, "n": n})
+        for (model, _), s in samples.groupby(["model", "length"], sort=True):
+            length = int(s["length"].iloc[0])
+            base = {"task": self.name, "model": model, "length": length, "n": len(s)}
+            for metric in RATES:
+                x = s[metric].astype(float)
+                rows.append({**base, "metric": metric, "value": float(x.mean()),
+                             "stderr": stderr_of_mean(x)})  # fmt: skip
+            peak = float(s["peak_memory_mb"].max())
+            rows.append({**base, "metric": "peak_memory_mb", "value": peak, "stderr": float("nan")})
         return pd.DataFrame(rows)
 
     def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -169,7 +170,7 @@ class ThroughputTask:
                 line = line.assign(x=line["length"].astype(int)).sort_values("x")
                 ax.plot(line["x"], line["value"], "o-", ms=3, color=colors[str(model)], label=model)
             ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel("tokens / s (median)")
+            ax.set_ylabel("tokens / s (mean over repeats)")
             ax.set_title(metric.split("_")[0])
             ax.legend(fontsize=7)
         return save(fig, out_dir, "throughput_rates")
