@@ -211,7 +211,54 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
                 sweep_against,
             )
         )
+        if declared.relative and reference in by_model:
+            out.append(relative_line(out[-1], declared.relative, row_values, scores, reference))
     return out
+
+
+def relative_line(
+    line: Line,
+    name: str,
+    values: dict[str, float],
+    scores: dict[str, SampleScores | None],
+    reference: str,
+) -> Line:
+    """The line of a metric's `relative` twin: each model's value over the reference's, minus 1,
+    with a t interval over the per-unit ratios where both measured the same units (throughput's
+    interleaved repeats). Its test is the absolute row's; this line carries none."""
+    estimates: dict[str, Estimate] = {}
+    base = values[reference]
+    for m, value in values.items():
+        if m == reference or base == 0:
+            estimates[m] = Estimate(0.0 if m == reference else float("nan"), None, None)
+            continue
+        ref_s, own = scores.get(reference), scores.get(m)
+        interval, n, k = None, None, None
+        if ref_s is not None and own is not None:
+            shared = ref_s.score.index.intersection(own.score.index)
+            ratios = own.score.loc[shared].to_numpy(float) / ref_s.score.loc[shared].to_numpy(float)
+            n, k = len(shared), int(own.cluster.loc[shared].nunique())
+            interval = stats.mean_interval(ratios - 1, own.cluster.loc[shared].to_numpy(), "mean")
+            if interval is not None:
+                interval = stats.Interval(interval.low, interval.high, "t over paired ratios")
+                interval = _shifted_to(interval, value / base - 1, float((ratios - 1).mean()))
+        estimates[m] = Estimate(value / base - 1, n, interval, k)
+    return replace(
+        line,
+        metric=name,
+        estimates=estimates,
+        differences={},
+        against={},
+        sweep_differences={},
+        sweep_against={},
+        chance=None,
+    )
+
+
+def _shifted_to(interval: stats.Interval, value: float, mean: float) -> stats.Interval:
+    """The interval centred on the row's ratio of means rather than the mean of ratios."""
+    shift = value - mean
+    return stats.Interval(interval.low + shift, interval.high + shift, interval.method)
 
 
 def _difference(

@@ -183,10 +183,12 @@ def test_score_mode_puts_every_choice_in_the_context_keyed_by_its_own_city(view)
         assert req.prefix.count(f"magic {city} number") == 1
         assert req.prefix.count(haystack.NEEDLE.format(city=city, number=it.meta["target"])) == 1
         assert len(keyed) == max(it.setting["needles"], len(req.choices))
-    # The R queried needles of one prompt form one cluster (they are not independent samples).
-    clusters = Counter(it.meta.get(CLUSTER_KEY) for it in scored)
-    assert clusters[None] == 5 * 2 * 2  # the R = 1 settings: every sample its own
-    assert sorted(set(clusters.values()) - {clusters[None]}) == [2]
+    # One haystack draw, read at 5 depths and by its R queries, is one unit: 2 draws of each N/R,
+    # each holding 5 depths x R samples (the old code clustered only one prompt's R queries).
+    clusters = Counter(it.meta[CLUSTER_KEY] for it in scored)
+    assert len(clusters) == 3 * 2
+    assert sorted(clusters.values()) == sorted([5 * 1] * 2 + [5 * 2] * 2 + [5 * 1] * 2)
+    assert all(c.startswith("L512-n") for c in clusters)
     # Generate mode keeps the protocol's context: the N needles and nothing else.
     for it in items:
         if isinstance(it.request, GenerateRequest):
