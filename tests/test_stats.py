@@ -31,11 +31,12 @@ def cached_run(basetemp: Path, name: str, *args: str) -> Path:
 
 
 def shared_run(tiny_pair: dict[str, Path], basetemp: Path) -> Path:
-    """A real run of diff, base and twin (= diff's checkpoint again), 20 NIAH samples each,
+    """A real run of diff, base and twin (= diff's checkpoint again), 40 NIAH samples each (8
+    haystack draws at 5 depths: enough units for a paired test to reach significance),
     shared by the stats, compare and report tests: one run instead of three keeps them fast."""
     diff, base = tiny_pair["tiny-diff"], tiny_pair["tiny-base"]
     models = f"diff={diff},base={base},twin={diff}"
-    sets = ("--set", "niah.lengths=256", "--set", "niah.samples=4", "--set", "niah.mode=score")
+    sets = ("--set", "niah.lengths=256", "--set", "niah.samples=8", "--set", "niah.mode=score")
     return cached_run(basetemp, "shared-run", "--models", models, *sets)
 
 
@@ -316,9 +317,9 @@ def test_every_metric_row_maps_to_the_samples_it_averages(twin_run):
         scores = results.scores("niah", row["metric"], row["model"], setting)
         assert scores is not None and len(scores) == int(row["n"])
         assert scores.mean() == pytest.approx(float(row["value"]))
-        # The unit is the haystack draw, read at every depth: 4 draws behind every row.
-        assert scores.n_clusters() == 4
-        assert set(scores.cluster) == {f"L256-n1r1-s{k}" for k in range(4)}
+        # The unit is the haystack draw, read at every depth: 8 draws behind every row.
+        assert scores.n_clusters() == 8
+        assert set(scores.cluster) == {f"L256-n1r1-s{k}" for k in range(8)}
 
 
 def test_identical_models_show_no_significant_difference(twin_run):
@@ -340,7 +341,7 @@ def test_identical_models_show_no_significant_difference(twin_run):
         assert c["delta"] == 0 and c["interval"][0] < 0 < c["interval"][1]  # never zero width
         assert c["test"] in ("McNemar exact", "cluster sign-flip") and c["p_value"] == 1
         assert not c["significant"]
-        assert c["n_clusters"] <= 4 and c["p_adjusted"] == 1
+        assert c["n_clusters"] <= 8 and c["p_adjusted"] == 1
     summary = (twin_run / "report.md").read_text().split("## niah")[0]
     assert "| diff | base | twin | base − diff | twin − diff |" in summary
     twin_cells = [row.split(" | ")[-1] for row in summary.splitlines() if row.startswith("| niah")]
