@@ -7,8 +7,10 @@ after `warmup` untimed ones (the backend warms each shape once per loaded model,
 warms up again). The task declares `interleave_models`: the runner loads every model that runs it
 and times repeat r of every model before repeat r + 1 of any (A B A B ...), so drift in the
 machine's load falls on all models alike, and the repeats pair across models by id. Each sample
-is one repeat: its prefill and decode rates, the peak memory of its timed work, and `timed_at`,
-the Unix time its timing began.
+is one repeat: its prefill and decode rates, the peak memory of its timed work (the model's own
+weights plus what the work added, so models loaded beside it do not count; on a CPU the growth of
+the resident set, which a warm allocator keeps near zero), and `timed_at`, the Unix time its
+timing began.
 
 Rows per model and length: the mean rate over repeats (n = repeats, stderr over repeats, the
 repeat being the unit of independence) and the largest peak memory. The paper reports the DIFF

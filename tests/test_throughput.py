@@ -15,11 +15,11 @@ from diffbench.backends.hf import HFBackend
 from diffbench.models import ModelSpec
 from diffbench.tasks.throughput import TASK
 
-RUN = [
-    "run", "--tasks", "throughput",
+OPTIONS = [
     "--set", "throughput.lengths=16,32", "--set", "throughput.new_tokens=2",
     "--set", "throughput.repeats=3", "--no-report", "--output", "run",
 ]  # fmt: skip
+RUN = ["run", "--tasks", "throughput", *OPTIONS]
 IDS = {f"L{n}-r{r}" for n in (16, 32) for r in range(3)}
 
 
@@ -138,3 +138,24 @@ def test_a_backend_warms_each_shape_up_once_and_counts_its_own_memory(tiny_pair)
     weights = sum(p.numel() * p.element_size() for p in b.model.parameters())
     assert t.peak_memory_bytes >= weights and t.timed_at > 0
     b.close()
+
+
+def test_under_torchrun_rank_0_alone_times_every_model_in_turn(tiny_pair, tmp_path) -> None:
+    from test_sharding import torchrun
+
+    res = torchrun(
+        tmp_path, 2, "run", "--tasks", "niah,throughput", *OPTIONS, *models(tiny_pair),
+        "--set", "niah.lengths=256", "--set", "niah.samples=1", "--set", "niah.mode=score",
+        "--set", "niah.needles=1/1",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    assert not list(run.glob("samples/*/rank*")), "rank folders left after the merge"
+    order = samples(run).sort_values("timed_at")
+    assert list(order["model"]) == ["base", "diff"] * len(IDS)
+    assert set(order["id"]) == IDS
+    # Only rank 0 timed: one interleaved pass, and the other rank never claimed a repeat.
+    assert res.stderr.count("throughput/2 models in turn: 0/12 already scored") == 1
+    assert "throughput/base rank" not in res.stderr
+    assert "niah/base rank 1/2" in res.stderr  # the per-model task is still sharded
+    assert (run / "samples" / "niah" / "diff.jsonl").is_file()
