@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from diffbench.api import declared_metrics
 from diffbench.errors import DiffbenchError
 
 log = logging.getLogger("diffbench")
@@ -442,7 +443,11 @@ def _cmd_list() -> int:
     for name in sorted(registry.available()):
         task = registry.load(name)
         print(f"{name}: {task.description}")
-        print(f"  metrics: {', '.join(task.metrics)}")
+        arrows = {"higher": "↑", "lower": "↓", "none": "·"}
+        listed = [
+            f"{m.name} {arrows[m.better]} ({m.kind}, per {m.unit})" for m in declared_metrics(task)
+        ]
+        print(f"  metrics: {', '.join(listed)}")
         if task.presets:
             print(f"  presets: {', '.join(task.presets)}")
         print("  options:")

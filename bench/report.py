@@ -50,8 +50,8 @@ class Line:
     chance: float | None = None  # a uniform guess's expected value, where the samples record it
     better: str = "higher"  # "higher", "lower" or "none" (no verdict either way)
     unit: str = "sample"  # the metric's unit of independence
-    # model -> the model its difference is taken against, where that is not the reference (a
-    # sweep variant against the reference's variant at the same value, or its own first value)
+    # model -> the model its difference is taken against: the reference, or under a sweep the
+    # reference's variant at the same value (or, for the reference's own, its first value)
     against: dict[str, str] = field(default_factory=dict)
     # model -> its difference from its own variant at the sweep's first value (swept models)
     sweep_differences: dict[str, Difference] = field(default_factory=dict)
@@ -186,8 +186,7 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
             ref = counterpart(m, reference, models)
             if ref is not None:
                 diffs[m] = _difference(row_values, scores, declared.kind, level, ref, m)
-                if ref != reference:
-                    against[m] = ref
+                against[m] = ref
             own = own_first(m, models)
             if own is not None and own != ref:
                 sweep_diffs[m] = _difference(row_values, scores, declared.kind, level, own, m)
@@ -373,7 +372,7 @@ def paper_table(
         prefix = "/".join(dict(ln.setting).get(k, "") for k in ref.by)
         if not ref.variant_key:
             keyed.append((prefix, ln, {m: ln.estimates[m] for m in models if m in ln.estimates}))
-            row_diffs.append({m: d for m, d in ln.differences.items() if m not in ln.against})
+            row_diffs.append(dict(ln.differences))
             continue
         per_value: dict[str, dict[str, Estimate]] = {}
         per_value_diffs: dict[str, dict[str, Difference]] = {}

@@ -175,6 +175,7 @@ CASES: list[tuple[list[str], str]] = [
     (["compare", "run", "--models", "diff"], "malformed --models 'diff'"),
     (["compare", "run", "--models", ""], "malformed --models ''"),
     (["compare", "run", "run", "--format", "xml"], "invalid choice: 'xml'"),
+    (["compare", "run", "run", "--adjust", "bonferroni"], "invalid choice: 'bonferroni'"),
     (["compare", "run", "run", "--fail-on", ","], "malformed --fail-on ','"),
     (["compare", "run", "run", "--output", "folder"], "--output folder is a folder"),
     (["compare", "run", "run", "--output", "missing/c.md"], "missing is not an existing folder"),

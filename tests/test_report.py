@@ -43,7 +43,7 @@ def grid_run(tmp_path_factory) -> Path:
 
 def summary_rows(md: str) -> list[list[str]]:
     """The cells of report.md's summary table, one list per row."""
-    table = md.split("## Summary\n")[1].split("\nValues: ")[0]
+    table = md.split("## Summary\n")[1].split("\nn/units: ")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
 
@@ -62,7 +62,8 @@ def test_run_writes_markdown_with_summary_intervals_and_provenance(workdir):
     md = (workdir / "results" / "first" / "report.md").read_text()
     sections = [line for line in md.splitlines() if line.startswith("## ")]
     assert sections == ["## Summary", "## niah", "## Provenance"]
-    assert "| task | metric | setting | n | diff | base | twin | base − diff | twin − diff |" in md
+    head = "| task | metric | setting | n/units | method | diff | base | twin | base − diff | "
+    assert head + "twin − diff |" in md
     summary = md.split("## niah")[0]
     # value [low, high], and "(at chance)" where the interval holds 1 / choices (score mode)
     assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]( \(at chance\))? \|", summary)
@@ -157,9 +158,9 @@ def test_report_resamples_clusters_and_says_which_test_it_used(workdir, tmp_path
     summary = (run / "report.md").read_text().split("## niah")[0]
     # Per depth every cluster holds one sample (McNemar); the depth=all rows pool 5 depths.
     assert "Tests used (differences per test): McNemar's exact test: 10; " in summary
-    assert "sign-flip test over clusters: 2." in summary
+    assert "sign-flip test over units: 2." in summary
     twin = [row.split(" | ")[-1] for row in summary.splitlines() if row.startswith("| niah")]
-    assert twin and all(c.startswith("+0.000 [+0.000, +0.000] p=1 |") for c in twin)
+    assert twin and all(c.startswith("+0.000 [-") and " p=1 " in c for c in twin)
 
 
 def test_the_default_runs_summary_leads_with_the_papers_rows_and_fits_one_screen(grid_run):
@@ -225,9 +226,10 @@ def test_the_html_summary_is_built_from_cells_and_fits_one_screen(grid_run):
     for number, detail in (r[-1] for r in niah):
         assert re.fullmatch(r"[+-]\d\.\d{3}( [▲▼])?", number), number
         assert detail is not None and re.fullmatch(
-            r"\[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] p=\S+", detail
+            r"\[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] p=\S+ adj\. \S+( \(\d+ units: p≥\S+\))?", detail
         )
-    assert margin[-1][1] is None  # no samples behind a margin: no interval to print
+    # A margin over orders is a statistic: no interval, no test, and the cell says so.
+    assert margin[-1][1] == "(no test: a statistic, not a mean over samples)"
 
 
 def test_model_panels_share_their_axes_and_seed_axes_count_in_integers(grid_run):

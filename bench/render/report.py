@@ -115,7 +115,8 @@ def table(report: Report, rows: Sequence[Line], with_task: bool) -> Table:
         row += [Cell.of_estimate(ln.estimates.get(m), ln.chance) for m in models]
         row += [
             _against_note(
-                Cell.of_difference(ln.differences.get(m), ln.verdict(m)), ln.against.get(m)
+                Cell.of_difference(ln.differences.get(m), ln.verdict(m)),
+                ln.against.get(m) if ln.against.get(m) != report.reference else None,
             )
             for m in report.others
         ]
