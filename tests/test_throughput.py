@@ -159,3 +159,47 @@ def test_under_torchrun_rank_0_alone_times_every_model_in_turn(tiny_pair, tmp_pa
     assert "throughput/base rank" not in res.stderr
     assert "niah/base rank 1/2" in res.stderr  # the per-model task is still sharded
     assert (run / "samples" / "niah" / "diff.jsonl").is_file()
+
+
+def test_reports_divide_by_their_reference_when_built_also_for_merged_runs(
+    run: Path, tmp_path: Path
+) -> None:
+    from diffbench.report import build
+    from diffbench.results import load_run, load_runs
+
+    s = samples(run)
+    by_model = {m: g.set_index("id")["prefill_tokens_per_s"] for m, g in s.groupby("model")}
+    l32 = [i for i in sorted(IDS) if i.startswith("L32-")]
+    expected = by_model["diff"][l32].mean() / by_model["base"][l32].mean() - 1
+
+    def relative(report, model: str) -> float:
+        (line,) = [
+            ln
+            for sec in report.tasks
+            for ln in sec.lines
+            if ln.metric == "prefill_relative" and dict(ln.setting)["length"] == "32"
+        ]
+        return line.estimates[model].value
+
+    one = build(load_run(run), reference="base")
+    assert relative(one, "base") == 0.0
+    assert relative(one, "diff") == pytest.approx(expected, rel=1e-6)
+    line = next(ln for sec in one.tasks for ln in sec.lines if ln.metric == "prefill_relative")
+    interval = line.estimates["diff"].interval
+    assert interval is not None and interval.method == "t over paired ratios"
+    # The other reference: the same pair read the other way round.
+    flipped = build(load_run(run), reference="diff")
+    assert relative(flipped, "base") == pytest.approx(1 / (1 + expected) - 1, rel=1e-6)
+    # Two runs of one model each, merged: each is divided by the report's reference, not by
+    # itself (the old task-side rows gave 0.000 for both).
+    parts = {}
+    for model in ("base", "diff"):
+        part = tmp_path / model
+        shutil.copytree(run, part)
+        other = "diff" if model == "base" else "base"
+        (part / "samples" / "throughput" / f"{other}.jsonl").unlink()
+        metrics = pd.read_csv(part / "metrics.csv", dtype=str, keep_default_na=False)
+        metrics[metrics["model"] == model].to_csv(part / "metrics.csv", index=False)
+        parts[model] = part
+    merged = build(load_runs([parts["base"], parts["diff"]]), reference="base")
+    assert relative(merged, "diff") == pytest.approx(expected, rel=1e-6)
