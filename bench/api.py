@@ -7,12 +7,17 @@ read only the store. Nothing here imports torch: tasks never see a tensor.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import pandas as pd
+from diffbench.errors import DiffbenchError
+
+if TYPE_CHECKING:
+    from diffbench.models import ModelSpec
 
 # One scored sample as stored in samples/<task>/<model>.jsonl: JSON-serialisable values only.
 Sample: TypeAlias = dict[str, Any]
@@ -357,28 +362,91 @@ class TokenizerView(Protocol):
         ...
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """A loaded model that answers requests; it never knows which task asked. It answers each
-    request kind of VERBS that it has the method for (see `answers`)."""
+class Backend(ABC):
+    """A loaded model that answers requests; it never knows which task asked.
+
+    The contract a type checker holds every backend to: the class methods `check` (refuse a spec
+    that cannot load, loading nothing) and `load`, the tokenizer view, `close`, and one method
+    per request kind of VERBS, typed by its request and its response. A backend overrides the
+    verbs it answers; the others keep the refusals below, and `answers` tells them apart, so a
+    run that needs a verb a backend lacks is refused before any model loads.
+    """
 
     info: ModelInfo
 
-    def tokenizer_view(self) -> TokenizerView: ...
+    @classmethod
+    @abstractmethod
+    def check(cls, spec: ModelSpec) -> None:
+        """Refuse (DiffbenchError) a spec whose weights or options cannot load; load nothing."""
 
-    def close(self) -> None: ...
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: ModelSpec) -> Backend:
+        """The loaded backend for a model spec."""
+
+    @abstractmethod
+    def tokenizer_view(self) -> TokenizerView:
+        """The model's tokenizer as tasks see it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the model (its memory, its engine)."""
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        """One greedy continuation per request, in order."""
+        raise self._unanswered(GenerateRequest)
+
+    def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceScores]:
+        """Each request's choice scores and chosen choice, in order."""
+        raise self._unanswered(ChoiceRequest)
+
+    def rolling_logprobs(self, requests: Sequence[RollingRequest]) -> list[TokenLogprobs]:
+        """Every token's log-probability of each request's text, in order."""
+        raise self._unanswered(RollingRequest)
+
+    def activation_stats(self, requests: Sequence[ActivationRequest]) -> list[ActivationStats]:
+        """Each text's per-layer activation summaries, in order."""
+        raise self._unanswered(ActivationRequest)
+
+    def attention_mass(self, requests: Sequence[AttentionRequest]) -> list[AttentionMass]:
+        """Each prompt's per-layer attention mass on its spans, in order."""
+        raise self._unanswered(AttentionRequest)
+
+    def throughput(self, requests: Sequence[ThroughputRequest]) -> list[Throughput]:
+        """Each request's timed prefill and decode rates, in order."""
+        raise self._unanswered(ThroughputRequest)
+
+    def _unanswered(self, kind: type) -> DiffbenchError:
+        return DiffbenchError(
+            f"model {self.info.label!r} ({self.info.backend} backend) cannot answer "
+            f"{kind.__name__} (no {VERBS[kind]} method)"
+        )
 
 
 def answers(backend: Any, kind: type) -> bool:
-    """Whether a backend (instance or class) has the method that answers request `kind`; that
-    method takes a list of such requests and returns one response each, in order:
-    `generate(list[GenerateRequest]) -> list[Generation]`,
-    `score_choices(list[ChoiceRequest]) -> list[ChoiceScores]`,
-    `rolling_logprobs(list[RollingRequest]) -> list[TokenLogprobs]`,
-    `activation_stats(list[ActivationRequest]) -> list[ActivationStats]`,
-    `attention_mass(list[AttentionRequest]) -> list[AttentionMass]`,
-    `throughput(list[ThroughputRequest]) -> list[Throughput]`."""
-    return callable(getattr(backend, VERBS[kind], None))
+    """Whether a backend (instance or class) answers request `kind`: it overrides the verb
+    `VERBS[kind]` of `Backend` (a plugin that does not subclass `Backend`: it has a method of
+    that name)."""
+    method = getattr(backend, VERBS[kind], None)
+    if not callable(method):
+        return False
+    return getattr(method, "__func__", method) is not getattr(Backend, VERBS[kind])
+
+
+def respond(backend: Backend, requests: Sequence[Request]) -> list[Response]:
+    """The backend's responses to a batch of requests of one kind, by the VERBS table."""
+    kinds = {type(r) for r in requests}
+    if len(kinds) != 1:
+        raise ValueError(f"a batch holds one request kind, got {sorted(k.__name__ for k in kinds)}")
+    responses: list[Response] = getattr(backend, VERBS[kinds.pop()])(requests)
+    return responses
+
+
+def request_kinds(task: Task, config: Any) -> tuple[type, ...]:
+    """The request kinds a task's items use under `config`: its `request_kinds(config)`, or a
+    plugin's plain `request_kinds` tuple (kinds that never depend on the config)."""
+    kinds = task.request_kinds
+    return tuple(kinds(config) if callable(kinds) else kinds)
 
 
 @dataclass(frozen=True)
@@ -655,9 +723,6 @@ class Task(Protocol):
     name: str
     description: str
     config_type: type
-    # The request kinds its items use: a model whose backend does not answer one of them is refused
-    # before the run starts.
-    request_kinds: tuple[type, ...]
     # Named option sets (`--set TASK.preset=NAME`): the paper's settings are one preset away.
     presets: Mapping[str, Mapping[str, Any]]
     # Every metric `aggregate` emits, declared once: direction, what it is a mean of, and its
@@ -670,6 +735,12 @@ class Task(Protocol):
     headline: tuple[Headline, ...]
     # Optional, so not declared here: `paper: tuple[PaperRef, ...]`, the paper's numbers that the
     # report's first section sets beside the run's (`TaskInfo.of` reads it).
+
+    def request_kinds(self, config: Any) -> tuple[type, ...]:
+        """The request kinds its items use under `config`: a model whose backend does not
+        answer one of them is refused before any model loads. (A plugin may give a plain tuple
+        instead, for kinds that never depend on the config; read it through `request_kinds`.)"""
+        ...
 
     def items(self, config: Any, tokenizer: TokenizerView, seed: int) -> Iterable[Item]: ...
 

@@ -205,5 +205,4 @@ def check_spec(spec: ModelSpec) -> None:
 
 def load_backend(spec: ModelSpec) -> Backend:
     """A loaded backend for one model spec, from the backend its spec's prefix names."""
-    backend: Backend = registry.backend_class(spec.backend).load(spec)
-    return backend
+    return registry.backend_class(spec.backend).load(spec)

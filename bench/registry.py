@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from diffbench.api import Task
+from diffbench.api import Backend, Task
 from diffbench.errors import DiffbenchError
 
 GROUP = "diffbench.tasks"
@@ -85,8 +85,9 @@ def backends() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=BACKENDS)}
 
 
-def backend_class(name: str) -> Any:
-    """The backend class registered under `name` (a model spec's prefix: hf, vllm, ...)."""
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered under `name` (a model spec's prefix: hf, vllm, ...): a
+    subclass of `api.Backend` (a plugin class that only has its methods works as well)."""
     eps = {ep.name: ep for ep in entry_points(group=BACKENDS)}
     extra = BACKEND_EXTRAS.get(name)
     if name not in eps:
@@ -98,7 +99,8 @@ def backend_class(name: str) -> Any:
         known = ", ".join(sorted(eps)) or "none (is diffbench installed?)"
         raise DiffbenchError(f"unknown backend {name!r}; installed backends: {known}")
     try:
-        return eps[name].load()
+        cls: type[Backend] = eps[name].load()
     except ImportError as err:
         how = f"; the {extra} extra provides what it needs" if extra else ""
         raise DiffbenchError(f"backend {name!r} cannot be imported ({err}){how}") from None
+    return cls

@@ -57,6 +57,8 @@ from diffbench.api import (
     TaskInfo,
     TokenizerView,
     answers,
+    request_kinds,
+    respond,
     shared_text,
 )
 from diffbench.config import build_config, config_dict
@@ -116,7 +118,7 @@ def check_answers(spec: ModelSpec, prepared: dict[str, PreparedTask]) -> None:
     for name, p in prepared.items():
         if not spec.runs(name):
             continue
-        for kind in p.task.request_kinds:
+        for kind in request_kinds(p.task, p.config):
             if not answers(cls, kind):
                 raise DiffbenchError(
                     f"model {spec.label!r} ({spec.backend} backend) cannot answer "
@@ -266,7 +268,7 @@ def score_items(
     chunk_size = 16
     for chunk in _chunks(items, chunk_size):
         requests = [it.request for it in chunk]
-        responses: list[Any] = getattr(backend, VERBS[type(requests[0])])(requests)
+        responses = respond(backend, requests)
         for it, resp in zip(chunk, responses, strict=True):
             record = {"id": it.id, "task": task.name, "model": label, **it.setting}
             record[INPUT_KEY] = input_digest(it.request)

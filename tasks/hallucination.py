@@ -283,7 +283,10 @@ class HallucinationTask:
             "paper's QA sets, synthetic-summary: of its summarisation sets",
         ),
     )  # fmt: skip
-    request_kinds = (GenerateRequest,)
+
+    def request_kinds(self, config: HallucinationConfig) -> tuple[type, ...]:
+        """The request kinds its items use, whatever the config."""
+        return (GenerateRequest,)
 
     def items(self, config: HallucinationConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """One greedy generation per example, the first `samples` of each dataset."""

@@ -180,7 +180,10 @@ class IclTask:
             "prompts (draws x orders) at its largest shot count",
         ),
     )
-    request_kinds = (ChoiceRequest,)
+
+    def request_kinds(self, config: IclConfig) -> tuple[type, ...]:
+        """The request kinds its items use, whatever the config."""
+        return (ChoiceRequest,)
 
     def items(self, config: IclConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (shots, draw, arrangement, order, test example) request for one model."""

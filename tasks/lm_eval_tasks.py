@@ -227,8 +227,8 @@ class LmEvalTask:
         where = {"subtask": ALL} if len(self._subtasks) > 1 else {}
         return (Headline(self.primary, where),)
 
-    @property
-    def request_kinds(self) -> tuple[type, ...]:
+    def request_kinds(self, config: LmEvalConfig) -> tuple[type, ...]:
+        """The request kinds of its subtasks' output types."""
         kinds = (KIND_OF_OUTPUT[t.OUTPUT_TYPE] for t in self._subtasks.values())
         return tuple(dict.fromkeys(kinds))
 

@@ -436,9 +436,12 @@ class NiahTask:
             note="4K context, range over depths 0-100%; the run: mean over depths",
         ),
     )
-    # AttentionRequest (mode=attention) is left out: a backend without attention probes (vLLM)
-    # still runs the other modes; the runner's AttributeError names the missing verb otherwise.
-    request_kinds = (GenerateRequest, ChoiceRequest)
+
+    def request_kinds(self, config: NiahConfig) -> tuple[type, ...]:
+        """The request kinds of the config's modes: a backend without attention probes (vLLM)
+        runs generate and score, and is refused before loading when attention is asked for."""
+        kind = {"generate": GenerateRequest, "score": ChoiceRequest, "attention": AttentionRequest}
+        return tuple(kind[m] for m in _modes(config))
 
     def items(self, config: NiahConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (mode, length, depth, N/R, sample) request for one model."""

@@ -103,7 +103,10 @@ class NllTask:
     )
     setting_keys = SETTING_KEYS
     headline = (Headline("nll", {"position": ALL}),)
-    request_kinds = (RollingRequest,)
+
+    def request_kinds(self, config: NllConfig) -> tuple[type, ...]:
+        """The request kinds its items use, whatever the config."""
+        return (RollingRequest,)
 
     def items(self, config: NllConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """One rolling request per sequence."""

@@ -273,7 +273,10 @@ class OutliersTask:
             note="over 0.4M tokens, every layer, a DIFF model's two maps together",
         ),
     )
-    request_kinds = (ActivationRequest,)
+
+    def request_kinds(self, config: OutliersConfig) -> tuple[type, ...]:
+        """The request kinds its items use, whatever the config."""
+        return (ActivationRequest,)
 
     def items(self, config: OutliersConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """One activation request per sequence."""

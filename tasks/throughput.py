@@ -110,7 +110,10 @@ class ThroughputTask:
             "Transformer is the reference; the run: its largest length",
         ),
     )
-    request_kinds = (ThroughputRequest,)
+
+    def request_kinds(self, config: ThroughputConfig) -> tuple[type, ...]:
+        """The request kinds its items use, whatever the config."""
+        return (ThroughputRequest,)
 
     def items(self, config: ThroughputConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """One single-repeat timing request per context length and repeat, repeats in order."""

@@ -137,7 +137,10 @@ class ZeroshotTask:
             "6; 4-bit DIFF ≈ +25 points",
         ),
     )
-    request_kinds = (ChoiceRequest,)
+
+    def request_kinds(self, config: ZeroshotConfig) -> tuple[type, ...]:
+        """The request kinds its items use, whatever the config."""
+        return (ChoiceRequest,)
 
     def items(self, config: ZeroshotConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """One choice request per example, format and fact count, the choices in a seeded

@@ -8,7 +8,7 @@ import diffbench
 import pytest
 import torch
 from diffbench.api import ChoiceRequest, GenerateRequest, RollingRequest
-from diffbench.backends import hf
+from diffbench.backends import hf_score
 from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget, encode_prompt
 from diffbench.backends.trie import ROOT, ChoiceTrie
 from diffbench.errors import DiffbenchError
@@ -86,7 +86,7 @@ def test_first_tokens_in_the_query_pass_save_passes_and_change_nothing(
     tiny_pair, method, monkeypatch
 ):
     def scored(lookahead: int) -> tuple[list, int]:
-        monkeypatch.setattr(hf, "LOOKAHEAD_MAX", lookahead)
+        monkeypatch.setattr(hf_score, "LOOKAHEAD_MAX", lookahead)
         b = backend(tiny_pair["tiny-diff"])
         passes = []
         b.model.register_forward_pre_hook(lambda *_: passes.append(1))

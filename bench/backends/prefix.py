@@ -19,20 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from diffbench.backends.tokens import common_prefix
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest prefix every sequence in `seqs` shares."""
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for i in range(n):
-        t = first[i]
-        if any(s[i] != t for s in seqs[1:]):
-            return i
-    return n
+__all__ = ["PrefixCache", "common_prefix", "end_token_ids", "greedy"]
 
 
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

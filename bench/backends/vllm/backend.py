@@ -1,7 +1,8 @@
 """The vLLM backend: `vllm:` model specs through vLLM's offline engine.
 
-Prompts are tokenized by the same code as the HF backend (`encode_prompt`, `encode_choices`) and
-handed to vLLM as token ids, so both backends see the same tokens. Automatic prefix caching is
+Prompts are tokenized by the shared contract of bench/backends/tokens.py (`encode_prompt`,
+`encode_choices`), as the HF backend tokenizes them, and handed to vLLM as token ids, so both
+backends see the same tokens. Automatic prefix caching is
 on: a haystack or a block of demonstrations shared by many requests is computed once.
 
 Choice scoring never asks for prompt log-probabilities: vLLM skips its prefix cache for any
@@ -11,8 +12,9 @@ one-token generation request, `context + the node's path`, asking with `logprob_
 exactly the next-token log-probabilities the node needs; those requests read the cached context,
 so a choice costs its own few tokens. The searches of all requests in a batch run in lockstep,
 one engine call per round. Rolling log-probabilities do need every position: they use prompt
-log-probabilities. Probes that need attention internals (activations, attention mass) stay on
-the HF backend: this one has no method for them, so the runner refuses them before a run.
+log-probabilities. Probes that need attention internals (activations, attention mass) and
+throughput stay on the HF backend: this one does not override those verbs of `api.Backend`, so
+the runner refuses them before a run (niah's `mode=attention` included).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffbench.api import (
+    Backend,
     ChoiceRequest,
     ChoiceScores,
     GenerateRequest,
@@ -34,13 +37,14 @@ from diffbench.api import (
     RollingRequest,
     TokenLogprobs,
 )
-from diffbench.backends.hf import (
+from diffbench.backends.tokens import (
     EncodedChoices,
     HFTokenizerView,
-    _fingerprint,
+    check_fits,
     common_prefix,
     encode_choices,
     encode_prompt,
+    fingerprint,
 )
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method, search_pair_passes
 from diffbench.config import model_options
@@ -99,7 +103,7 @@ def _n_parameters(root: Path) -> int:
     return total
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     """A model on vLLM's offline engine, answering generation, choice scoring and rolling
     log-probability requests."""
 
@@ -161,7 +165,7 @@ class VLLMBackend:
             dtype=str(model_config.dtype).removeprefix("torch."),
             max_context=max_context,
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
-            fingerprint=_fingerprint(target),
+            fingerprint=fingerprint(target),
         )
         self._view = HFTokenizerView(self.tokenizer, max_context, options.chat_template)
 
@@ -194,13 +198,6 @@ class VLLMBackend:
             shutdown()
         del self.llm
 
-    def _check_fits(self, n_tokens: int, what: str) -> None:
-        if n_tokens > self.info.max_context:
-            raise DiffbenchError(
-                f"{what} needs {n_tokens} tokens, beyond model {self.info.label!r}'s maximum "
-                f"context of {self.info.max_context}"
-            )
-
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Any]:
         """One engine call: vLLM batches and schedules the requests itself."""
         if not prompts:
@@ -214,7 +211,7 @@ class VLLMBackend:
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         encoded = [encode_prompt(self.tokenizer, r.prompt) for r in requests]
         for ids, r in zip(encoded, requests, strict=True):
-            self._check_fits(len(ids) + r.max_new_tokens, "a generation request")
+            check_fits(self.info, len(ids) + r.max_new_tokens, "a generation request")
         params = [
             SamplingParams(
                 temperature=0.0,
@@ -307,7 +304,8 @@ class VLLMBackend:
                 raise DiffbenchError("a choice request has no choices")
         encoded = [encode_choices(self.tokenizer, r) for r in requests]
         for e in encoded:
-            self._check_fits(len(e.context) + max(len(c) for c in e.choices), "a scoring request")
+            longest = max(len(c) for c in e.choices)
+            check_fits(self.info, len(e.context) + longest, "a scoring request")
         if not self.options.prefix_cache:
             return self._score_naive(encoded, [r.method for r in requests])
         tries = [ChoiceTrie(e.choices, e.end_tokens) for e in encoded]

@@ -1,0 +1,208 @@
+"""The tokenization and identity contract every backend shares: prompt and choice encoding, the
+tokenizer view tasks see, the context check, and a checkpoint's fingerprint.
+
+Two backends that encode with these functions hand their models the same tokens, so their scores
+agree (the vLLM backend is tested against the HF one token for token). Nothing here imports
+torch: a backend that runs elsewhere (an engine, a server) imports this module alone. The
+tokenizer is any transformers tokenizer (`PreTrainedTokenizerBase`), used only through its
+Python interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from diffbench.api import ChoiceRequest, ModelInfo
+from diffbench.errors import DiffbenchError
+from diffbench.models import LoadTarget
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Every file AutoTokenizer may read: the same weights behind other tokens are another model as far
+# as scores go.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def encode_prompt(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a prompt: BOS once (when the tokenizer uses one), never inside the text."""
+    return encode_prompts(tok, [text])[0]
+
+
+def encode_prompts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`encode_prompt` of several texts in one tokenizer call."""
+    encoded: list[list[int]] = tok(texts, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    adds_bos = bos is not None and len(tok("x", add_special_tokens=True)["input_ids"]) > len(
+        tok("x", add_special_tokens=False)["input_ids"]
+    )
+    return [
+        [int(bos), *ids] if adds_bos and not (ids and ids[0] == bos) else list(ids)
+        for ids in encoded
+    ]
+
+
+@dataclass(frozen=True)
+class EncodedChoices:
+    """A choice request in tokens: the context, each choice's continuation tokens, and the token
+    that ends a choice where another continues it (None where no search needs one)."""
+
+    context: list[int]
+    choices: list[list[int]]
+    end_tokens: list[int | None]
+
+
+def encode_choices(tok: PreTrainedTokenizerBase, r: ChoiceRequest) -> EncodedChoices:
+    """Tokens of a choice request, split as lm-eval's `_encode_pair` splits them: trailing
+    whitespace of the context moves to the choice, `context + choice` is encoded whole, and the
+    choice's tokens are what follows the context's own token count."""
+    context = r.prefix + r.query
+    stripped = context.rstrip()
+    moved = context[len(stripped) :]
+    ctx, *whole = encode_prompts(tok, [stripped, *(stripped + moved + c for c in r.choices)])
+    if not ctx:
+        raise DiffbenchError("a choice request has an empty context and the model has no BOS token")
+    conts = [w[len(ctx) :] for w in whole]
+    if any(not c for c in conts):
+        raise DiffbenchError("a choice encodes to no tokens")
+    end_tokens: list[int | None] = [None] * len(conts)
+    if r.method == "greedy":
+        extended = {
+            i for i, c in enumerate(conts) for o in conts if len(o) > len(c) and o[: len(c)] == c
+        }
+        for i in sorted(extended):
+            end_tokens[i] = _end_token(tok, stripped + moved + r.choices[i], whole[i], r.end)
+    return EncodedChoices(ctx, conts, end_tokens)
+
+
+def _end_token(tok: PreTrainedTokenizerBase, text: str, ids: list[int], end: str) -> int:
+    """The token that follows `text` (encoded as `ids`) when `end` comes next: EOS for no end."""
+    if not end:
+        if tok.eos_token_id is None:
+            raise DiffbenchError(
+                "greedy choice search needs an end token: give the request an `end` text, "
+                "the tokenizer has no end-of-sequence token"
+            )
+        return int(tok.eos_token_id)
+    after = encode_prompt(tok, text + end)
+    if len(after) > len(ids) and after[: len(ids)] == ids:
+        return after[len(ids)]
+    alone = tok(end, add_special_tokens=False)["input_ids"]
+    if not alone:
+        raise DiffbenchError(f"the end text {end!r} encodes to no tokens")
+    return int(alone[0])
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix every sequence in `seqs` shares."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs[1:]):
+            return i
+    return n
+
+
+def check_fits(info: ModelInfo, n_tokens: int, what: str) -> None:
+    """Refuse `what` (a request, in words) when its `n_tokens` exceed the model's context."""
+    if n_tokens > info.max_context:
+        raise DiffbenchError(
+            f"{what} needs {n_tokens} tokens, beyond model {info.label!r}'s maximum "
+            f"context of {info.max_context}"
+        )
+
+
+class HFTokenizerView:
+    """A transformers tokenizer as tasks see it (the `TokenizerView` of api.py)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_context: int, chat: bool) -> None:
+        self._tok = tokenizer
+        self._max_context = max_context
+        self._chat = chat and bool(getattr(tokenizer, "chat_template", None))
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat
+
+    def count(self, text: str) -> int:
+        return len(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def char_offset(self, text: str, n_tokens: int) -> int:
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if n_tokens >= len(offsets):
+            return len(text)
+        if n_tokens <= 0:
+            return 0
+        return int(offsets[n_tokens - 1][1])
+
+    def render(self, user: str, answer_prefix: str = "", chat: bool = True) -> str:
+        if chat and self._chat:
+            rendered = self._tok.apply_chat_template(
+                [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            )
+            return str(rendered) + answer_prefix
+        return f"{user}\n{answer_prefix}"
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(encode_prompt(self._tok, prompt))
+
+
+def fingerprint(target: LoadTarget, *variant: str) -> str:
+    """`sha256:<weights>;tokenizer:<files>` of a local checkpoint (a GGUF file holds both).
+
+    A hub snapshot adds `commit:<folder name>` in front; an id not on disk is `hub:<id>`.
+    `variant` parts (what else changes every score: logit quantization, `logits:4bit-tensor`)
+    follow, each after a `;`, so a plain load's fingerprint is the weights' and tokenizer's alone.
+    """
+    return ";".join([_weights_fingerprint(target), *variant])
+
+
+def _weights_fingerprint(target: LoadTarget) -> str:
+    root = Path(target.path)
+    if not root.exists():
+        return f"hub:{target.path}"
+    if target.gguf_file:
+        files = [root / target.gguf_file]
+    else:
+        files = sorted(root.glob("*.safetensors")) or sorted(root.glob("*.bin"))
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    parts = [f"sha256:{digest.hexdigest()}"]
+    if not target.gguf_file:
+        # Names are hashed too, so moving content between files counts.
+        tokenizer = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            if (root / name).is_file():
+                tokenizer.update(f"{name}\0{(root / name).stat().st_size}\0".encode())
+                tokenizer.update((root / name).read_bytes())
+        parts.append(f"tokenizer:{tokenizer.hexdigest()}")
+    if "snapshots" in root.parts:  # a hub cache snapshot: the folder name is the commit
+        parts.insert(0, f"commit:{root.name}")
+    return ";".join(parts)
