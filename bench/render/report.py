@@ -12,13 +12,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diffbench.render import fill
 from diffbench.render.cells import MISSING, Cell, Table
-
-if TYPE_CHECKING:
-    from diffbench.report import Line, PaperTable, Report
+from diffbench.render.view import Line, PaperTable, Report
 
 TEST_NAMES = {
     "McNemar exact": "McNemar's exact test",
