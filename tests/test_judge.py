@@ -129,6 +129,11 @@ OVERLAP = [
     (EVENT, "The bridge reopening in Brimhaven drew 4125 tourists.", False),  # lowercase noun
     (EVENT, "Brimhaven's bridge reopening drew 4125 people.", True),  # reordered
     (EVENT, "4125 people were drawn to the reopening of the bridge in Brimhaven.", True),
+    # A verb of its own is a paraphrase (the shipped pair writes "attended" for "drew"); an
+    # invented event beside it is not.
+    (EVENT, "4125 people attended the bridge reopening in Brimhaven.", True),
+    (EVENT, "4125 people attended the lighthouse restoration in Brimhaven.", False),
+    (EVENT, "4125 people attended the bridge reopening in Holtmere.", False),
     (EVENT, "The bridge reopening in Brimhaven drew 4.125 thousand people.", True),
     (DOCUMENT, PARAPHRASE, True),  # the document's own words, reordered and reinflected
     (DOCUMENT, "Marlow Cross, on the river Teyne, was founded in 1812.", False),
