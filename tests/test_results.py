@@ -168,6 +168,7 @@ def test_redrawing_figures_without_the_task_plugin_says_so_in_one_line(grid_run,
 
 def test_runs_that_disagree_on_a_metrics_direction_are_refused(grid_run, tmp_path):
     other = copy_run(grid_run, tmp_path / "other")
+
     def flip_margin(record: dict) -> None:
         for m in record["task_info"]["icl"]["metric_defs"]:
             if m["name"] == "margin":

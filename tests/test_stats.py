@@ -122,9 +122,7 @@ def test_delta_interval_and_test_come_from_the_same_paired_ids():
 def test_holm_and_benjamini_hochberg_adjust_a_family():
     p = [0.01, 0.04, 0.03, 0.005]
     assert stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    diffs = [
-        stats.Difference(0.1, 10, None, x, "sign-flip", x < 0.05, 10, p_min=0.002) for x in p
-    ]
+    diffs = [stats.Difference(0.1, 10, None, x, "sign-flip", x < 0.05, 10, p_min=0.002) for x in p]
     bh = stats.adjust(diffs, "benjamini-hochberg")
     assert [d.p_adjusted for d in bh] == pytest.approx([0.02, 0.04, 0.04, 0.02])
     assert all(d.significant for d in bh) and bh[0].adjustment == "benjamini-hochberg"
