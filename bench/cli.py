@@ -427,8 +427,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not runner.main_rank():  # under torchrun, rank 0 alone writes the report
         return 0
     if not args.no_report:
-        figures = report.plot(run_dir)
-        path = report.write(run_dir)
+        path, figures = report.write_with_figures(run_dir)
         log.info("wrote %s and %d figure files", path, len(figures))
     print(run_dir)
     return 0

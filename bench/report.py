@@ -481,6 +481,16 @@ def _write_pair(report: Report, out_dir: Path) -> list[Path]:
     return [md, page]
 
 
+def write_with_figures(run_dir: Path, reference: str | None = None) -> tuple[Path, list[Path]]:
+    """Draw a run's figures and write its report.md and report.html, computing every interval
+    and test once; report.md's path and the figure files."""
+    store = RunStore.open_existing(run_dir)
+    results = load_runs([run_dir])
+    built = build(results, reference)
+    figures = draw(results, store.figures_dir, built)
+    return _write_pair(with_figures(built, store.figures_dir), run_dir)[0], figures
+
+
 def write(run_dir: Path, reference: str | None = None) -> Path:
     """Write report.md and report.html into a run directory; return report.md's path."""
     store = RunStore.open_existing(run_dir)
