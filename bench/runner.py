@@ -57,6 +57,7 @@ from diffbench.api import (
     TaskInfo,
     TokenizerView,
     answers,
+    declared_metrics,
     request_kinds,
     respond,
     shared_text,
@@ -289,7 +290,15 @@ def aggregate(store: RunStore, prepared: dict[str, PreparedTask]) -> pd.DataFram
         samples = store.samples(name)
         if samples.empty:
             continue
-        frames.append(p.task.aggregate(p.config, samples))
+        frame = p.task.aggregate(p.config, samples)
+        # Statistics, reports and the gate read a metric through its declaration: one a task
+        # emits without declaring it would be read with no direction, kind or unit.
+        undeclared = sorted(set(frame["metric"]) - {m.name for m in declared_metrics(p.task)})
+        if undeclared:
+            raise RuntimeError(
+                f"task {name} emitted metrics it does not declare: {', '.join(undeclared)}"
+            )
+        frames.append(frame)
         setting_order += [k for k in p.task.setting_keys if k not in setting_order]
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not metrics.empty:

@@ -352,3 +352,28 @@ def test_report_intervals_are_deterministic(twin_run):
     res = run_cli(twin_run.parent, "report", "run")
     assert res.returncode == 0, res.stderr
     assert (twin_run / "report.md").read_bytes() == first
+
+
+def test_a_task_that_emits_an_undeclared_metric_stops_the_aggregation(tmp_path):
+    from diffbench import runner
+    from diffbench.store import RunStore
+    from diffbench.tasks.zeroshot import TASK, ZeroshotConfig
+
+    class Renamed:
+        """zeroshot, whose rows name a metric it never declared."""
+
+        def __getattr__(self, name: str):
+            return getattr(TASK, name)
+
+        def aggregate(self, config, samples):
+            return TASK.aggregate(config, samples).assign(metric="acc")
+
+    store = RunStore(tmp_path / "run")
+    store.append("zeroshot", "m", {"id": "q0", "model": "m", "format": "code", "facts": 1,
+                                   "score": 1.0})  # fmt: skip
+    config = ZeroshotConfig()
+    with store.lock():
+        good = runner.aggregate(store, {"zeroshot": runner.PreparedTask(TASK, config)})
+        assert set(good["metric"]) == {"accuracy"}
+        with pytest.raises(RuntimeError, match="does not declare: acc"):
+            runner.aggregate(store, {"zeroshot": runner.PreparedTask(Renamed(), config)})
