@@ -575,8 +575,9 @@ def _paired_difference(
 def _paired_interval(
     ref: np.ndarray, cand: np.ndarray, clusters: np.ndarray | None, kind: MetricKind, level: float
 ) -> Interval | None:
-    """Newcombe's paired score interval (method 10) for proportions, with each side's Wilson
-    interval at its effective size; a paired cluster-robust t interval for means. None with
+    """Newcombe's paired score interval (method 10, continuity-corrected phi) for proportions,
+    with each side's Wilson interval at its effective size; a paired cluster-robust t interval
+    for means. None with
     fewer than two units, or (a mean) with every paired difference equal."""
     diffs = cand - ref
     var, k = cluster_variance(diffs, clusters)
@@ -585,11 +586,18 @@ def _paired_interval(
     delta = float(diffs.mean())
     if kind == "proportion" and _in_unit_range(ref) and _in_unit_range(cand):
         p1, p2 = float(cand.mean()), float(ref.mean())
-        l1, u1 = wilson(p1, effective_n(cand, clusters), level)
-        l2, u2 = wilson(p2, effective_n(ref, clusters), level)
+        n1, n2 = effective_n(cand, clusters), effective_n(ref, clusters)
+        l1, u1 = wilson(p1, n1, level)
+        l2, u2 = wilson(p2, n2, level)
         phi = 0.0
         if np.std(ref) > 0 and np.std(cand) > 0:
             phi = float(np.clip(np.corrcoef(ref, cand)[0, 1], -1.0, 1.0))
+            # Newcombe's continuity correction of a positive phi, (AD - BC - N/2) / sqrt(efgh)
+            # on a 2x2 table: without it, identical paired scores (phi = 1) give a zero-width
+            # interval.
+            if phi > 0:
+                spread = np.sqrt(p1 * (1 - p1) * p2 * (1 - p2))
+                phi = max(phi - 1 / (2 * min(n1, n2) * spread), 0.0)
         low = delta - np.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2)
                                   + (u2 - p2) ** 2, 0.0))  # fmt: skip
         high = delta + np.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2)

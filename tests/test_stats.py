@@ -377,3 +377,13 @@ def test_a_task_that_emits_an_undeclared_metric_stops_the_aggregation(tmp_path):
         assert set(good["metric"]) == {"accuracy"}
         with pytest.raises(RuntimeError, match="does not declare: acc"):
             runner.aggregate(store, {"zeroshot": runner.PreparedTask(Renamed(), config)})
+
+
+def test_identical_paired_proportions_get_an_interval_of_nonzero_width():
+    # Two sweep variants that answer alike: 6 of 12 right on the same ids. Without Newcombe's
+    # continuity correction phi = 1 and the interval was [+0.000, +0.000].
+    ids = [f"s{i}" for i in range(12)]
+    same = pd.Series([1.0] * 6 + [0.0] * 6, index=ids)
+    d = stats.difference(0.5, 0.5, reference_scores=same, candidate_scores=same, kind="proportion")
+    assert d.interval is not None and d.interval.low < -0.05 and d.interval.high > 0.05
+    assert d.interval.low == pytest.approx(-d.interval.high)
