@@ -161,14 +161,23 @@ def test_diffbench_as_an_lm_eval_model_matches_the_run_task(task_dir):
 def test_lm_eval_scores_pair_for_mcnemar_and_compare(task_dir, tmp_path):
     run_dir = diffbench_run(tmp_path, MC, task_dir, ("tiny-base", "tiny-diff"))
     info = json.loads((run_dir / "run.json").read_text())["task_info"][f"lm-eval:{MC}"]
-    assert info["sample_mean_metrics"] == ["acc"]
+    # Every mean-aggregated lm-eval metric is a proportion over documents, read from the
+    # per-document values each sample keeps under `lm_eval` (acc_norm too, not only the score).
+    assert info["sample_mean_metrics"] == ["acc", "acc_norm"]
     assert info["metrics"] == ["acc", "acc_norm"]
-    gate = run_cli(tmp_path, "compare", str(run_dir), "--models", "tiny-base,tiny-diff")
+    acc = next(m for m in info["metric_defs"] if m["name"] == "acc")
+    assert (acc["kind"], acc["key"], acc["unit"]) == ("proportion", "lm_eval.acc", "document")
+    gate = run_cli(
+        tmp_path, "compare", str(run_dir), "--models", "tiny-base,tiny-diff", "--format", "json"
+    )
     assert gate.returncode == 0, gate.stderr
-    acc_line = next(line for line in gate.stdout.splitlines() if " acc " in f" {line} ")
+    changes = {c["metric"]: c for c in json.loads(gate.stdout)["changes"]}
     # tiny-diff retrieves every number, tiny-base none: 6 discordant pairs, McNemar's exact
-    # p = 2 * 0.5^6, from the per-document scores (acc_norm, not a score, gets a normal interval).
-    assert "+1.000" in acc_line and "0.0312" in acc_line, gate.stdout
+    # p = 2 * 0.5^6, from the per-document values, for acc and acc_norm alike.
+    for metric in ("acc", "acc_norm"):
+        c = changes[metric]
+        assert c["delta"] == 1.0 and c["test"] == "McNemar exact", c
+        assert c["p_value"] == pytest.approx(2 * 0.5**6) and c["n_pairs"] == 6
 
 
 @pytest.mark.slow  # three CLI runs (about 3 minutes on a busy 2-core machine)
