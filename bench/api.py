@@ -537,6 +537,8 @@ Better: TypeAlias = Literal["higher", "lower", "none"]
 # with no interval or test unless its samples give one.
 MetricKind: TypeAlias = Literal["proportion", "mean", "statistic"]
 BETTER = ("higher", "lower", "none")
+# How tables mark each direction beside a metric's name.
+ARROWS = {"higher": "↑", "lower": "↓", "none": "·"}
 METRIC_KINDS = ("proportion", "mean", "statistic")
 
 

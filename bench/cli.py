@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from diffbench.api import declared_metrics
+from diffbench.api import ARROWS, declared_metrics
 from diffbench.errors import DiffbenchError
 
 log = logging.getLogger("diffbench")
@@ -442,9 +442,8 @@ def _cmd_list() -> int:
     for name in sorted(registry.available()):
         task = registry.load(name)
         print(f"{name}: {task.description}")
-        arrows = {"higher": "↑", "lower": "↓", "none": "·"}
         listed = [
-            f"{m.name} {arrows[m.better]} ({m.kind}, per {m.unit})" for m in declared_metrics(task)
+            f"{m.name} {ARROWS[m.better]} ({m.kind}, per {m.unit})" for m in declared_metrics(task)
         ]
         print(f"  metrics: {', '.join(listed)}")
         if task.presets:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 from diffbench import figures, stats
-from diffbench.api import ALL, LARGEST, WILDCARDS, Headline, MetricKind, PaperRef, TaskInfo
+from diffbench.api import ALL, ARROWS, LARGEST, WILDCARDS, Headline, MetricKind, PaperRef, TaskInfo
 from diffbench.config import split_variant, variant_label
 from diffbench.errors import DiffbenchError
 from diffbench.render.report import html_page, markdown
@@ -132,7 +132,8 @@ def relative_line(
             interval = stats.mean_interval(ratios - 1, own.cluster.loc[shared].to_numpy(), "mean")
             if interval is not None:
                 interval = stats.Interval(interval.low, interval.high, "t over paired ratios")
-                interval = _shifted_to(interval, value / base - 1, float((ratios - 1).mean()))
+                # Centred on the row's ratio of means rather than the mean of ratios.
+                interval = stats.shifted(interval, value / base - 1, float((ratios - 1).mean()))
         estimates[m] = Estimate(value / base - 1, n, interval, k)
     return replace(
         line,
@@ -144,12 +145,6 @@ def relative_line(
         sweep_against={},
         chance=None,
     )
-
-
-def _shifted_to(interval: stats.Interval, value: float, mean: float) -> stats.Interval:
-    """The interval centred on the row's ratio of means rather than the mean of ratios."""
-    shift = value - mean
-    return stats.Interval(interval.low + shift, interval.high + shift, interval.method)
 
 
 def _difference(
@@ -460,7 +455,7 @@ def _figure_labels(summary: Sequence[Line]) -> list[str]:
         shown = ", ".join(
             f"{k}={v}" for k, v in ln.setting if len(values[(ln.task, k)]) > 1 and v != ALL
         )
-        name = f"{ln.task} {ln.metric} {'↓' if ln.lower_is_better else '↑'}"
+        name = f"{ln.task} {ln.metric} {ARROWS[ln.better]}"
         out.append(f"{name}: {shown}" if shown else name)
     return out
 

@@ -434,7 +434,7 @@ def _sign_flip_on_lattice(units: np.ndarray) -> float:
     return min(1.0, float(dist[far].sum()))
 
 
-def _shifted(interval: Interval, value: float, mean: float) -> Interval:
+def shifted(interval: Interval, value: float, mean: float) -> Interval:
     """The interval moved by value − mean: a row may weight its samples (a mean of per-depth
     means); a gap that is only rounding moves nothing."""
     shift = value - mean
@@ -460,7 +460,7 @@ def estimate(
         k = samples.n_clusters()
         interval = mean_interval(values, clusters if k < len(values) else None, kind, level)
         if interval is not None:
-            interval = _shifted(interval, value, float(values.mean()))
+            interval = shifted(interval, value, float(values.mean()))
         return Estimate(value, len(values), interval, k)
     if kind != "statistic":
         return Estimate(value, n, None)
@@ -552,7 +552,7 @@ def _paired_difference(
     groups = clusters if clustered else None
     interval = _paired_interval(ref, cand, groups, kind, level)
     if interval is not None:
-        interval = _shifted(interval, delta, float(diffs.mean()))
+        interval = shifted(interval, delta, float(diffs.mean()))
     if not clustered and is_binary(ref) and is_binary(cand):
         p, test = mcnemar_exact(ref, cand), "McNemar exact"
     else:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from diffbench.api import ARROWS
 from diffbench.gate import STATUSES, Change, Comparison
 from diffbench.render import fill
 from diffbench.render.cells import Cell, Table, Text
@@ -30,7 +31,7 @@ def _row(c: Change) -> tuple[Text | str, ...]:
     return (
         Text(c.status, c.status in ALARMING),
         c.task,
-        f"{c.metric} {'↓' if c.lower_is_better else '↑'}",
+        f"{c.metric} {ARROWS[c.better]}",
         c.setting_text or "—",
         c.model,
         Cell(c.baseline).number,

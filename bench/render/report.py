@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from diffbench.api import ARROWS
 from diffbench.render import fill
 from diffbench.render.cells import MISSING, Cell, Table
 from diffbench.render.view import Line, PaperTable, Report
@@ -23,7 +24,6 @@ TEST_NAMES = {
     "sign-flip": "sign-flip test",
     "cluster sign-flip": "sign-flip test over units",
 }
-ARROWS = {"higher": "↑", "lower": "↓", "none": "·"}
 MODEL_HEAD = ("model", "spec", "architecture", "parameters", "dtype", "max context", "weights")
 PAPER_HEAD = ("paper Transformer (3B)", "paper DIFF (3B)")
 PAPER_INTRO = (
