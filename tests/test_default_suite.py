@@ -36,6 +36,7 @@ def test_the_default_suite_covers_every_task_family_of_the_paper() -> None:
     assert SUITE["sweep_tasks"] == ["zeroshot"]
 
 
+@pytest.mark.slow
 def test_the_default_suite_with_limit_writes_rows_for_every_task_and_both_models(
     limited_run: Path,
 ) -> None:
@@ -53,6 +54,7 @@ def test_the_default_suite_with_limit_writes_rows_for_every_task_and_both_models
     assert {"generate", "score", "attention"} <= set(niah["mode"])
 
 
+@pytest.mark.slow
 def test_a_limited_default_run_records_each_models_tasks_and_writes_the_report(
     limited_run: Path,
 ) -> None:
@@ -85,6 +87,7 @@ def test_a_task_scoped_sweep_keeps_the_unswept_models_for_the_other_tasks() -> N
         expand_sweep(models, Sweep("logit_bits", ("8",), ("icl",)), ("niah",))
 
 
+@pytest.mark.slow
 def test_the_metrics_of_a_scoped_sweep_have_no_rows_for_a_model_on_a_task_it_did_not_run(
     limited_run: Path,
 ) -> None:
@@ -94,6 +97,7 @@ def test_the_metrics_of_a_scoped_sweep_have_no_rows_for_a_model_on_a_task_it_did
     assert metrics[swept & (metrics["task"] != "zeroshot")].empty
 
 
+@pytest.mark.slow
 def test_the_report_opens_with_the_paper_and_follows_the_runs_task_order(limited_run: Path) -> None:
     md = (limited_run / "report.md").read_text(encoding="utf-8")
     heads = [line[3:] for line in md.splitlines() if line.startswith("## ")]

@@ -186,6 +186,7 @@ def test_unreachable_hub_dataset_says_how_to_use_a_local_copy(cli, tiny_pair):
     assert_one_line_error(res, "cannot load dataset 'banking77'", "--set icl.dataset=PATH")
 
 
+@pytest.mark.slow
 def test_icl_run_killed_mid_sweep_resumes_to_identical_metrics(cli, tiny_pair, tmp_path):
     args = ["run", "--tasks", "icl", "--models", models_arg(tiny_pair), "--set",
             "icl.max_shots=16", "--set", "icl.test_size=12", "--no-report"]  # fmt: skip

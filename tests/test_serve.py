@@ -73,10 +73,12 @@ def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
 
 
+@pytest.mark.slow
 def test_models_lists_the_served_model(served: str) -> None:
     assert [m.id for m in _client(served).models.list()] == ["tiny-base"]
 
 
+@pytest.mark.slow
 def test_chat_and_completions_answer_through_the_openai_client(served: str) -> None:
     client = _client(served)
     chat = client.chat.completions.create(
@@ -89,6 +91,7 @@ def test_chat_and_completions_answer_through_the_openai_client(served: str) -> N
     assert done.usage is not None and done.usage.completion_tokens <= 3
 
 
+@pytest.mark.slow
 def test_bad_requests_get_the_openai_error_shape_and_a_4xx(served: str) -> None:
     client = _client(served)
     with pytest.raises(openai.NotFoundError) as missing:
@@ -109,6 +112,7 @@ def test_bad_requests_get_the_openai_error_shape_and_a_4xx(served: str) -> None:
 DOC = "The town of Velderby lies on the river Aldra. It was founded in 1702 by Otto Melquist."
 
 
+@pytest.mark.slow
 def test_llm_judge_end_to_end_and_a_rerun_never_calls_again(served: str, tmp_path: Path) -> None:
     items = [
         JudgeInput(f"r{i}", DOC, out, "Who founded Velderby?", "Otto Melquist")
@@ -123,6 +127,7 @@ def test_llm_judge_end_to_end_and_a_rerun_never_calls_again(served: str, tmp_pat
     assert again.calls == 0
 
 
+@pytest.mark.slow
 def test_judge_command_keeps_judged_rows_when_the_endpoint_goes_down(tmp_path: Path) -> None:
     rows = [
         {"id": f"r{i}", "document": DOC, "output": out}

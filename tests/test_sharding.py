@@ -63,6 +63,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cwd / "run"
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_one_process_metrics_byte_for_byte(reference, tmp_path):
     res = torchrun(tmp_path, 2, *RUN, "--output", "run")
     assert res.returncode == 0, res.stderr
@@ -108,6 +109,7 @@ def scored_now(stderr: str, task: str, model: str) -> int:
     return sum(int(total) - int(done) for done, total in found)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 1])
 def test_stopped_two_rank_run_resumes_with_any_world_size(reference, tmp_path, nproc):
     stopped = tmp_path / "run"

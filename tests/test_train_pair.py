@@ -38,6 +38,7 @@ def smoke_run(smoke_train: tuple[Path, str]) -> Path:
     return smoke_train[0]
 
 
+@pytest.mark.slow
 def test_smoke_training_loss_goes_down(smoke_run: Path) -> None:
     with (smoke_run / "training_curves.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -51,6 +52,7 @@ def test_smoke_training_loss_goes_down(smoke_run: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "model_type"), [("tiny-base", "llama"), ("tiny-diff", "diffllama")]
 )
+@pytest.mark.slow
 def test_smoke_checkpoint_loads_and_runs_forward(
     smoke_run: Path, name: str, model_type: str
 ) -> None:
@@ -67,6 +69,7 @@ def test_smoke_checkpoint_loads_and_runs_forward(
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_smoke_niah_numbers_are_the_harness_runs(smoke_train: tuple[Path, str]) -> None:
     out, stdout = smoke_train
     run_dir = out / ".pair_check"
@@ -93,6 +96,7 @@ def test_smoke_niah_numbers_are_the_harness_runs(smoke_train: tuple[Path, str]) 
             assert f"NIAH {model} {pair} @ 256: score {score:.2f} generate {generate:.2f}" in stdout
 
 
+@pytest.mark.slow
 def test_smoke_niah_score_check_holds_every_choice_in_context(smoke_run: Path) -> None:
     for model in ("tiny-base", "tiny-diff"):
         path = smoke_run / ".pair_check" / "samples" / "niah" / f"{model}.jsonl"
@@ -106,6 +110,7 @@ def test_smoke_niah_score_check_holds_every_choice_in_context(smoke_run: Path) -
             assert s["target"] in in_context
 
 
+@pytest.mark.slow
 def test_smoke_pair_runs_icl_through_the_cli(smoke_run: Path, cli, tmp_path: Path) -> None:
     models = f"diff={smoke_run / 'tiny-diff'},base={smoke_run / 'tiny-base'}"
     out = tmp_path / "run"
@@ -119,6 +124,7 @@ def test_smoke_pair_runs_icl_through_the_cli(smoke_run: Path, cli, tmp_path: Pat
     assert {r["model"] for r in rows if r["task"] == "icl"} == {"diff", "base"}
 
 
+@pytest.mark.slow
 def test_the_cards_describe_the_presets_intent_labels(smoke_run: Path) -> None:
     """The smoke preset labels intents as the shipped pair does (names shuffled among the
     intents); the card said the `names` preset's own-name scheme whatever the preset."""
@@ -168,6 +174,7 @@ def test_word_values_make_some_answers_words(monkeypatch: pytest.MonkeyPatch) ->
     assert all(a.replace(" ", "").isalpha() for a in words)
 
 
+@pytest.mark.slow
 def test_smoke_pair_is_matched(smoke_run: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(smoke_run / "tiny-base")
     diff = AutoModelForCausalLM.from_pretrained(smoke_run / "tiny-diff")
@@ -180,6 +187,7 @@ def test_smoke_pair_is_matched(smoke_run: Path) -> None:
         assert getattr(base.config, key) == getattr(cfg, key)
 
 
+@pytest.mark.slow
 def test_parallel_training_gives_the_lockstep_pair(smoke_run: Path, tmp_path: Path) -> None:
     """--parallel trains each model in its own process on the same batch stream: the weights are
     bit-for-bit those of lockstep training, and the curves hold the same rows."""
@@ -215,6 +223,7 @@ def test_parallel_refuses_a_preset_that_extends_stages(monkeypatch: pytest.Monke
 PROBE = SCRIPT.with_name("probe_icl.py")
 
 
+@pytest.mark.slow
 def test_the_icl_probe_trains_a_model_from_scratch_and_scores_every_episode_kind(tmp_path):
     out, log = tmp_path / "model", tmp_path / "log.json"
     subprocess.run(
@@ -233,6 +242,7 @@ def test_the_icl_probe_trains_a_model_from_scratch_and_scores_every_episode_kind
     assert model.config.model_type == "diffllama"
 
 
+@pytest.mark.slow
 def test_the_icl_probe_finds_the_shipped_diff_binding_keys_to_numbers(tmp_path):
     log = tmp_path / "eval.json"
     subprocess.run(
