@@ -18,7 +18,10 @@ is lm-eval's few-shot seed (both default to 1234).
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.util
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,10 @@ from diffbench.api import (
     stderr_of_mean,
 )
 from diffbench.errors import DiffbenchError
-from diffbench.lm_eval import block_prefixes, choice_request, generate_request, lm_eval_result
+from diffbench.registry import TaskFamily
+
+# Nothing here imports lm-eval (nor diffbench.lm_eval, which does) at module level: the registry
+# imports this module to ask `FAMILY.installed()` where lm-eval may be missing.
 
 PREFIX = "lm-eval:"
 # The sample field holding each document's lm-eval metric values.
@@ -62,7 +68,8 @@ KIND_OF_OUTPUT = {
 
 @dataclass(frozen=True)
 class LmEvalConfig:
-    """Options of an lm-eval task run through diffbench."""
+    """Options of an lm-eval task run through diffbench: plain data; the task derives lm-eval's
+    definition from them (`definition`)."""
 
     include_path: str = ""  # a folder of lm-eval task YAMLs (searched before lm-eval's own)
     num_fewshot: int = -1  # -1: the task's own setting
@@ -102,42 +109,76 @@ def _restored(value: Any) -> Any:
 
 # The offline lm-eval tasks shipped with diffbench: always searched, after the user's folder.
 SHIPPED = Path(__file__).with_name("lm_eval_local")
-_MANAGERS: dict[tuple[str, bool], Any] = {}
-_LOADED: dict[tuple[str, str, int], dict[str, Any]] = {}
 
 
-def _manager(include_path: str, defaults: bool) -> Any:
+@functools.cache
+def task_manager(include_path: str, defaults: bool) -> Any:
+    """lm-eval's index of task YAMLs: the shipped ones, `include_path`'s, and with `defaults`
+    lm-eval's own (thousands of files: slow to index)."""
     from lm_eval.tasks import TaskManager
 
-    key = (include_path, defaults)
-    if key not in _MANAGERS:
-        paths = [str(SHIPPED), *([include_path] if include_path else [])]
-        _MANAGERS[key] = TaskManager(include_path=paths, include_defaults=defaults)
-    return _MANAGERS[key]
+    paths = [str(SHIPPED), *([include_path] if include_path else [])]
+    return TaskManager(include_path=paths, include_defaults=defaults)
 
 
-def load_subtasks(name: str, include_path: str, num_fewshot: int) -> dict[str, Any]:
-    """lm-eval's task objects of task or group `name`, by subtask name (cached per process)."""
-    key = (name, include_path, num_fewshot)
-    if key in _LOADED:
-        return _LOADED[key]
+@dataclass(frozen=True)
+class MetricRow:
+    """One metric of one subtask: its name in metrics.csv, lm-eval's name and aggregation."""
+
+    subtask: str
+    name: str
+    lm_metric: str
+    aggregation: Callable[[list[Any]], Any] | None
+
+
+@dataclass(frozen=True)
+class Definition:
+    """lm-eval's task objects of one task or group (by subtask name, sorted) and the metrics
+    diffbench reads off them."""
+
+    subtasks: dict[str, Any]
+    table: tuple[MetricRow, ...]
+
+    @property
+    def primary(self) -> str | None:
+        """The first mean-aggregated metric: each document's `score`."""
+        from lm_eval.api.metrics import mean
+
+        return next((r.name for r in self.table if r.aggregation is mean), None)
+
+
+def metric_table(subtasks: dict[str, Any]) -> tuple[MetricRow, ...]:
+    """Every (filter, metric) of every subtask as a metric row."""
+    rows = []
+    for sub, task in subtasks.items():
+        aggregation = task.aggregation()
+        for f in task._filters:
+            for m in task._metric_fn_list:
+                rows.append(MetricRow(sub, metric_name(m, f.name), m, aggregation.get(m)))
+    return tuple(rows)
+
+
+@functools.cache
+def definition(name: str, include_path: str, num_fewshot: int) -> Definition:
+    """lm-eval's definition of task or group `name` under these options (built once per process;
+    an unknown or unloadable task: DiffbenchError)."""
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     path = str(Path(include_path).expanduser()) if include_path else ""
     # A folder's own index is quick; lm-eval's full index (thousands of YAMLs) only when needed.
-    manager = _manager(path, False)
+    manager = task_manager(path, False)
     if name not in manager.all_tasks:
-        manager = _manager(path, True)
+        manager = task_manager(path, True)
     if name not in manager.all_tasks:
         close = difflib.get_close_matches(name, manager.all_tasks, n=3)
         where = f" in {path} or lm-eval's own tasks" if path else ""
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown lm-eval task {name!r}{where}{hint}")
+        raise DiffbenchError(f"unknown lm-eval task {name!r}{where}{hint}")
     try:
         loaded = manager.load([name])["tasks"]
     except Exception as err:  # a dataset that cannot be read or reached, a broken YAML
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"lm-eval cannot load task {name!r}: {first}") from None
+        raise DiffbenchError(f"lm-eval cannot load task {name!r}: {first}") from None
     for task in loaded.values():
         own = task.get_config("num_fewshot")
         if num_fewshot >= 0 and own != 0:  # lm-eval keeps a task's explicit 0, as its CLI does
@@ -145,100 +186,147 @@ def load_subtasks(name: str, include_path: str, num_fewshot: int) -> dict[str, A
         elif own is None:
             task.set_config(key="num_fewshot", value=0)
         if task.OUTPUT_TYPE not in KIND_OF_OUTPUT:
-            raise ValueError(f"lm-eval task {task.task_name}: output type {task.OUTPUT_TYPE}")
-    _LOADED[key] = dict(sorted(loaded.items()))
-    return _LOADED[key]
+            raise DiffbenchError(
+                f"lm-eval task {task.task_name}: output type {task.OUTPUT_TYPE} is not supported"
+            )
+    subtasks = dict(sorted(loaded.items()))
+    return Definition(subtasks, metric_table(subtasks))
+
+
+@functools.cache
+def documents(name: str, include_path: str, num_fewshot: int, subtask: str) -> Sequence[Any]:
+    """A subtask's evaluation documents, indexed by lm-eval's doc_id (lm-eval reprocesses them on
+    every `eval_docs` read, so they are read once)."""
+    return definition(name, include_path, num_fewshot).subtasks[subtask].eval_docs
+
+
+# The Task protocol reads `metrics` and `headline` without a config (the runner records them in
+# run.json through `TaskInfo.of(task)`), yet an lm-eval task's metrics are those of the definition
+# its config's include_path finds. Until the protocol passes the config there, they answer for the
+# options this process last resolved the task under (the runner resolves a run's config, in
+# `request_kinds`, before it records the task); never resolved: the default options.
+_RESOLVED: dict[str, tuple[str, int]] = {}
+
+
+def resolve(name: str, config: LmEvalConfig) -> Definition:
+    """The definition `config` names for task `name` (and the one `metrics` now describes)."""
+    found = definition(name, config.include_path, config.num_fewshot)
+    _RESOLVED[name] = (config.include_path, config.num_fewshot)
+    return found
+
+
+def declared(found: Definition) -> tuple[Metric, ...]:
+    """A mean-aggregated metric is a mean over documents of the value each sample records under
+    `lm_eval` (a proportion where lm-eval scores a document 0 or 1); any other aggregation
+    (perplexity, corpus BLEU) is a statistic."""
+    from lm_eval.api.metrics import mean
+
+    out: dict[str, Metric] = {}
+    for row in found.table:
+        if row.name in out:
+            continue
+        higher = found.subtasks[row.subtask].higher_is_better().get(row.lm_metric)
+        better: Better = "lower" if higher is False else "higher"
+        if row.aggregation is mean:
+            kind: MetricKind = "proportion" if row.lm_metric in BINARY_METRICS else "mean"
+            out[row.name] = Metric(
+                row.name, better, kind, f"{SAMPLE_FIELD}.{row.name}", unit="document"
+            )
+        else:
+            note = "lm-eval's corpus-level aggregation; shown without a test"
+            out[row.name] = Metric(row.name, better, "statistic", unit="document", note=note)
+    return tuple(out.values())
+
+
+def headline_of(found: Definition) -> tuple[Headline, ...]:
+    """The primary metric, over every subtask where there are several."""
+    if not found.primary:
+        return ()
+    where = {"subtask": ALL} if len(found.subtasks) > 1 else {}
+    return (Headline(found.primary, where),)
+
+
+def request_for(
+    sub: str, doc_id: int, instances: list[Any], prefix: str
+) -> tuple[Request, dict[str, Any]]:
+    """One document's lm-eval instances as one diffbench request, and what scoring needs back."""
+    from diffbench.lm_eval import choice_request, generate_request
+
+    kinds = {inst.request_type for inst in instances}
+    if len(kinds) > 1:
+        raise DiffbenchError(
+            f"lm-eval task {sub}: document {doc_id} sends several request types "
+            f"({', '.join(sorted(kinds))}); diffbench answers one per document"
+        )
+    kind = kinds.pop()
+    if kind == "loglikelihood":
+        contexts = {inst.args[0] for inst in instances}
+        if len(contexts) > 1:
+            raise DiffbenchError(
+                f"lm-eval task {sub} scores a document's choices under different contexts "
+                "(winogrande-style partial scoring), which a choice request cannot express yet"
+            )
+        context = instances[0].args[0]
+        if not context:
+            raise DiffbenchError(f"lm-eval task {sub}: document {doc_id} has an empty context")
+        conts = list(dict.fromkeys(inst.args[1] for inst in instances))
+        index = [conts.index(inst.args[1]) for inst in instances]
+        return choice_request(prefix, context, conts), {"choice_index": index}
+    if len(instances) > 1:
+        raise DiffbenchError(
+            f"lm-eval task {sub}: document {doc_id} sends {len(instances)} {kind} requests; "
+            "diffbench answers one per document"
+        )
+    if kind == "loglikelihood_rolling":
+        return RollingRequest(text=instances[0].args[0]), {}
+    return generate_request(instances[0].args[0], instances[0].args[1]), {}
 
 
 class LmEvalTask:
-    """One lm-eval task or group, bound to its lm-eval definition when its config is built."""
+    """One lm-eval task or group. It holds its name only: items, score and aggregate derive
+    lm-eval's definition from the config they are given (`definition`, built once per process)."""
 
     presets: dict[str, dict[str, Any]] = {}  # noqa: RUF012
     setting_keys = SETTING_KEYS
+    config_type = LmEvalConfig
 
     def __init__(self, lm_name: str) -> None:
         self.lm_name = lm_name
         self.name = PREFIX + lm_name
         self.description = f"lm-eval task {lm_name}"
-        self._subtasks: dict[str, Any] = {}
-        self._docs: dict[str, tuple[Any, Any, list[Any]]] = {}
-        owner = self
 
-        @dataclass(frozen=True)
-        class Config(LmEvalConfig):
-            def __post_init__(self) -> None:
-                super().__post_init__()
-                owner.bind(self)
+    def definition(self, config: LmEvalConfig) -> Definition:
+        """lm-eval's definition of this task under `config` (unknown task: DiffbenchError)."""
+        return resolve(self.lm_name, config)
 
-        self.config_type = Config
-
-    def bind(self, config: LmEvalConfig) -> None:
-        """Load the lm-eval definition the config names (unknown task: ValueError)."""
-        self._subtasks = load_subtasks(self.lm_name, config.include_path, config.num_fewshot)
-        n = len(self._subtasks)
-        self.description = f"lm-eval task {self.lm_name}" + (f" ({n} subtasks)" if n > 1 else "")
+    def _described(self) -> Definition:
+        include_path, num_fewshot = _RESOLVED.get(self.lm_name, ("", -1))
+        return definition(self.lm_name, include_path, num_fewshot)
 
     # ---- what run.json records ----------------------------------------------------------------
 
-    def _metric_table(self) -> list[tuple[str, str, str, Any]]:
-        """(subtask, diffbench metric name, lm-eval metric, aggregation) of every metric."""
-        rows = []
-        for sub, task in self._subtasks.items():
-            aggregation = task.aggregation()
-            filters = [f.name for f in task._filters]
-            for f in filters:
-                for m in task._metric_fn_list:
-                    rows.append((sub, metric_name(m, f), m, aggregation.get(m)))
-        return rows
-
     @property
     def metrics(self) -> tuple[Metric, ...]:
-        """A mean-aggregated metric is a mean over documents of the value each sample records
-        under `lm_eval` (a proportion where lm-eval scores a document 0 or 1); any other
-        aggregation (perplexity, corpus BLEU) is a statistic."""
-        from lm_eval.api.metrics import mean
-
-        out: dict[str, Metric] = {}
-        for sub, name, m, agg in self._metric_table():
-            if name in out:
-                continue
-            better: Better = (
-                "lower" if self._subtasks[sub].higher_is_better().get(m) is False else "higher"
-            )
-            if agg is mean:
-                kind: MetricKind = "proportion" if m in BINARY_METRICS else "mean"
-                out[name] = Metric(name, better, kind, f"{SAMPLE_FIELD}.{name}", unit="document")
-            else:
-                note = "lm-eval's corpus-level aggregation; shown without a test"
-                out[name] = Metric(name, better, "statistic", unit="document", note=note)
-        return tuple(out.values())
-
-    @property
-    def primary(self) -> str | None:
-        """The first mean-aggregated metric: each document's `score`."""
-        from lm_eval.api.metrics import mean
-
-        return next((n for _, n, _, agg in self._metric_table() if agg is mean), None)
+        """Every metric of every subtask (see `declared`)."""
+        return declared(self._described())
 
     @property
     def headline(self) -> tuple[Headline, ...]:
-        if not self.primary:
-            return ()
-        where = {"subtask": ALL} if len(self._subtasks) > 1 else {}
-        return (Headline(self.primary, where),)
+        return headline_of(self._described())
 
     def request_kinds(self, config: LmEvalConfig) -> tuple[type, ...]:
         """The request kinds of its subtasks' output types."""
-        kinds = (KIND_OF_OUTPUT[t.OUTPUT_TYPE] for t in self._subtasks.values())
+        kinds = (KIND_OF_OUTPUT[t.OUTPUT_TYPE] for t in self.definition(config).subtasks.values())
         return tuple(dict.fromkeys(kinds))
 
     # ---- config -> items -> samples -> rows ----------------------------------------------------
 
     def items(self, config: LmEvalConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """One item per document of every subtask, built by lm-eval with the run's few-shot seed."""
+        from diffbench.lm_eval import block_prefixes
+
         out: list[Item] = []
-        self._docs = {}
-        for sub, task in self._subtasks.items():
+        for sub, task in self.definition(config).subtasks.items():
             task.set_fewshot_seed(seed=seed)
             task.build_all_requests(limit=config.limit or None, rank=0, world_size=1)
             by_doc: dict[int, list[Any]] = {}
@@ -249,60 +337,38 @@ class LmEvalTask:
             prefixes = block_prefixes(contexts)
             for doc_id, prefix in zip(doc_ids, prefixes, strict=True):
                 instances = sorted(by_doc[doc_id], key=lambda i: i.idx)
-                request, meta = self._request(sub, doc_id, instances, prefix)
+                request, meta = request_for(sub, doc_id, instances, prefix)
                 item_id = f"{sub}/{doc_id}"
-                self._docs[item_id] = (task, instances[0].doc, instances)
                 out.append(Item(item_id, request, {"subtask": sub}, {"doc_id": doc_id, **meta}))
         return out
 
-    @staticmethod
-    def _request(
-        sub: str, doc_id: int, instances: list[Any], prefix: str
-    ) -> tuple[Request, dict[str, Any]]:
-        kinds = {inst.request_type for inst in instances}
-        if len(kinds) > 1:
-            raise DiffbenchError(
-                f"lm-eval task {sub}: document {doc_id} sends several request types "
-                f"({', '.join(sorted(kinds))}); diffbench answers one per document"
-            )
-        kind = kinds.pop()
-        if kind == "loglikelihood":
-            contexts = {inst.args[0] for inst in instances}
-            if len(contexts) > 1:
-                raise DiffbenchError(
-                    f"lm-eval task {sub} scores a document's choices under different contexts "
-                    "(winogrande-style partial scoring), which a choice request cannot express yet"
-                )
-            context = instances[0].args[0]
-            if not context:
-                raise DiffbenchError(f"lm-eval task {sub}: document {doc_id} has an empty context")
-            conts = list(dict.fromkeys(inst.args[1] for inst in instances))
-            index = [conts.index(inst.args[1]) for inst in instances]
-            return choice_request(prefix, context, conts), {"choice_index": index}
-        if len(instances) > 1:
-            raise DiffbenchError(
-                f"lm-eval task {sub}: document {doc_id} sends {len(instances)} {kind} requests; "
-                "diffbench answers one per document"
-            )
-        if kind == "loglikelihood_rolling":
-            return RollingRequest(text=instances[0].args[0]), {}
-        return generate_request(instances[0].args[0], instances[0].args[1]), {}
-
     def score(self, config: LmEvalConfig, item: Item, response: Response) -> Sample:
         """lm-eval's filters and `process_results` on the document's answers."""
-        task, doc, instances = self._docs[item.id]
-        index = item.meta.get("choice_index") or [0] * len(instances)
+        from diffbench.lm_eval import lm_eval_result
+        from lm_eval.api.instance import Instance
+
+        found = self.definition(config)
+        sub, doc_id = str(item.setting["subtask"]), int(item.meta["doc_id"])
+        task = found.subtasks[sub]
+        doc = documents(self.lm_name, config.include_path, config.num_fewshot, sub)[doc_id]
+        index = item.meta.get("choice_index") or [0]
+        # Fresh instances of the document's requests, one per answer: filters and
+        # `process_results` read only the document and the answers.
+        kind = "loglikelihood" if task.OUTPUT_TYPE == "multiple_choice" else task.OUTPUT_TYPE
+        repeats = task.config.repeats or 1
+        instances = [
+            Instance(kind, doc, (), idx, (sub, doc_id, repeats)) for idx in range(len(index))
+        ]
         for inst, i in zip(instances, index, strict=True):
-            inst.resps = [lm_eval_result(item.request, response, i)] * (inst.repeats or 1)
-            inst.filtered_resps = {}
+            inst.resps = [lm_eval_result(item.request, response, i)] * repeats
         for ensemble in task._filters:
             ensemble.apply(instances)
         metrics: dict[str, Any] = {}
         for key in instances[0].filtered_resps:
-            found = task.process_results(doc, [inst.filtered_resps[key] for inst in instances])
-            for m, value in found.items():
+            results = task.process_results(doc, [inst.filtered_resps[key] for inst in instances])
+            for m, value in results.items():
                 metrics[metric_name(m, key)] = jsonable(value)
-        primary = self.primary
+        primary = found.primary
         score = metrics.get(primary) if primary else None
         sample: Sample = {
             SAMPLE_FIELD: metrics,
@@ -313,7 +379,7 @@ class LmEvalTask:
             sample["logprobs"] = lls
             sample["prediction"] = max(range(len(lls)), key=lambda k: (lls[k], -k))
             if task.OUTPUT_TYPE == "multiple_choice" and primary in ("acc", "acc_norm"):
-                sample[CHANCE_KEY] = 1 / len(instances)  # a uniform pick among the choices
+                sample[CHANCE_KEY] = 1 / len(index)  # a uniform pick among the choices
         elif isinstance(item.request, GenerateRequest):
             sample["output"] = lm_eval_result(item.request, response)
         else:
@@ -325,25 +391,26 @@ class LmEvalTask:
         mean-aggregated metrics over every document too (subtask `all`: a size-weighted mean)."""
         from lm_eval.api.metrics import mean, stderr_for_metric
 
+        found = self.definition(config)
         rows = []
-        table = self._metric_table()
         for (model, sub), group in samples.groupby(["model", "subtask"], sort=True):
             records = list(group["lm_eval"])
-            for s, name, _, agg in table:
-                if s != sub:
+            for row in found.table:
+                if row.subtask != sub:
                     continue
+                name = row.name
                 values = [_restored(r[name]) for r in records if isinstance(r, dict) and name in r]
                 if not values:
                     continue
-                agg = agg or mean
+                agg = row.aggregation or mean
                 fn = stderr_for_metric(agg, config.bootstrap_iters)
                 stderr = float(fn(values)) if fn and len(values) > 1 else float("nan")
                 rows.append(
                     {"model": model, "subtask": sub, "metric": name,
                      "value": float(agg(values)), "n": len(values), "stderr": stderr}
                 )  # fmt: skip
-        if len(self._subtasks) > 1:
-            pooled = {name for _, name, _, agg in table if agg is mean}
+        if len(found.subtasks) > 1:
+            pooled = {row.name for row in found.table if row.aggregation is mean}
             for model, group in samples.groupby("model", sort=True):
                 records = [r for r in group["lm_eval"] if isinstance(r, dict)]
                 for name in sorted(pooled):
@@ -363,14 +430,21 @@ class LmEvalTask:
         return []
 
 
+def installed() -> bool:
+    """Whether lm-eval is installed (without importing it)."""
+    return importlib.util.find_spec("lm_eval") is not None
+
+
 def task_for(lm_name: str) -> LmEvalTask:
-    """The diffbench task of lm-eval task or group `lm_name` (bound when its config is built)."""
+    """The diffbench task of lm-eval task or group `lm_name`."""
     if not lm_name.strip():
         raise DiffbenchError("an lm-eval task needs a name: --tasks lm-eval:NAME")
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
+    if not installed():
         raise DiffbenchError(
             "lm-eval tasks need the lm-eval package: pip install 'diffbench[lm-eval]'"
-        ) from None
+        )
     return LmEvalTask(lm_name.strip())
+
+
+# `lm-eval:NAME` (the `lm-eval` entry point of `diffbench.task_families`).
+FAMILY = TaskFamily(task=task_for, installed=installed)

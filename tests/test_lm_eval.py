@@ -225,3 +225,60 @@ def test_a_run_of_an_lm_eval_task_draws_its_figures_with_the_plugin_it_ran_with(
     # The lm-eval: prefix is not an entry point: it used to be "needs its plugin" after every run.
     drawn = task_figures("lm-eval:x", metrics, pd.DataFrame(), tmp_path, required=True)
     assert drawn and all(p.exists() and ":" not in p.name for p in drawn)
+
+
+def test_a_third_party_task_family_resolves_its_prefix_through_its_entry_point(
+    tmp_path, monkeypatch
+):
+    """`PREFIX:NAME` goes through the `diffbench.task_families` entry point PREFIX, whoever
+    installs it; `--set PREFIX.KEY=VALUE` reaches every task of that family in the run."""
+    from diffbench import registry
+
+    (tmp_path / "toy_family.py").write_text(
+        "from diffbench.registry import TaskFamily\n"
+        "from diffbench.tasks.zeroshot import ZeroshotTask\n\n"
+        "class Toy(ZeroshotTask):\n"
+        "    def __init__(self, name):\n"
+        "        self.name = 'toy:' + name\n\n"
+        "FAMILY = TaskFamily(task=Toy, installed=lambda: True)\n"
+    )
+    info = tmp_path / "toy_family-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-family\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[diffbench.task_families]\ntoy = toy_family:FAMILY\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    assert registry.families()["toy"] == "toy_family:FAMILY"
+    assert registry.installed("toy:anything") and not registry.installed("nope:anything")
+    task = registry.load("toy:first")
+    assert task.name == "toy:first" and task.config_type().samples >= 1
+    tasks = ["toy:first", "toy:second", "niah"]
+    assert registry.expand_sets(["toy.samples=2", "niah.samples=3"], tasks) == [
+        "toy:first.samples=2", "toy:second.samples=2", "niah.samples=3"
+    ]  # fmt: skip
+    options = {"toy": {"samples": 2}, "toy:second": {"samples": 5}}
+    assert registry.expand_options(options, tasks) == {
+        "toy:first": {"samples": 2}, "toy:second": {"samples": 5}
+    }  # fmt: skip
+
+
+def test_an_lm_eval_task_is_found_without_importing_lm_eval_and_holds_only_its_name():
+    """The registry finds `lm-eval:` through its family's entry point without importing lm-eval
+    (nor diffbench.lm_eval); the task keeps no state, its config is plain data."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from diffbench import registry\n"
+        "assert registry.installed('lm-eval:anything')\n"
+        "task = registry.load('lm-eval:anything')\n"
+        "config = task.config_type(limit=3)\n"
+        "print(json.dumps([sorted(vars(task)), sorted(vars(config)), "
+        "[m for m in sys.modules if m.startswith(('lm_eval', 'diffbench.lm_eval'))]]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    state, config, imported = json.loads(out.stdout)
+    assert state == ["description", "lm_name", "name"]
+    assert config == ["bootstrap_iters", "include_path", "limit", "num_fewshot", "preset"]
+    assert imported == []
