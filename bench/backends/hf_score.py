@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from diffbench.api import ChoiceRequest, ChoiceScores, RollingRequest, TokenLogprobs
 from diffbench.backends.hf_load import HFModel
-from diffbench.backends.tokens import EncodedChoices, check_fits, common_prefix, encode_choices
+from diffbench.backends.tokens import (
+    EncodedChoices,
+    check_fits,
+    common_prefix,
+    encode_choices,
+    plan_rolling,
+)
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method, search_pair_passes
 from diffbench.errors import DiffbenchError
 
@@ -202,36 +208,18 @@ def _tree_pass(
 def rolling_logprobs(m: HFModel, requests: Sequence[RollingRequest]) -> list[TokenLogprobs]:
     """Every token's log-probability, in windows of the context's length (see
     RollingRequest): lm-eval's `loglikelihood_rolling` when the stride is a whole window."""
-    window = m.info.max_context
-    first = m.tokenizer.bos_token_id
-    if first is None:
-        first = m.tokenizer.eos_token_id
-    if first is None:
-        raise DiffbenchError(f"model {m.info.label!r} has neither a BOS nor an EOS token")
     out = []
     for r in requests:
-        stride = r.stride or window
-        if not 0 < stride <= window:
-            raise DiffbenchError(
-                f"a rolling stride of {r.stride} tokens is outside 1..{window}, the "
-                f"context of model {m.info.label!r}"
-            )
-        ids = list(m.tokenizer(r.text, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise DiffbenchError("a rolling request's text encodes to no tokens")
-        seq = [int(first), *ids]  # seq[k + 1] is ids[k], predicted from seq[: k + 1]
+        plan = plan_rolling(m.tokenizer, m.info, r)
+        seq = plan.seq
         logprobs: list[float] = []
-        done = 0
-        while done < len(ids):
-            n_new = min(window if done == 0 else stride, len(ids) - done)
-            end = done + n_new
-            inputs = torch.tensor([seq[max(0, end - window) : end]], device=m.device)
-            logits = m.model(inputs, logits_to_keep=n_new).logits[0]
+        for w in plan.windows:
+            inputs = torch.tensor([seq[w.start : w.end]], device=m.device)
+            logits = m.model(inputs, logits_to_keep=w.n_new).logits[0]
             lp = torch.log_softmax(logits.float(), dim=-1)
-            targets = torch.tensor(seq[done + 1 : end + 1], device=m.device)
+            targets = torch.tensor(seq[w.end - w.n_new + 1 : w.end + 1], device=m.device)
             logprobs += lp.gather(1, targets[:, None])[:, 0].tolist()
-            done = end
         if not all(math.isfinite(x) for x in logprobs):
             raise DiffbenchError(f"model {m.info.label!r} gave non-finite log-probabilities")
-        out.append(TokenLogprobs(tuple(ids), tuple(logprobs)))
+        out.append(TokenLogprobs(tuple(plan.ids), tuple(logprobs)))
     return out

@@ -1,5 +1,6 @@
 """The tokenization and identity contract every backend shares: prompt and choice encoding, the
-tokenizer view tasks see, the context check, and a checkpoint's fingerprint.
+windows of a rolling request, the tokenizer view tasks see, the context check, and a
+checkpoint's fingerprint.
 
 Two backends that encode with these functions hand their models the same tokens, so their scores
 agree (the vLLM backend is tested against the HF one token for token). Nothing here imports
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffbench.api import ChoiceRequest, ModelInfo
+from diffbench.api import ChoiceRequest, ModelInfo, RollingRequest
 from diffbench.errors import DiffbenchError
 from diffbench.models import LoadTarget
 
@@ -107,6 +108,56 @@ def _end_token(tok: PreTrainedTokenizerBase, text: str, ids: list[int], end: str
     if not alone:
         raise DiffbenchError(f"the end text {end!r} encodes to no tokens")
     return int(alone[0])
+
+
+@dataclass(frozen=True)
+class RollingWindow:
+    """One forward pass of a rolling request: it reads `seq[start:end]` and scores its last
+    `n_new` positions, whose targets are `seq[end - n_new + 1 : end + 1]`."""
+
+    start: int
+    end: int
+    n_new: int
+
+
+@dataclass(frozen=True)
+class RollingPlan:
+    """A rolling request's tokens and windows (see RollingRequest): `ids` are the text's tokens,
+    every one a target; `seq` is the BOS (or EOS) token followed by them, so `seq[k + 1]` =
+    `ids[k]` is predicted from `seq[: k + 1]`."""
+
+    ids: list[int]
+    seq: list[int]
+    windows: tuple[RollingWindow, ...]
+
+
+def plan_rolling(tok: PreTrainedTokenizerBase, info: ModelInfo, r: RollingRequest) -> RollingPlan:
+    """The windows of the model's context that score every token of `r.text`: the first holds a
+    whole context, each next one `r.stride` new tokens (0: a whole context, lm-eval's disjoint
+    `loglikelihood_rolling` windows) after as many earlier ones as fit."""
+    window = info.max_context
+    first = tok.bos_token_id
+    if first is None:
+        first = tok.eos_token_id
+    if first is None:
+        raise DiffbenchError(f"model {info.label!r} has neither a BOS nor an EOS token")
+    stride = r.stride or window
+    if not 0 < stride <= window:
+        raise DiffbenchError(
+            f"a rolling stride of {r.stride} tokens is outside 1..{window}, the "
+            f"context of model {info.label!r}"
+        )
+    ids = [int(t) for t in tok(r.text, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise DiffbenchError("a rolling request's text encodes to no tokens")
+    windows = []
+    done = 0
+    while done < len(ids):
+        n_new = min(window if done == 0 else stride, len(ids) - done)
+        end = done + n_new
+        windows.append(RollingWindow(max(0, end - window), end, n_new))
+        done = end
+    return RollingPlan(ids, [int(first), *ids], tuple(windows))
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:

@@ -45,6 +45,7 @@ from diffbench.backends.tokens import (
     encode_choices,
     encode_prompt,
     fingerprint,
+    plan_rolling,
 )
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method, search_pair_passes
 from diffbench.config import model_options
@@ -240,49 +241,28 @@ class VLLMBackend(Backend):
         computes them (see RollingRequest). A window of w tokens is one request: its prompt
         log-probabilities give the targets inside it, and the token after it is read as the
         next-token log-probability of its last position."""
-        window = self.info.max_context
-        first = self.tokenizer.bos_token_id
-        if first is None:
-            first = self.tokenizer.eos_token_id
-        if first is None:
-            raise DiffbenchError(f"model {self.info.label!r} has neither a BOS nor an EOS token")
         prompts: list[list[int]] = []
         params: list[SamplingParams] = []
         spans: list[tuple[int, int, int]] = []  # (request, first target, n targets)
-        all_ids: list[list[int]] = []
-        for k, r in enumerate(requests):
-            stride = r.stride or window
-            if not 0 < stride <= window:
-                raise DiffbenchError(
-                    f"a rolling stride of {r.stride} tokens is outside 1..{window}, the "
-                    f"context of model {self.info.label!r}"
-                )
-            ids = list(self.tokenizer(r.text, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise DiffbenchError("a rolling request's text encodes to no tokens")
-            all_ids.append(ids)
-            seq = [int(first), *ids]
-            done = 0
-            while done < len(ids):
-                n_new = min(window if done == 0 else stride, len(ids) - done)
-                end = done + n_new
-                prompts.append(seq[max(0, end - window) : end])
+        plans = [plan_rolling(self.tokenizer, self.info, r) for r in requests]
+        for k, plan in enumerate(plans):
+            for w in plan.windows:
+                prompts.append(plan.seq[w.start : w.end])
                 params.append(
                     SamplingParams(
                         temperature=0.0,
                         max_tokens=1,
                         prompt_logprobs=0,
-                        logprob_token_ids=[seq[end]],
+                        logprob_token_ids=[plan.seq[w.end]],
                         detokenize=False,
                     )
                 )
-                spans.append((k, done, n_new))
-                done = end
+                spans.append((k, w.end - w.n_new, w.n_new))
         per_request: list[list[float]] = [[] for _ in requests]
         for out, prompt, (k, done, n_new) in zip(
             self._run(prompts, params), prompts, spans, strict=True
         ):
-            seq = [int(first), *all_ids[k]]
+            seq = plans[k].seq
             inside = [
                 out.prompt_logprobs[j][prompt[j]].logprob
                 for j in range(len(prompt) - n_new + 1, len(prompt))
@@ -290,10 +270,10 @@ class VLLMBackend(Backend):
             last = out.outputs[0].logprobs[0][seq[done + n_new]].logprob
             per_request[k] += [*inside, last]
         outs = []
-        for ids, logprobs in zip(all_ids, per_request, strict=True):
+        for plan, logprobs in zip(plans, per_request, strict=True):
             if not all(math.isfinite(x) for x in logprobs):
                 raise DiffbenchError(f"model {self.info.label!r} gave non-finite log-probabilities")
-            outs.append(TokenLogprobs(tuple(ids), tuple(float(x) for x in logprobs)))
+            outs.append(TokenLogprobs(tuple(plan.ids), tuple(float(x) for x in logprobs)))
         return outs
 
     # ---- choice scoring --------------------------------------------------------------------
