@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -52,6 +52,7 @@ from diffbench.api import (
     VERBS,
     Backend,
     Item,
+    ModelInfo,
     Request,
     Task,
     TaskInfo,
@@ -65,7 +66,7 @@ from diffbench.api import (
 from diffbench.config import build_config, config_dict
 from diffbench.errors import DiffbenchError
 from diffbench.models import ModelSpec, check_spec, load_backend
-from diffbench.store import RunStore
+from diffbench.store import RunRecord, RunStore
 from tqdm import tqdm
 
 log = logging.getLogger("diffbench")
@@ -501,31 +502,50 @@ def run(cfg: RunConfig) -> Path:
     return root
 
 
-def _admit(
-    record: dict[str, Any],
-    store: RunStore,
-    spec: ModelSpec,
-    info: dict[str, Any],
-    fingerprints: list[str],
-) -> None:
+@dataclass
+class RecordWriter:
+    """Rank 0's run record, as last written to its store's run.json: a frozen `RunRecord`,
+    replaced whole when a model is admitted and when the run finishes."""
+
+    store: RunStore
+    _record: RunRecord | None = None
+
+    @property
+    def record(self) -> RunRecord:
+        """The record last written (or, on a resume, about to be)."""
+        if self._record is None:
+            raise RuntimeError("the run record is held by rank 0 once the run has started")
+        return self._record
+
+    def hold(self, record: RunRecord) -> None:
+        """Take `record` as the run's record without writing it yet."""
+        self._record = record
+
+    def write(self, record: RunRecord) -> None:
+        """Take `record` as the run's record and write it atomically."""
+        self._record = record
+        self.store.write_record(record)
+
+
+def _admit(writer: RecordWriter, spec: ModelSpec, info: ModelInfo, fingerprints: list[str]) -> None:
     """Record a loaded model in run.json (rank 0); refuse one that changed since the run started
     or that another rank loaded from other files."""
     for rank, other in enumerate(fingerprints):
-        change = fingerprint_change(str(info["fingerprint"]), other)
+        change = fingerprint_change(info.fingerprint, other)
         if change:
             raise DiffbenchError(
                 f"model {spec.label!r} differs between rank 0 and rank {rank} ({change}); "
                 "every rank must load the same checkpoint"
             )
-    old = record["models"].get(spec.label)
-    change = old and fingerprint_change(str(old.get("fingerprint")), info["fingerprint"])
+    record = writer.record
+    old = record.models.get(spec.label)
+    change = old and fingerprint_change(old.fingerprint, info.fingerprint)
     if change:
         raise DiffbenchError(
             f"model {spec.label!r} has changed since this run started ({change}); "
             "use a new --output"
         )
-    record["models"][spec.label] = info
-    store.write_run(record)
+    writer.write(replace(record, models={**record.models, spec.label: info}))
 
 
 def _run_locked(
@@ -538,13 +558,12 @@ def _run_locked(
     """run()'s body, rank 0 holding the run directory's lock and alone writing run.json."""
     root = store.root
     ranks = group.ranks
-    record: dict[str, Any] = {}
+    writer = RecordWriter(store)
 
     def start() -> None:
-        resuming = store.run_file.exists()
-        if resuming:
-            record.update(store.read_run())
-            if record.get("config") != json.loads(json.dumps(ident)):
+        old = store.read_record() if store.run_file.exists() else None
+        if old is not None:
+            if old.config != json.loads(json.dumps(ident)):
                 raise DiffbenchError(
                     f"{root} holds a run with a different configuration; choose another --output "
                     "or delete that directory"
@@ -555,22 +574,22 @@ def _run_locked(
         moved = store.merge_ranks()
         if moved:
             log.info("merged %d samples that the ranks of a stopped run had scored", moved)
-        record.update(
-            {
-                "diffbench_run": 2,  # 2: run.json describes its tasks (`task_info`)
-                "config": ident,
-                "task_info": {n: TaskInfo.of(p.task).to_json() for n, p in prepared.items()},
-                "task_order": list(prepared),  # run.json's keys are sorted
-                "versions": versions(),
-                "git_revision": git_revision(),
-                "command": sys.argv,
-                "world_size": ranks.world_size,
-                "started": record.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-            }
+        record = RunRecord(
+            config=ident,
+            task_info={n: TaskInfo.of(p.task).to_json() for n, p in prepared.items()},
+            task_order=tuple(prepared),
+            models=old.models if old else {},
+            versions=versions(),
+            git_revision=git_revision(),
+            command=tuple(sys.argv),
+            world_size=ranks.world_size,
+            started=old.started if old and old.started else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            finished=old.finished if old else None,
         )
-        record.setdefault("models", {})
-        if not resuming:  # a resume rewrites run.json only once its first model is found unchanged
-            store.write_run(record)
+        if old is None:
+            writer.write(record)
+        else:  # a resume rewrites run.json only once its first model is found unchanged
+            writer.hold(record)
 
     group.first(start)
     interleaved = {n: p for n, p in prepared.items() if interleaves(p.task)}
@@ -578,7 +597,7 @@ def _run_locked(
         for spec in cfg.models:
             if all(name in interleaved for name in prepared if spec.runs(name)):
                 continue  # it loads with the others for its interleaved tasks
-            backend = _load_model(spec, record, store, group)
+            backend = _load_model(spec, writer, group)
             try:
                 # Every task's requests first (an interleaved task's too): a task that cannot run
                 # on this model (a prompt beyond its context) stops the run before any other task
@@ -602,7 +621,7 @@ def _run_locked(
         if interleaved:
             group.barrier()  # no rank computes while rank 0 times
             if ranks.rank == 0:
-                _run_interleaved(cfg, interleaved, record, store)
+                _run_interleaved(cfg, interleaved, writer)
     finally:
         store.close()
     group.barrier()  # every rank's samples are on disk
@@ -610,8 +629,8 @@ def _run_locked(
     def finish() -> None:
         store.merge_ranks()
         aggregate(store, prepared)
-        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        store.write_run(record)
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        writer.write(replace(writer.record, finished=finished))
 
     group.first(finish)
 
@@ -621,22 +640,22 @@ def interleaves(task: Task) -> bool:
     return bool(getattr(task, "interleave_models", False))
 
 
-def _load_model(spec: ModelSpec, record: dict[str, Any], store: RunStore, group: Group) -> Backend:
+def _load_model(spec: ModelSpec, writer: RecordWriter, group: Group) -> Backend:
     """The model's backend, loaded and recorded in run.json (every rank of `group` loads it)."""
     t0 = time.perf_counter()
     backend = load_backend(spec)
     try:
-        info = backend.info.__dict__.copy()
-        fingerprints = group.gather(str(info["fingerprint"]))
-        group.first(partial(_admit, record, store, spec, info, fingerprints))
+        info = backend.info
+        fingerprints = group.gather(info.fingerprint)
+        group.first(partial(_admit, writer, spec, info, fingerprints))
     except BaseException:
         backend.close()
         raise
     log.info(
         "loaded %s (%s, %s parameters) in %.1fs",
         spec.label,
-        info["architecture"],
-        f"{info['n_parameters']:,}",
+        info.architecture,
+        f"{info.n_parameters:,}",
         time.perf_counter() - t0,
     )
     return backend
@@ -661,17 +680,17 @@ def _plan(
 def _run_interleaved(
     cfg: RunConfig,
     interleaved: dict[str, PreparedTask],
-    record: dict[str, Any],
-    store: RunStore,
+    writer: RecordWriter,
 ) -> None:
     """Score the interleaved tasks: every model that runs one loaded at once, each item index
     answered on every model in turn (in the run's model order), each sample stored as it comes."""
+    store = writer.store
     specs = [s for s in cfg.models if any(s.runs(name) for name in interleaved)]
     alone = Group(Ranks())  # rank 0 by itself: no other rank loads these models
     with ExitStack() as loaded:
         backends: dict[str, Backend] = {}
         for spec in specs:
-            backends[spec.label] = _load_model(spec, record, store, alone)
+            backends[spec.label] = _load_model(spec, writer, alone)
             loaded.callback(backends[spec.label].close)
         # Every model's requests before the first is timed (the context checks).
         plans = {

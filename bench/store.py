@@ -1,6 +1,7 @@
 """The results store: one run directory that reports and plots read, and runs resume from.
 
-Layout: `run.json` (resolved config, versions, model identities), `metrics.csv` (tidy: one row per
+Layout: `run.json` (the run record: resolved config, task descriptions, model identities,
+versions; `RunRecord`), `metrics.csv` (tidy: one row per
 task x setting x metric x model), `samples/<task>/<model>.jsonl` (one scored sample per line,
 appended and flushed as scored), `report.md` and `figures/`, and `.diffbench.lock`, held by the one
 process that writes the run (rank 0 of a data-parallel run).
@@ -18,18 +19,20 @@ the same (model, id) supersedes an earlier one (a resume re-scores a sample whos
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
-from diffbench.api import INPUT_KEY, METRIC_COLUMNS, Sample
+from diffbench.api import INPUT_KEY, METRIC_COLUMNS, ModelInfo, Sample
 from diffbench.errors import DiffbenchError
 from filelock import FileLock, Timeout
 
@@ -37,6 +40,13 @@ log = logging.getLogger("diffbench")
 
 LOCK_FILE = ".diffbench.lock"
 RANK_DIR = re.compile(r"rank(\d+)")
+
+# The shape of run.json that this code writes, and the newest it reads; run.json holds it under
+# VERSION_KEY. 1: config, versions, git_revision, command, started, models, finished. 2: adds
+# task_info (task_order and world_size came later without a bump: readers default them). Bump it
+# only when the written shape changes, and teach `RunRecord.from_json` to read the older shapes.
+RUN_RECORD_VERSION = 2
+VERSION_KEY = "diffbench_run"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -55,6 +65,167 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _malformed(source: str, what: str) -> DiffbenchError:
+    return DiffbenchError(f"{source} is not a valid diffbench run record: {what}")
+
+
+def _typed(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
+    """data[key], refused in one line unless it is a `kind` (a bool is no int here)."""
+    value = data[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        raise _malformed(source, f"{key!r} is {type(value).__name__} {value!r}")
+    return value
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _str_map(data: Mapping[str, Any], key: str, source: str) -> dict[str, str]:
+    value = _typed(data, key, dict, source)
+    if not all(isinstance(v, str) for v in value.values()):
+        raise _malformed(source, f"{key!r} holds a value that is not text")
+    return dict(value)
+
+
+def _str_list(data: Mapping[str, Any], key: str, source: str) -> tuple[str, ...]:
+    value = _typed(data, key, list, source)
+    if not all(isinstance(v, str) for v in value):
+        raise _malformed(source, f"{key!r} holds an entry that is not text")
+    return tuple(value)
+
+
+# ModelInfo's fields and the JSON types run.json holds them as (every version recorded them all).
+_MODEL_FIELDS: dict[str, type] = {
+    "label": str,
+    "spec": str,
+    "backend": str,
+    "path": str,
+    "architecture": str,
+    "n_parameters": int,
+    "dtype": str,
+    "max_context": int,
+    "has_chat_template": bool,
+    "fingerprint": str,
+}
+
+
+def _model_info(label: str, data: Any, source: str) -> ModelInfo:
+    """One entry of run.json's `models`, typed."""
+    where = f"{source} model {label!r}"
+    if not isinstance(data, dict):
+        raise _malformed(source, f"model {label!r} is {type(data).__name__}, not an object")
+    missing = [k for k in _MODEL_FIELDS if k not in data]
+    if missing:
+        raise _malformed(source, f"model {label!r} lacks {', '.join(missing)}")
+    values = {k: _typed(data, k, kind, where) for k, kind in _MODEL_FIELDS.items()}
+    return ModelInfo(**values)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: what a run was asked to do, what ran it, and what it describes about its tasks
+    and models, so that readers need neither the command nor the plugins.
+
+    `config` is the resolved run definition (`runner.identity`: tasks' options, models, seed,
+    limit), which a resume must match; `task_info` maps each task to the dict form that
+    `api.TaskInfo.from_json` reads. Fields that older runs lack read as their defaults.
+    """
+
+    config: Mapping[str, Any]
+    task_info: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    task_order: tuple[str, ...] = ()  # the run's task order (run.json's keys are sorted)
+    models: Mapping[str, ModelInfo] = field(default_factory=dict)  # by label, once loaded
+    versions: Mapping[str, str] = field(default_factory=dict)  # python, platform, packages
+    git_revision: str | None = None
+    command: tuple[str, ...] = ()  # the command line that started (or last resumed) the run
+    world_size: int = 1  # data-parallel ranks
+    started: str = ""
+    finished: str | None = None  # None: running, or stopped before the end
+    version: int = RUN_RECORD_VERSION  # the shape this record was written in
+
+    @property
+    def model_labels(self) -> tuple[str, ...]:
+        """The configured models' labels, in the run's order."""
+        return tuple(m["label"] for m in self.config.get("models", ()))
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The configured tasks."""
+        return tuple(self.config.get("tasks", {}))
+
+    @property
+    def seed(self) -> int | None:
+        """The run's seed (None if the config does not record one)."""
+        seed = self.config.get("seed")
+        return seed if isinstance(seed, int) else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as run.json stores it."""
+        out: dict[str, Any] = {
+            VERSION_KEY: self.version,
+            "config": dict(self.config),
+            "task_info": {k: dict(v) for k, v in self.task_info.items()},
+            "task_order": list(self.task_order),
+            "models": {k: dataclasses.asdict(v) for k, v in self.models.items()},
+            "versions": dict(self.versions),
+            "git_revision": self.git_revision,
+            "command": list(self.command),
+            "world_size": self.world_size,
+            "started": self.started,
+        }
+        if self.finished is not None:  # absent until the run ends, as runs always wrote it
+            out["finished"] = self.finished
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "run.json") -> RunRecord:
+        """The record read back from run.json's parsed JSON (any version up to
+        RUN_RECORD_VERSION); one-line DiffbenchError, naming `source`, for anything else."""
+        if not isinstance(data, dict):
+            raise _malformed(source, f"a JSON {type(data).__name__}, not an object")
+        if VERSION_KEY not in data:
+            raise _malformed(source, f"no {VERSION_KEY!r} version")
+        version = _typed(data, VERSION_KEY, int, source)
+        if version > RUN_RECORD_VERSION:
+            raise DiffbenchError(
+                f"{source} was written by a newer diffbench (run record version {version}; "
+                f"this one reads up to {RUN_RECORD_VERSION}): upgrade diffbench"
+            )
+        if version < 1:
+            raise _malformed(source, f"version {version}")
+        if "config" not in data:
+            raise _malformed(source, "no 'config'")
+        config = _typed(data, "config", dict, source)
+        models = _typed(config, "models", list, source) if "models" in config else []
+        if not all(isinstance(m, dict) and isinstance(m.get("label"), str) for m in models):
+            raise _malformed(source, "a configured model without a text 'label'")
+        if "tasks" in config:
+            _typed(config, "tasks", dict, source)
+        task_info = _typed(data, "task_info", dict, source) if "task_info" in data else {}
+        if not all(isinstance(v, dict) for v in task_info.values()):
+            raise _malformed(source, "a 'task_info' entry that is not an object")
+        recorded = _typed(data, "models", dict, source) if "models" in data else {}
+        has = data.__contains__
+        return cls(
+            config=config,
+            task_info=task_info,
+            task_order=_str_list(data, "task_order", source) if has("task_order") else (),
+            models={k: _model_info(k, v, source) for k, v in recorded.items()},
+            versions=_str_map(data, "versions", source) if has("versions") else {},
+            git_revision=_typed(data, "git_revision", (str, type(None)), source)
+            if has("git_revision")
+            else None,
+            command=_str_list(data, "command", source) if has("command") else (),
+            world_size=_typed(data, "world_size", int, source) if has("world_size") else 1,
+            started=_typed(data, "started", str, source) if has("started") else "",
+            finished=_typed(data, "finished", (str, type(None)), source)
+            if has("finished")
+            else None,
+            version=version,
+        )
 
 
 def natural_key(column: pd.Series) -> pd.Series:
@@ -211,17 +382,24 @@ class RunStore:
 
     # ---- run.json --------------------------------------------------------------------------
 
-    def read_run(self) -> dict[str, Any]:
-        """The run record; a clear error when it is unreadable."""
+    def read_record(self) -> RunRecord:
+        """The run record; a one-line error when it is unreadable, malformed or too new."""
         try:
-            data: dict[str, Any] = json.loads(self.run_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DiffbenchError(f"cannot read {self.run_file}: {err}") from None
-        return data
+            data = json.loads(self.run_file.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise DiffbenchError(f"cannot read {self.run_file}: {err.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DiffbenchError(f"{self.run_file} is not valid JSON ({err})") from None
+        return RunRecord.from_json(data, str(self.run_file))
 
-    def write_run(self, record: dict[str, Any]) -> None:
-        """Write the run record atomically."""
-        write_atomic(self.run_file, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    def write_record(self, record: RunRecord) -> None:
+        """Write the run record atomically (keys sorted: byte-reproducible)."""
+        text = json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n"
+        write_atomic(self.run_file, text)
+
+    def read_run(self) -> dict[str, Any]:
+        """The run record as run.json's dict, for readers not yet moved to `read_record`."""
+        return self.read_record().to_json()
 
     # ---- samples ---------------------------------------------------------------------------
 
