@@ -8,28 +8,27 @@ tasks falls back, in `_installed_task_info` alone, to the installed plugin, with
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from diffbench.api import METRIC_COLUMNS, TaskInfo
 from diffbench.errors import DiffbenchError
 from diffbench.stats import SampleIndex, SampleScores, setting_text
-from diffbench.store import RunStore
+from diffbench.store import RunRecord, RunStore
 
 log = logging.getLogger("diffbench")
 
 
 @dataclass(frozen=True)
-class RunRecord:
-    """One run directory of a comparison and how its model labels appear there."""
+class LoadedRun:
+    """One run directory of a comparison, its run record, and how its model labels appear
+    there."""
 
     path: Path
-    record: dict[str, Any]
+    record: RunRecord
     labels: dict[str, str]  # label in the run -> label in the comparison
 
 
@@ -40,7 +39,7 @@ class Results:
 
     metrics: pd.DataFrame
     samples: dict[str, SampleIndex]
-    runs: tuple[RunRecord, ...]
+    runs: tuple[LoadedRun, ...]
     models: tuple[str, ...]
     tasks: Mapping[str, TaskInfo]
 
@@ -95,11 +94,9 @@ def _installed_task_info(task: str, run_dir: Path) -> TaskInfo:
     return TaskInfo.of(plugin)
 
 
-def task_infos(
-    run_dir: Path, record: Mapping[str, Any], tasks: Iterable[str]
-) -> dict[str, TaskInfo]:
+def task_infos(run_dir: Path, record: RunRecord, tasks: Iterable[str]) -> dict[str, TaskInfo]:
     """Each of `tasks` as run.json describes it (an older run: as its installed plugin does)."""
-    recorded = record.get("task_info") or {}
+    recorded = record.task_info
     out: dict[str, TaskInfo] = {}
     for task in tasks:
         if task not in recorded:
@@ -140,14 +137,14 @@ def merge_task_infos(sources: Sequence[tuple[str, Mapping[str, TaskInfo]]]) -> d
 def load_run(run_dir: Path) -> Results:
     """One run directory's metrics, samples and task descriptions."""
     store = RunStore.open_existing(run_dir)
-    record = store.read_run()
+    record = store.read_record()
     metrics = store.metrics()
     for column in (c for c in metrics.columns if c not in METRIC_COLUMNS):
         # A setting written 25.0 by one run and 25 by another is one setting.
         metrics[column] = metrics[column].map(lambda v: "" if v == "" else setting_text(v))
     # In the run's own task order (run.json's `task_order`; runs before it: alphabetical).
     measured = set(metrics["task"].unique())
-    order = [t for t in record.get("task_order", []) if t in measured]
+    order = [t for t in record.task_order if t in measured]
     names = order + sorted(measured - set(order))
     tasks = task_infos(run_dir, record, names)
     samples: dict[str, SampleIndex] = {}
@@ -156,11 +153,11 @@ def load_run(run_dir: Path) -> Results:
             c for c in metrics.columns if c not in METRIC_COLUMNS
         )
         samples[task] = SampleIndex.build(store.samples(task), keys, tasks[task].metric_defs)
-    configured = [m["label"] for m in record.get("config", {}).get("models", [])]
+    configured = record.model_labels
     present = list(dict.fromkeys(metrics["model"]))
     models = [m for m in configured if m in present] + [m for m in present if m not in configured]
     labels = {m: m for m in models}
-    return Results(metrics, samples, (RunRecord(run_dir, record, labels),), tuple(models), tasks)
+    return Results(metrics, samples, (LoadedRun(run_dir, record, labels),), tuple(models), tasks)
 
 
 def _relabel(results: Results, suffix: str) -> Results:
@@ -174,7 +171,7 @@ def _relabel(results: Results, suffix: str) -> Results:
         )
         for t, s in results.samples.items()
     }
-    runs = tuple(RunRecord(r.path, r.record, labels) for r in results.runs)
+    runs = tuple(LoadedRun(r.path, r.record, labels) for r in results.runs)
     return Results(metrics, samples, runs, tuple(labels.values()), results.tasks)
 
 
@@ -232,23 +229,24 @@ class RunSummary:
 
 
 def list_runs(root: Path) -> list[RunSummary]:
-    """Run directories directly under `root` (those holding run.json), oldest first."""
+    """Run directories directly under `root` (those holding run.json), oldest first; one whose
+    run.json cannot be read (damaged, or from a newer diffbench) is left out with a warning."""
     if not root.is_dir():
         raise DiffbenchError(f"{root} is not a directory; run something first or pass --root")
     out = []
     for run_file in root.glob("*/run.json"):
         try:
-            record = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            record = RunStore(run_file.parent).read_record()
+        except DiffbenchError as err:
+            log.warning("skipping %s: %s", run_file.parent, err)
             continue
-        config = record.get("config", {})
         out.append(
             RunSummary(
                 run_file.parent,
-                tuple(config.get("tasks", {})),
-                tuple(m.get("label", "?") for m in config.get("models", [])),
-                str(record.get("started", "")),
-                record.get("finished"),
+                record.task_names,
+                record.model_labels,
+                record.started,
+                record.finished,
             )
         )
     return sorted(out, key=lambda r: (r.started, r.path.name))

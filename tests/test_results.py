@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 from test_cli_errors import assert_one_line_error
 from test_report import default_grid_run
+from test_store import TODAYS_RUN_JSON, cli_main, first_run_json, write_run_json
 
 # A task name no installed plugin has.
 UNPLUGGED = "icl_unplugged"
@@ -182,3 +183,43 @@ def test_runs_that_disagree_on_a_metrics_direction_are_refused(grid_run, tmp_pat
         assert_one_line_error(
             run_cli(tmp_path, *args), "disagree on whether lower is better for icl margin"
         )
+
+
+def test_runs_lists_run_records_of_every_version_and_skips_a_newer_or_damaged_one(tmp_path, capsys):
+    root = tmp_path / "results"
+    write_run_json(root / "today", TODAYS_RUN_JSON)
+    write_run_json(root / "first", first_run_json())
+    write_run_json(root / "newer", {**TODAYS_RUN_JSON, "diffbench_run": 3})
+    write_run_json(root / "torn", '{"diffbench_run": 2, "conf')
+    assert cli_main("runs", "--root", str(root)) == 0
+    out, err = capsys.readouterr()
+    rows = [line.split() for line in out.splitlines()[1:]]
+    started = TODAYS_RUN_JSON["started"]
+    assert sorted(rows) == [
+        [str(root / "first"), "zeroshot", "tiny-diff", started, "—"],  # stopped: no finished
+        [str(root / "today"), "zeroshot", "tiny-diff", started, TODAYS_RUN_JSON["finished"]],
+    ]
+    assert "skipping" in err and "newer diffbench (run record version 3" in err
+    assert f"{root / 'torn' / 'run.json'} is not valid JSON" in err
+
+
+def test_a_report_reads_its_provenance_from_a_first_version_run_record(grid_run, tmp_path):
+    old = copy_run(grid_run, tmp_path / "old")
+
+    def first_version(record: dict) -> None:
+        for key in ("task_order", "world_size", "finished"):
+            del record[key]
+        record["diffbench_run"] = 1
+        del record["models"]["tiny-base"]  # a model the record never got to
+
+    edit_record(old, first_version)
+    res = run_cli(tmp_path, "report", str(old))
+    assert res.returncode == 0, res.stderr
+    md = (old / "report.md").read_text()
+    provenance = md.split("## Provenance\n")[1]
+    assert "| tiny-base | ? | ? | ? | ? | ? | ? |" in provenance
+    assert "DiffLlamaForCausalLM" in provenance
+    assert ", finished not yet" in provenance
+    # The same rows, tasks in alphabetical order (the record has no task_order).
+    assert sorted(summary(old).splitlines()) == sorted(summary(grid_run).splitlines())
+    assert summary(old).index("| icl |") < summary(old).index("| niah |")

@@ -181,31 +181,31 @@ def provenance(report: Report) -> Provenance:
     runs = []
     for run in report.results.runs:
         rec = run.record
-        infos = rec.get("models", {})
         for label, shown in run.labels.items():
-            info = infos.get(label, {})
-            n_params = info.get("n_parameters")
+            info = rec.models.get(label)  # None: a model its run never recorded
             rows.append(
-                (
+                (shown, *(("?",) * (len(MODEL_HEAD) - 1)))
+                if info is None
+                else (
                     shown,
-                    str(info.get("spec", "?")),
-                    str(info.get("architecture", "?")),
-                    f"{n_params:,}" if isinstance(n_params, int) else "?",
-                    str(info.get("dtype", "?")),
-                    str(info.get("max_context", "?")),
-                    str(info.get("fingerprint", "?"))[:19],
+                    info.spec,
+                    info.architecture,
+                    f"{info.n_parameters:,}",
+                    info.dtype,
+                    str(info.max_context),
+                    info.fingerprint[:19],
                 )
             )
         runs.append(
             RunProvenance(
                 path=str(run.path),
                 name=run.path.name,
-                seed=str(rec.get("config", {}).get("seed", "?")),
-                started=str(rec.get("started", "?")),
-                finished=str(rec.get("finished") or "not yet"),
-                revision=str(rec.get("git_revision") or ""),
-                versions=", ".join(f"{k} {v}" for k, v in sorted(rec.get("versions", {}).items())),
-                config=json.dumps(rec.get("config", {}), indent=2, sort_keys=True),
+                seed="?" if rec.seed is None else str(rec.seed),
+                started=rec.started or "?",
+                finished=rec.finished or "not yet",
+                revision=rec.git_revision or "",
+                versions=", ".join(f"{k} {v}" for k, v in sorted(rec.versions.items())),
+                config=json.dumps(rec.config, indent=2, sort_keys=True),
             )
         )
     models = Table(MODEL_HEAD, tuple(rows), frozenset({"spec"}))
