@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -79,6 +80,35 @@ def test_default_output_is_named_from_the_run_identity(cli, tiny_pair, tmp_path)
     again = cli(*args)
     assert Path(again.stdout.strip().splitlines()[-1]) == run_dir
     assert "already scored" in again.stderr
+
+
+def test_default_run_dir_of_the_default_suite_is_short_stable_and_follows_the_config(
+    tmp_path, monkeypatch
+):
+    from diffbench.cli import DEFAULT_SUITE, build_parser
+    from diffbench.runconfig import build_run
+
+    monkeypatch.chdir(tmp_path)
+
+    def run_dir(*argv: str) -> Path:
+        output = build_run(build_parser().parse_args(["run", *argv])).output
+        assert output is not None
+        return output
+
+    first = run_dir()
+    assert first.parent == Path("results") and len(str(first)) < 60, first
+    assert re.fullmatch(r"default__tiny-base\+tiny-diff__[0-9a-f]{10}", first.name), first
+    assert run_dir() == first  # the same command resumes the same directory
+    reseeded = run_dir("--seed", "7")
+    assert reseeded != first and reseeded.name.startswith("default__tiny-base+tiny-diff__")
+    # A copy of the suite is named after its file; the same identity keeps the same hash.
+    (tmp_path / "paper.yaml").write_text(DEFAULT_SUITE.read_text(encoding="utf-8"))
+    copy = run_dir("--config", "paper.yaml")
+    assert copy.name == first.name.replace("default__", "paper__", 1)
+    assert run_dir("--tasks", "niah,icl,nll,zeroshot").name.startswith(
+        "niah+icl+nll+1more__tiny-base+tiny-diff__"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["paper.yaml"]  # nothing written
 
 
 def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(cli, tiny_pair, tmp_path):

@@ -101,14 +101,14 @@ def test_sweep_run_end_to_end_records_variants_and_draws_metric_vs_value(cli, ti
     assert "zeroshot_sweep_batch_size_accuracy.png" in (res_dir / "report.md").read_text()
 
 
-def test_default_run_names_stay_portable_and_short_with_many_sweep_labels():
-    from diffbench.models import ModelSpec
-    from diffbench.runner import RunConfig, default_output
+def test_default_run_names_collapse_sweep_variants_and_stay_portable_and_short():
+    from diffbench.runconfig import default_run_dir
+    from diffbench.runner import RunConfig
 
     labels = [f"a-very-long-model-label-{i}@logit_bits={b}" for i in range(6) for b in (16, 8, 4)]
     cfg = RunConfig(("lm-eval:arc_easy", "niah"), tuple(ModelSpec(x, "tiny-base") for x in labels))
-    name = default_output(cfg, {"x": 1}).name
-    assert len(name.encode()) < 255
-    assert (
-        ":" not in name and "lm-eval_arc_easy-niah__a-very-long-model-label-0@logit_bits=16" in name
-    )
+    name = default_run_dir(cfg, {"x": 1}).name
+    models = "+".join(f"a-very-long-model-label-{i}" for i in range(3))
+    assert name.startswith(f"lm-eval_arc_easy+niah__{models}+3more__"), name
+    assert len(name.encode()) < 255 and ":" not in name and "@" not in name
+    assert default_run_dir(cfg, {"x": 2}).name != name  # the identity's hash tells them apart
