@@ -1,4 +1,4 @@
-"""The `diffbench` command line: run, list, report, plot, compare, runs."""
+"""The `diffbench` command line: run, list, report, plot, compare, runs, judge, serve, datasets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from diffbench import judge, serve  # light: their heavy imports wait for the command
+from diffbench import judge, serve, sources  # light: heavy imports wait for the command
 from diffbench.api import ARROWS, declared_metrics
 from diffbench.errors import DiffbenchError
 from diffbench.runconfig import DEFAULT_SUITE as DEFAULT_SUITE  # what `run` runs by default
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--root", type=_path, default=Path("results"), help="default: results/")
     judge.add_command(sub, _path)
     serve.add_command(sub)
+    sources.add_command(sub)
     return p
 
 
@@ -332,10 +333,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(f"no runs under {args.root}")
         return 0
     table = [["run", "tasks", "models", "started", "finished"]]
-    for r in found:
-        table.append(
-            [str(r.path), ",".join(r.tasks), ",".join(r.models), r.started, r.finished or "—"]
-        )
+    table += [[str(r.path), ",".join(r.tasks), ",".join(r.models), r.started, r.finished or "—"]
+              for r in found]  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -355,6 +354,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {  # lm-eval: main ha
     "compare": _cmd_compare,
     "runs": _cmd_runs,
     "judge": judge.run_command,
+    "datasets": sources.run_command,
     "serve": _cmd_serve,
 }
 

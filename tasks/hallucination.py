@@ -74,24 +74,8 @@ class Example:
     reference: str
 
 
-@dataclass(frozen=True)
-class HubSpec:
-    hub_id: str
-    config: str | None
-    document: str
-    reference: str
-    question: str = ""  # empty: a summarisation set
-    split: str = "test"
-
-
-HUB = {
-    "xsum": HubSpec("EdinburghNLP/xsum", None, "document", "summary"),
-    "cnndm": HubSpec("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
-    "multinews": HubSpec("alexfabbri/multi_news", None, "document", "summary"),
-    "qasper": HubSpec("THUDM/LongBench", "qasper", "context", "answers", "input"),
-    "hotpotqa": HubSpec("THUDM/LongBench", "hotpotqa", "context", "answers", "input"),
-    "2wikimqa": HubSpec("THUDM/LongBench", "2wikimqa", "context", "answers", "input"),
-}
+# The hub datasets (their pinned sources: bench/sources.py).
+HUB = ("xsum", "cnndm", "multinews", "qasper", "hotpotqa", "2wikimqa")
 
 
 def _text(value: Any) -> str:
@@ -101,25 +85,28 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _from_hub(name: str) -> tuple[Example, ...]:
-    spec = HUB[name]
-    try:
-        import datasets
+@functools.cache
+def _from_hub(name: str, cache: Path) -> tuple[Example, ...]:
+    """Hub dataset `name` from its pinned source in hub cache `cache` (fetched unless offline)."""
+    from diffbench import sources
 
-        ds = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split)
-    except Exception as err:  # the hub raises many types when offline or gated
-        raise DiffbenchError(
-            f"cannot load dataset {name!r} ({spec.hub_id}): {type(err).__name__}; without the "
-            "hub, give a local JSON Lines file with document, question, reference: "
-            "--set hallucination.datasets=PATH"
-        ) from None
-    return tuple(
-        Example(f"{name}-{i}", _text(row[spec.document]),
-                _text(row[spec.question]) if spec.question else "", _text(row[spec.reference]))
-        for i, row in enumerate(ds)
-    )  # fmt: skip
+    source = sources.get(name)
+    table = sources.read(source, source.split)
+    reference = "answers" if "answers" in source.columns else "summary"
+    out = []
+    for i, row in enumerate(table.rows):
+        document, ref = _text(row["document"]), _text(row[reference])
+        if not document.strip() or not ref.strip():
+            missing = "document" if not document.strip() else reference
+            raise DiffbenchError(
+                f"dataset {name} ({source.repo}, split {source.split}): row {i + 1} has no "
+                f"{missing}"
+            )
+        out.append(Example(f"{name}-{i}", document, _text(row.get("question")), ref))
+    return tuple(out)
 
 
+@functools.cache
 def _from_jsonl(path: Path) -> tuple[Example, ...]:
     out = []
     for n, row in read_objects(path, "hallucination dataset file"):
@@ -137,13 +124,14 @@ def _from_jsonl(path: Path) -> tuple[Example, ...]:
     return tuple(out)
 
 
-@functools.cache
 def load(name: str) -> tuple[Example, ...]:
     """The examples of dataset `name`: shipped, a hub name, or a local .jsonl path."""
     if name in SHIPPED:
         return _from_jsonl(DATA_DIR / SHIPPED[name])
     if name in HUB:
-        return _from_hub(name)
+        from diffbench import sources
+
+        return _from_hub(name, sources.cache_root())
     path = Path(name).expanduser()
     if path.suffix == ".jsonl" or path.exists():
         return _from_jsonl(path)

@@ -108,21 +108,19 @@ def _separate(
 
 
 @dataclass(frozen=True)
-class HubSpec:
-    hub_id: str
-    config: str | None
-    text_field: str
-    label_field: str
+class PromptNames:
+    """How a hub dataset's prompt names its input and its label."""
+
     input_name: str
     label_name: str
-    test_split: str
 
 
+# The hub datasets (their sources: bench/sources.py) and their prompt field names.
 HUB = {
-    "trec": HubSpec("CogComp/trec", None, "text", "coarse_label", "Question", "Type", "test"),
-    "trec-fine": HubSpec("CogComp/trec", None, "text", "fine_label", "Question", "Type", "test"),
-    "banking77": HubSpec("PolyAI/banking77", None, "text", "label", "query", "intent", "test"),
-    "clinic150": HubSpec("clinc_oos", "plus", "text", "intent", "utterance", "intent", "test"),
+    "trec": PromptNames("Question", "Type"),
+    "trec-fine": PromptNames("Question", "Type"),
+    "banking77": PromptNames("query", "intent"),
+    "clinic150": PromptNames("utterance", "intent"),
 }
 TREC_COARSE = {
     "ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
@@ -141,31 +139,42 @@ def _label_name(dataset: str, raw: str) -> str:
 
 
 def _from_hub(name: str) -> IclDataset:
-    spec = HUB[name]
-    try:
-        import datasets
+    """Hub dataset `name` from its pinned parquet source (the hub cache when offline)."""
+    from diffbench import sources
 
-        ds = datasets.load_dataset(spec.hub_id, spec.config)
-    except Exception as err:  # the hub raises many types when offline or gated
-        raise DiffbenchError(
-            f"cannot load dataset {name!r} ({spec.hub_id}): {type(err).__name__}; without the "
-            "hub, point at a local copy: --set icl.dataset=PATH --set icl.text_field=COLUMN "
-            "--set icl.label_field=COLUMN [--set icl.test_file=PATH]"
-        ) from None
-    names = ds["train"].features[spec.label_field].names
+    source = sources.get(name)
 
     def rows(split: str) -> tuple[Example, ...]:
-        part = ds[split]
-        return tuple(
-            Example(str(t), _label_name(name, names[int(y)]))
-            for t, y in zip(part[spec.text_field], part[spec.label_field], strict=True)
-        )
+        table = sources.read(source, split)
+        names = table.label_names.get("label")
+        out = []
+        for i, row in enumerate(table.rows):
+            raw = row["label"]
+            if names is not None:
+                raw = names[int(raw)]
+            if not str(row["text"] or "").strip() or raw is None or not str(raw).strip():
+                raise DiffbenchError(
+                    f"dataset {name} ({source.repo}, split {split}): row {i + 1} has no "
+                    f"{'text' if not str(row['text'] or '').strip() else 'label'}"
+                )
+            out.append(Example(str(row["text"]).strip(), _label_name(name, str(raw))))
+        return tuple(out)
 
-    train, test, dropped = _separate(rows("train"), rows(spec.test_split))
-    return IclDataset(
-        name, train, test, tuple(sorted({e.label for e in train})), spec.input_name,
-        spec.label_name, dropped,
-    )  # fmt: skip
+    train, test, dropped = _separate(rows("train"), rows(source.split))
+    labels = tuple(sorted({e.label for e in train}))
+    _check_test_labels(name, labels, test)
+    names = HUB[name]
+    return IclDataset(name, train, test, labels, names.input_name, names.label_name, dropped)
+
+
+def _check_test_labels(name: str, labels: tuple[str, ...], test: tuple[Example, ...]) -> None:
+    """Refuse test examples whose label no demonstration has: it could never be answered."""
+    unknown = sorted({e.label for e in test} - set(labels))
+    if unknown:
+        raise DiffbenchError(
+            f"test examples of {name} use {len(unknown)} label(s) never seen in its "
+            f"demonstrations, e.g. {unknown[0]!r}"
+        )
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -218,11 +227,7 @@ def _from_files(
     labels = tuple(sorted({e.label for e in train}))
     if len(labels) < 2:
         raise DiffbenchError(f"dataset {path} needs at least two labels, found {len(labels)}")
-    unknown = sorted({e.label for e in test} - set(labels))
-    if unknown:
-        raise DiffbenchError(
-            f"test examples of {path} use labels never seen in its demonstrations: {unknown[:3]}"
-        )
+    _check_test_labels(str(path), labels, test)
     return IclDataset(path.name, train, test, labels, dropped=dropped)
 
 
