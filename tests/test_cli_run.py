@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from conftest import kill_when, models_arg
 
 SMALL = ["--tasks", "niah", "--set", "niah.lengths=256,512", "--set", "niah.samples=2"]
@@ -111,6 +112,7 @@ def test_default_run_dir_of_the_default_suite_is_short_stable_and_follows_the_co
     assert [p.name for p in tmp_path.iterdir()] == ["paper.yaml"]  # nothing written
 
 
+@pytest.mark.slow  # a killed subprocess, twice the run
 def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(cli, tiny_pair, tmp_path):
     args = [
         "run",
@@ -148,6 +150,8 @@ def test_batch_size_one_and_eight_give_identical_niah_results(cli, tiny_pair, tm
         res = cli(
             "run",
             *SMALL,
+            "--set",
+            "niah.depths=0,50,100",
             "--models",
             models_arg(tiny_pair),
             "--no-report",

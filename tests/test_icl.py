@@ -100,7 +100,7 @@ def test_automatic_shot_sweep_stops_at_the_context_limit(tiny_pair):
 
 @pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
 def test_prefix_shared_scoring_equals_naive_scoring_on_icl_prompts(tiny_pair, views, arch):
-    cfg = IclConfig(shots=(8,), draws=1, test_size=6)
+    cfg = IclConfig(shots=(8,), draws=1, test_size=4, classes=6)
     items = TASK.items(cfg, views[arch].tokenizer_view(), seed=0)
     full = [dataclasses.replace(it.request, method="full") for it in items]
     path = tiny_pair[arch]

@@ -66,6 +66,7 @@ def stop_when(args: list[str], cwd: Path, watched: Path, min_lines: int) -> subp
     return proc
 
 
+@pytest.mark.slow  # a second process against a stopped first one
 def test_second_writer_of_a_run_directory_is_refused_and_the_first_writes_no_duplicates(
     tiny_pair, tmp_path
 ):
