@@ -10,7 +10,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import pandas as pd
@@ -618,6 +617,125 @@ def declared_metrics(task: Any) -> tuple[Metric, ...]:
     return tuple(out)
 
 
+# The kinds of figure a task may declare; `diffbench.render.figures` draws each one.
+FigureKind: TypeAlias = Literal["line", "bars", "heatmap", "spread"]
+FIGURE_KINDS = ("line", "bars", "heatmap", "spread")
+# How a line figure shows each row's 95% interval (value +- 1.96 stderr).
+FigureErrors: TypeAlias = Literal["bars", "band", "none"]
+FIGURE_ERRORS = ("bars", "band", "none")
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure a task declares, drawn from its metrics.csv rows alone: run.json records it,
+    so a report draws it with no plugin installed.
+
+    Its rows: the task's rows of `metrics` whose settings match `where` (a value, ALL, or
+    LARGEST: the largest value among each figure's rows, as in `Headline.where`). One figure per
+    combination of the `per` settings (a setting that varies among the rows and has no place in
+    the spec is added to them); its file is `<task>_<stem>`, `stem` and `title` formatted with
+    the figure's setting values: `{length}`, or `{dataset.stem}` (a path's file name without its
+    suffix), and `{task}`. A row whose `x` setting is a wildcard is left out of the axis.
+
+    Kinds:
+    - "line": each model's value against the `x` setting (by value where every value is a
+      number), a line per model and per value of `style` (dashed, dotted); a panel per value of
+      `panels`, or per metric when there are several; 95% intervals from the rows' stderr as
+      `errors` says, and a band between the values of the two `shade` metrics.
+    - "bars": a group of bars per combination of the `x` settings (labelled by the values that
+      vary, joined with "/"), a bar per model, with 95% intervals.
+    - "heatmap": the metric over `x` (columns) by `y` (rows), a panel per model, the panels
+      sharing axes and colour scale (green is better); a row of `y` = ALL is drawn last, under a
+      rule, as "mean".
+    - "spread": the metric of every combination of the `x` settings (each one prompt, draw or
+      order), in order, a panel per model on one y scale, the best and the worst dashed and the
+      margin between them written (the paper's Figure 7).
+    """
+
+    kind: FigureKind
+    metrics: tuple[str, ...]
+    x: tuple[str, ...]
+    stem: str
+    title: str = ""
+    y: str = ""  # heatmap rows
+    panels: str = ""
+    per: tuple[str, ...] = ()
+    where: Mapping[str, str] = field(default_factory=dict)
+    style: str = ""
+    errors: FigureErrors = "bars"
+    shade: tuple[str, ...] = ()  # (low metric, high metric)
+    x_label: str = ""
+    y_label: str = ""  # the value's axis; a heatmap's `y` setting
+    log_x: bool = False
+    log_y: bool = False
+    limits: tuple[float, ...] = ()  # (low, high) of the value's axis or colour scale
+    share_y: bool = True
+
+    def __post_init__(self) -> None:
+        where = f"figure {self.stem!r}"
+        if self.kind not in FIGURE_KINDS:
+            raise ValueError(f"{where}: kind must be one of {FIGURE_KINDS}, not {self.kind!r}")
+        if self.errors not in FIGURE_ERRORS:
+            raise ValueError(f"{where}: errors must be one of {FIGURE_ERRORS}")
+        if not self.metrics or not self.x or not self.stem:
+            raise ValueError(f"{where}: needs metrics, x settings and a stem")
+        if self.kind in ("line", "heatmap") and len(self.x) != 1:
+            raise ValueError(f"{where}: a {self.kind} has one x setting")
+        if (self.kind == "heatmap") != bool(self.y):
+            raise ValueError(f"{where}: a heatmap, and only a heatmap, has a y setting")
+        if len(self.metrics) > 1 and (self.kind not in ("line", "bars") or self.panels):
+            raise ValueError(f"{where}: several metrics are a line or bars figure's panels")
+        if len(self.shade) not in (0, 2) or len(self.limits) not in (0, 2):
+            raise ValueError(f"{where}: shade and limits are pairs (low, high)")
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as run.json stores it."""
+        return {
+            "kind": self.kind,
+            "metrics": list(self.metrics),
+            "x": list(self.x),
+            "stem": self.stem,
+            "title": self.title,
+            "y": self.y,
+            "panels": self.panels,
+            "per": list(self.per),
+            "where": dict(self.where),
+            "style": self.style,
+            "errors": self.errors,
+            "shade": list(self.shade),
+            "x_label": self.x_label,
+            "y_label": self.y_label,
+            "log_x": self.log_x,
+            "log_y": self.log_y,
+            "limits": list(self.limits),
+            "share_y": self.share_y,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FigureSpec:
+        """The spec read back from run.json."""
+        return cls(
+            data["kind"],
+            tuple(str(m) for m in data["metrics"]),
+            tuple(str(k) for k in data["x"]),
+            str(data["stem"]),
+            str(data.get("title", "")),
+            str(data.get("y", "")),
+            str(data.get("panels", "")),
+            tuple(str(k) for k in data.get("per", ())),
+            {str(k): str(v) for k, v in data.get("where", {}).items()},
+            str(data.get("style", "")),
+            data.get("errors", "bars"),
+            tuple(str(m) for m in data.get("shade", ())),
+            str(data.get("x_label", "")),
+            str(data.get("y_label", "")),
+            bool(data.get("log_x", False)),
+            bool(data.get("log_y", False)),
+            tuple(float(v) for v in data.get("limits", ())),
+            bool(data.get("share_y", True)),
+        )
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What a run directory records about each of its tasks, so that statistics, comparisons and
@@ -630,6 +748,9 @@ class TaskInfo:
     headline: tuple[Headline, ...]
     # The paper's numbers for its tables (a plugin's optional `paper` attribute).
     paper: tuple[PaperRef, ...] = ()
+    # The figures a report draws (a plugin's optional `figures` attribute); None: not recorded
+    # (a run written before tasks declared their figures, or a plugin that draws its own).
+    figures: tuple[FigureSpec, ...] | None = ()
 
     @classmethod
     def of(cls, task: Task) -> TaskInfo:
@@ -641,6 +762,7 @@ class TaskInfo:
             tuple(task.setting_keys),
             tuple(task.headline),
             tuple(getattr(task, "paper", ())),
+            _declared_figures(task),
         )
 
     @property
@@ -676,6 +798,7 @@ class TaskInfo:
             "sample_mean_metrics": sorted(self.sample_mean_metrics),
             "headline": [{"metric": h.metric, "where": dict(h.where)} for h in self.headline],
             "paper": [p.to_json() for p in self.paper],
+            **({} if self.figures is None else {"figures": [f.to_json() for f in self.figures]}),
         }
 
     @classmethod
@@ -703,6 +826,9 @@ class TaskInfo:
                 Headline(h["metric"], dict(h.get("where", {}))) for h in data.get("headline", ())
             ),
             tuple(PaperRef.from_json(p) for p in data.get("paper", ())),  # older runs: none
+            None
+            if "figures" not in data  # older runs: not recorded
+            else tuple(FigureSpec.from_json(f) for f in data["figures"]),
         )
 
     def better(self, metric: str) -> Better:
@@ -712,6 +838,13 @@ class TaskInfo:
     def higher_is_better(self, metric: str) -> bool:
         """Whether higher is better (also for a metric with no better direction)."""
         return self.better(metric) != "lower"
+
+
+def _declared_figures(task: Any) -> tuple[FigureSpec, ...] | None:
+    """A plugin's figure specs (none declared: no figures); a plugin from before figure specs,
+    whose `figures` is a drawing method diffbench no longer calls: None, not recorded."""
+    declared = getattr(task, "figures", ())
+    return None if callable(declared) else tuple(declared)
 
 
 @runtime_checkable
@@ -736,7 +869,9 @@ class Task(Protocol):
     # task's section.
     headline: tuple[Headline, ...]
     # Optional, so not declared here: `paper: tuple[PaperRef, ...]`, the paper's numbers that the
-    # report's first section sets beside the run's (`TaskInfo.of` reads it).
+    # report's first section sets beside the run's, and `figures: tuple[FigureSpec, ...]`, the
+    # figures a report draws from the task's rows (`TaskInfo.of` reads both; run.json records
+    # them, so neither needs the plugin at report time).
 
     def request_kinds(self, config: Any) -> tuple[type, ...]:
         """The request kinds its items use under `config`: a model whose backend does not
@@ -749,7 +884,3 @@ class Task(Protocol):
     def score(self, config: Any, item: Item, response: Response) -> Sample: ...
 
     def aggregate(self, config: Any, samples: pd.DataFrame) -> pd.DataFrame: ...
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """Draw this task's figures from stored rows; return the files written."""
-        ...

@@ -1,9 +1,10 @@
 """One paper style for every figure: serif font, a fixed colour per model, PNG and PDF; and the
-one reader of a run that needs a task's plugin: drawing that task's own figures."""
+figures every report gets whatever its tasks declare: each metric against a swept option, and
+each model's differences from the reference. A task's declared figures are
+`diffbench.render.figures`'."""
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Iterable
@@ -12,15 +13,12 @@ from typing import Any
 
 import matplotlib
 import pandas as pd
-from diffbench.errors import DiffbenchError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-log = logging.getLogger("diffbench")
 
 PALETTE = ("#1f4e9c", "#c0392b", "#2e8b57", "#8e44ad", "#d68910", "#566573")
 STYLE: dict[str, Any] = {
@@ -54,26 +52,6 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 3.4, height: float
 def integer_ticks(ax: Axes, axis: str = "x") -> None:
     """Ticks at whole numbers only: seeds, draws and orders are counted, not measured."""
     getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
-
-
-def task_figures(
-    task: str, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path, *, required: bool
-) -> list[Path]:
-    """A task's own figures, drawn by its plugin; without the plugin an error when `required`,
-    else none (with a warning): tables and comparisons never need it."""
-    from diffbench import registry
-
-    if not registry.installed(task):
-        if required:
-            raise DiffbenchError(
-                f"drawing the figures of task {task!r} needs its plugin, which is not installed; "
-                f"install the package that provides {task!r} (reports and comparisons work "
-                "without it)"
-            )
-        log.warning("no figures of task %r: its plugin is not installed", task)
-        return sweep_figures(task, metrics, out_dir)
-    own = registry.load(task).figures(metrics, samples, out_dir)
-    return [*own, *sweep_figures(task, metrics, out_dir)]
 
 
 def _order(text: str) -> tuple[bool, float, str]:

@@ -5,8 +5,9 @@ numbers of (`TaskInfo.paper`), the run's rows beside the paper's. A summary foll
 headline rows (the rows its paper reports, as run.json
 records them in `task_info`), a column per model with its 95% interval, and each model's
 difference from the reference model with a paired test. A section per task follows with its
-figures and every setting, then provenance. Everything comes from the store; only redrawing a
-task's own figures needs its plugin (`diffbench plot`). `diffbench.render` lays the report out.
+figures and every setting, then provenance. Everything comes from the store, figures too (drawn
+from the figure specs run.json records): no task plugin is imported. `diffbench.render` lays
+the report out and draws the figures.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from diffbench import figures, stats
 from diffbench.api import ALL, ARROWS, LARGEST, WILDCARDS, Headline, MetricKind, PaperRef, TaskInfo
 from diffbench.config import split_variant, variant_label
 from diffbench.errors import DiffbenchError
+from diffbench.render.figures import task_figures
 from diffbench.render.report import html_page, markdown
 from diffbench.render.view import Line, PaperRow, PaperTable, Report, TaskSection
 from diffbench.results import Results, load_runs
@@ -405,20 +407,14 @@ def with_figures(report: Report, figures_dir: Path) -> Report:
 # ---- figures -------------------------------------------------------------------------------
 
 
-def draw(
-    results: Results, out_dir: Path, report: Report | None = None, *, plugins_required: bool = True
-) -> list[Path]:
-    """Every task's figures and the differences figure into `out_dir`; return the files.
-
-    A task's own figures need its plugin: without it `plugins_required` makes that an error,
-    else the task's figures are left out with a warning (its tables need no plugin).
-    """
+def draw(results: Results, out_dir: Path, report: Report | None = None) -> list[Path]:
+    """Every task's figures, as its run.json declares them, and the differences figure into
+    `out_dir`; return the files. No task plugin is needed: a task recorded without figure specs
+    (an older run) gets its sweep figures only, with a warning."""
     paths: list[Path] = []
     for task in sorted(results.metrics["task"].unique()):
         rows = results.metrics[results.metrics["task"] == task]
-        index = results.samples.get(task)
-        samples = index.raw if index is not None else pd.DataFrame()
-        paths += figures.task_figures(task, rows, samples, out_dir, required=plugins_required)
+        paths += task_figures(results.info(str(task)), rows, out_dir)
     if len(results.models) > 1:
         paths += draw_differences(report or build(results), out_dir)
     return paths
@@ -505,8 +501,8 @@ def write_any(
     """report.md and report.html of one run (in place) or of several merged; their paths.
 
     A run's own report reuses its figures (drawing them if there are none); a report elsewhere
-    draws its own into `<output>/figures`. A task whose plugin is not installed gets no figures
-    of its own, and a warning; its tables are all there.
+    draws its own into `<output>/figures`. A task whose run.json records no figure specs (an
+    older run) gets no figures of its own, and a warning; its tables are all there.
     """
     results = load_runs(run_dirs)
     report = build(results, reference)
@@ -514,11 +510,11 @@ def write_any(
         out_dir = run_dirs[0]
         figures_dir = RunStore.open_existing(out_dir).figures_dir
         if not any(figures_dir.glob("*.png")):
-            draw(results, figures_dir, report, plugins_required=False)
+            draw(results, figures_dir, report)
         else:  # the differences figure depends on --reference
             draw_differences(report, figures_dir)
     else:
         out_dir = output or merged_report_dir(run_dirs)
         figures_dir = out_dir / "figures"
-        draw(results, figures_dir, report, plugins_required=False)
+        draw(results, figures_dir, report)
     return _write_pair(with_figures(report, figures_dir), out_dir)

@@ -28,6 +28,7 @@ import pandas as pd
 from diffbench import judge as judges
 from diffbench.api import (
     SCORE_KEY,
+    FigureSpec,
     GenerateRequest,
     Generation,
     Headline,
@@ -272,6 +273,23 @@ class HallucinationTask:
         ),
     )  # fmt: skip
 
+    # The paper's Table 4 as bars: the hallucination-free rate per dataset, and ROUGE-L.
+    figures = tuple(
+        FigureSpec(
+            "bars",
+            (metric,),
+            ("dataset",),
+            metric,
+            "Contextual hallucination",
+            y_label=f"{label} (95% CI)",
+            limits=(0.0, 1.0),
+        )
+        for metric, label in (
+            ("hallucination_free", "hallucination-free rate"),
+            ("rouge_l", "ROUGE-L"),
+        )
+    )
+
     def request_kinds(self, config: HallucinationConfig) -> tuple[type, ...]:
         """The request kinds its items use, whatever the config."""
         return (GenerateRequest,)
@@ -339,42 +357,6 @@ class HallucinationTask:
         frame = pd.DataFrame(rows)
         frame["task"] = self.name
         return frame
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """Hallucination-free rate per dataset, one bar per model with 95% intervals (Table 4)."""
-        from diffbench.figures import model_colors, new_figure, save
-
-        rows = metrics[(metrics["task"] == self.name)]
-        out: list[Path] = []
-        for metric, ylabel in (("hallucination_free", "hallucination-free rate"),
-                               ("rouge_l", "ROUGE-L")):  # fmt: skip
-            sub = rows[rows["metric"] == metric]
-            if sub.empty:
-                continue
-            datasets = sorted(sub["dataset"].astype(str).unique())
-            models = sorted(sub["model"].astype(str).unique())
-            colors = model_colors(models)
-            fig = new_figure(width=max(3.4, 1.1 * len(datasets) + 1.0))
-            ax = fig.add_subplot()
-            width = 0.8 / len(models)
-            for k, model in enumerate(models):
-                m = sub[sub["model"] == model].set_index("dataset")
-                xs, ys, errs = [], [], []
-                for i, d in enumerate(datasets):
-                    if d in m.index:
-                        xs.append(i + (k - (len(models) - 1) / 2) * width)
-                        ys.append(float(m.loc[d, "value"]))
-                        se = float(m.loc[d, "stderr"])
-                        errs.append(1.96 * se if se == se else 0.0)
-                ax.bar(xs, ys, width, color=colors[model], label=model, yerr=errs,
-                       capsize=2, error_kw={"lw": 0.8})  # fmt: skip
-            ax.set_xticks(range(len(datasets)), datasets, rotation=20, ha="right")
-            ax.set_ylim(0, 1)
-            ax.set_ylabel(f"{ylabel} (95% CI)")
-            ax.set_title("Contextual hallucination")
-            ax.legend()
-            out += save(fig, out_dir, f"hallucination_{metric}")
-        return out
 
 
 @functools.cache

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +29,7 @@ from diffbench.api import (
     SCORE_KEY,
     ChoiceRequest,
     ChoiceScores,
+    FigureSpec,
     Headline,
     Item,
     Metric,
@@ -181,6 +181,36 @@ class IclTask:
         ),
     )
 
+    # The paper's Figure 6 (accuracy vs demonstrations, the range over orders shaded) and
+    # Figure 7 (the accuracy of each prompt at the largest shot count, and its best-worst margin).
+    figures = (
+        FigureSpec(
+            "line",
+            ("accuracy",),
+            ("shots",),
+            "shots_{dataset.stem}_{arrangement}",
+            "{dataset.stem}, {arrangement} order",
+            per=("dataset", "arrangement"),
+            where={"draw": ALL, "order": ALL},
+            errors="none",
+            shade=("accuracy_min", "accuracy_max"),
+            x_label="number of demonstrations",
+            y_label="accuracy",
+            log_x=True,
+            limits=(0.0, 1.0),
+        ),
+        FigureSpec(
+            "spread",
+            ("accuracy",),
+            ("draw", "order"),
+            "seeds_{dataset.stem}_{arrangement}",
+            "{dataset.stem}, {arrangement} order, {shots} shots",
+            per=("dataset", "arrangement"),
+            where={"shots": LARGEST},
+            x_label="seed (draw x order)",
+        ),
+    )
+
     def request_kinds(self, config: IclConfig) -> tuple[type, ...]:
         """The request kinds its items use, whatever the config."""
         return (ChoiceRequest,)
@@ -305,12 +335,6 @@ class IclTask:
         frame = pd.concat([runs, pd.DataFrame(rows)], ignore_index=True)
         frame["task"] = self.name
         return frame
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """Accuracy vs demonstrations (paper Fig. 6) and per-seed accuracy (Fig. 7)."""
-        from diffbench.tasks import icl_plots
-
-        return icl_plots.draw(metrics, out_dir)
 
 
 TASK = IclTask()

@@ -62,6 +62,7 @@ from diffbench.api import (
     AttentionRequest,
     ChoiceRequest,
     ChoiceScores,
+    FigureSpec,
     GenerateRequest,
     Generation,
     Headline,
@@ -437,6 +438,45 @@ class NiahTask:
         ),
     )
 
+    # The paper's depth x length heatmaps per mode and N/R (its Figures 3 and 4), its Table 2 as
+    # bars per N/R over depths, and its Table 3 as attention on the answer and on the noise per
+    # depth (attention mode).
+    figures = (
+        FigureSpec(
+            "heatmap",
+            ("accuracy",),
+            ("length",),
+            "heatmap_{mode}_n{needles}r{queries}",
+            "Needle in a haystack (N={needles}, R={queries}, {mode})",
+            y="depth",
+            per=("mode", "needles", "queries"),
+            x_label="context length (tokens)",
+            y_label="answer needle depth (%)",
+            limits=(0.0, 1.0),
+        ),
+        FigureSpec(
+            "bars",
+            ("accuracy",),
+            ("needles", "queries", "length"),
+            "bars_{mode}",
+            "Multi-needle retrieval ({mode})",
+            per=("mode",),
+            where={"depth": ALL},
+            y_label="accuracy (mean over depths)",
+            limits=(0.0, 1.05),
+        ),
+        FigureSpec(
+            "line",
+            ("attention_answer", "attention_noise"),
+            ("depth",),
+            "attention_L{length}_n{needles}r{queries}",
+            "Attention allocation ({length} tokens, N={needles}, R={queries})",
+            per=("length", "needles", "queries"),
+            x_label="answer needle depth (%)",
+            y_label="attention mass (mean over heads, layers)",
+        ),
+    )
+
     def request_kinds(self, config: NiahConfig) -> tuple[type, ...]:
         """The request kinds of the config's modes: a backend without attention probes (vLLM)
         runs generate and score, and is refused before loading when attention is asked for."""
@@ -714,12 +754,6 @@ class NiahTask:
         frame["task"] = self.name
         frame["metric"] = "accuracy"
         return frame
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """The paper's depth x length heatmap per mode and N/R, and grouped bars per N/R."""
-        from diffbench.tasks import niah_plots
-
-        return niah_plots.draw(metrics, out_dir)
 
 
 TASK = NiahTask()

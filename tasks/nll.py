@@ -20,6 +20,7 @@ import pandas as pd
 from diffbench.api import (
     ALL,
     SCORE_KEY,
+    FigureSpec,
     Headline,
     Item,
     Metric,
@@ -104,6 +105,22 @@ class NllTask:
     setting_keys = SETTING_KEYS
     headline = (Headline("nll", {"position": ALL}),)
 
+    # The paper's Figure 4 in miniature: NLL against position, a 95% band from the stderr.
+    figures = (
+        FigureSpec(
+            "line",
+            ("nll_at",),
+            ("position",),
+            "position_{source.stem}_{length}",
+            "{source}, {length} tokens",
+            per=("source", "length"),
+            errors="band",
+            x_label="token position",
+            y_label="NLL (nats / token)",
+            log_x=True,
+        ),
+    )
+
     def request_kinds(self, config: NllConfig) -> tuple[type, ...]:
         """The request kinds its items use, whatever the config."""
         return (RollingRequest,)
@@ -156,34 +173,6 @@ class NllTask:
         frame = pd.DataFrame(rows)
         frame["task"] = self.name
         return frame
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """NLL vs position (log x), one line per model, a 95% band from the stderr."""
-        from diffbench.figures import model_colors, new_figure, save
-
-        rows = metrics[(metrics["task"] == self.name) & (metrics["metric"] == "nll_at")].copy()
-        out: list[Path] = []
-        if rows.empty:
-            return out
-        rows["pos"] = pd.to_numeric(rows["position"])
-        for (source, length), grid in rows.groupby(["source", "length"], sort=True):
-            fig = new_figure()
-            ax = fig.add_subplot()
-            colors = model_colors(grid["model"])
-            for model, sub in grid.groupby("model", sort=True):
-                sub = sub.sort_values("pos")
-                color = colors[str(model)]
-                y, se = sub["value"].to_numpy(float), sub["stderr"].to_numpy(float)
-                ax.plot(sub["pos"], y, marker="o", ms=3, color=color, label=str(model))
-                ax.fill_between(sub["pos"], y - 1.96 * se, y + 1.96 * se, color=color,
-                                alpha=0.18, lw=0)  # fmt: skip
-            ax.set_xscale("log")
-            ax.set_xlabel("token position")
-            ax.set_ylabel("NLL (nats / token)")
-            ax.set_title(f"{source}, {length} tokens")
-            ax.legend()
-            out += save(fig, out_dir, f"nll_position_{Path(str(source)).stem}_{length}")
-        return out
 
 
 TASK = NllTask()

@@ -39,6 +39,7 @@ from diffbench.api import (
     ActivationRequest,
     ActivationStats,
     ActivationSummary,
+    FigureSpec,
     Headline,
     Item,
     Metric,
@@ -274,6 +275,24 @@ class OutliersTask:
         ),
     )
 
+    # Top-1 |activation| per layer, log scale, a panel per activation type; a DIFF model's maps
+    # 1 and 2 dashed and dotted beside both together.
+    figures = (
+        FigureSpec(
+            "line",
+            ("top1",),
+            ("layer",),
+            "top1_per_layer",
+            "Top-1 |activation| per layer",
+            panels="activation",
+            style="map",
+            x_label="layer",
+            y_label="top-1 |activation|",
+            log_y=True,
+            share_y=False,
+        ),
+    )
+
     def request_kinds(self, config: OutliersConfig) -> tuple[type, ...]:
         """The request kinds its items use, whatever the config."""
         return (ActivationRequest,)
@@ -323,36 +342,6 @@ class OutliersTask:
                          "activation": activation, "layer": str(layer), "map": map_}
                     )  # fmt: skip
         return pd.DataFrame(rows)
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """Top-1 |activation| per layer, one line per model, log scale: a panel per type."""
-        from diffbench.figures import integer_ticks, model_colors, new_figure, save
-
-        rows = metrics[(metrics["task"] == self.name) & (metrics["metric"] == "top1")]
-        rows = rows[rows["layer"].astype(str) != ALL]
-        if rows.empty:
-            return []
-        activations = [a for a in ACTIVATIONS if a in set(rows["activation"])]
-        colors = model_colors(rows["model"].unique())
-        fig = new_figure(ncols=len(activations))
-        axes = fig.subplots(1, len(activations), squeeze=False)[0]
-        styles = {ALL: "-", "1": "--", "2": ":"}
-        for ax, activation in zip(axes, activations, strict=True):
-            sub = rows[rows["activation"] == activation]
-            for (model, map_), line in sub.groupby(["model", "map"], sort=True):
-                line = line.assign(x=line["layer"].astype(int)).sort_values("x")
-                name = str(model) if map_ == ALL else f"{model} (map {map_})"
-                ax.plot(
-                    line["x"], line["value"], styles.get(str(map_), "-"), marker="o", ms=3,
-                    color=colors[str(model)], label=name,
-                )  # fmt: skip
-            ax.set_yscale("log")
-            integer_ticks(ax)
-            ax.set_xlabel("layer")
-            ax.set_ylabel("top-1 |activation|")
-            ax.set_title(activation.replace("_", " "))
-            ax.legend(fontsize=7)
-        return save(fig, out_dir, "outliers_top1_per_layer")
 
 
 TASK = OutliersTask()

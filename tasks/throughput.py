@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from diffbench.api import (
     LARGEST,
+    FigureSpec,
     Headline,
     Item,
     Metric,
@@ -111,6 +111,20 @@ class ThroughputTask:
         ),
     )
 
+    # Prefill and decode tokens/s against context length, a panel each.
+    figures = (
+        FigureSpec(
+            "line",
+            RATES,
+            ("length",),
+            "rates",
+            "Throughput",
+            x_label="context length (tokens)",
+            y_label="tokens / s (mean over repeats)",
+            share_y=False,
+        ),
+    )
+
     def request_kinds(self, config: ThroughputConfig) -> tuple[type, ...]:
         """The request kinds its items use, whatever the config."""
         return (ThroughputRequest,)
@@ -158,27 +172,6 @@ class ThroughputTask:
             peak = float(s["peak_memory_mb"].max())
             rows.append({**base, "metric": "peak_memory_mb", "value": peak, "stderr": float("nan")})
         return pd.DataFrame(rows)
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """Prefill and decode tokens/s vs context length, one line per model."""
-        from diffbench.figures import model_colors, new_figure, save
-
-        rows = metrics[metrics["task"] == self.name]
-        if rows.empty:
-            return []
-        colors = model_colors(rows["model"].astype(str).unique())
-        fig = new_figure(ncols=2)
-        axes = fig.subplots(1, 2, squeeze=False)[0]
-        for ax, metric in zip(axes, RATES, strict=True):
-            sub = rows[rows["metric"] == metric]
-            for model, line in sub.groupby("model", sort=True):
-                line = line.assign(x=line["length"].astype(int)).sort_values("x")
-                ax.plot(line["x"], line["value"], "o-", ms=3, color=colors[str(model)], label=model)
-            ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel("tokens / s (mean over repeats)")
-            ax.set_title(metric.split("_")[0])
-            ax.legend(fontsize=7)
-        return save(fig, out_dir, "throughput_rates")
 
 
 TASK = ThroughputTask()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -32,6 +31,7 @@ from diffbench.api import (
     SCORE_KEY,
     ChoiceRequest,
     ChoiceScores,
+    FigureSpec,
     Headline,
     Item,
     Metric,
@@ -138,6 +138,9 @@ class ZeroshotTask:
         ),
     )
 
+    # None of its own: accuracy against a swept option is the sweep figure every task gets.
+    figures: tuple[FigureSpec, ...] = ()
+
     def request_kinds(self, config: ZeroshotConfig) -> tuple[type, ...]:
         """The request kinds its items use, whatever the config."""
         return (ChoiceRequest,)
@@ -189,10 +192,6 @@ class ZeroshotTask:
         frame["task"] = self.name
         frame["metric"] = "accuracy"
         return frame
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """None of its own: accuracy vs a swept option is the sweep figure (bench/figures.py)."""
-        return []
 
 
 TASK = ZeroshotTask()

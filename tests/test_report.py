@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 from diffbench.api import CLUSTER_KEY
-from diffbench.store import RunStore
 from test_cli_errors import assert_one_line_error
 from test_stats import cached_run, shared_run
 
@@ -233,10 +232,15 @@ def test_the_html_summary_is_built_from_cells_and_fits_one_screen(grid_run):
 
 
 def test_model_panels_share_their_axes_and_seed_axes_count_in_integers(grid_run):
-    from diffbench.tasks import icl_plots, niah_plots
+    from diffbench.render.figures import figures as declared_figures
+    from diffbench.results import load_runs
 
-    metrics = RunStore(grid_run).metrics()
-    figures = {**icl_plots.figures(metrics), **niah_plots.figures(metrics)}
+    results = load_runs([grid_run])
+    metrics = results.metrics
+    figures = {
+        **declared_figures(results.info("icl"), metrics),
+        **declared_figures(results.info("niah"), metrics),
+    }
     try:
         seeds = figures["icl_seeds_synthetic_random"]
         base, diff = seeds.axes[:2]
@@ -256,3 +260,122 @@ def test_model_panels_share_their_axes_and_seed_axes_count_in_integers(grid_run)
         assert left.get_shared_x_axes().joined(left, right)
     finally:
         plt.close("all")
+
+
+# ---- figures as data: a report needs no task plugin ------------------------------------------
+
+# Task names no plugin provides, in the same alphabetical order as the originals (run.json's
+# configuration is printed with sorted keys).
+RENAMED = {"icl": "renamed_a", "niah": "renamed_b"}
+
+
+def rename_tasks(run: Path, names: dict[str, str]) -> None:
+    """Rename tasks wherever a run names them: run.json (task_info, task_order, the config's
+    tasks), metrics.csv's task column, and the samples' folders and rows."""
+    record = json.loads((run / "run.json").read_text())
+    record["task_info"] = {
+        names.get(t, t): {**info, "name": names.get(t, t)}
+        for t, info in record["task_info"].items()
+    }
+    record["task_order"] = [names.get(t, t) for t in record["task_order"]]
+    record["config"]["tasks"] = {names.get(t, t): v for t, v in record["config"]["tasks"].items()}
+    (run / "run.json").write_text(json.dumps(record, indent=2))
+    for old, new in names.items():
+        assert f'"{old}"' not in (run / "run.json").read_text()
+        folder = run / "samples" / new
+        (run / "samples" / old).rename(folder)
+        for path in folder.glob("*.jsonl"):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps({**r, "task": new}) + "\n" for r in rows))
+    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
+    metrics.assign(task=metrics["task"].replace(names)).to_csv(run / "metrics.csv", index=False)
+
+
+def plant_changes(run: Path) -> None:
+    """tiny-diff's ICL rows at one shot 0.2 higher: a candidate with improvements and
+    regressions for compare."""
+    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
+    rows = (
+        (metrics["task"] == "icl") & (metrics["model"] == "tiny-diff") & (metrics["shots"] == "1")
+    )
+    metrics.loc[rows, "value"] = [f"{float(v) + 0.2:.10g}" for v in metrics.loc[rows, "value"]]
+    metrics.to_csv(run / "metrics.csv", index=False)
+
+
+def undo_names(text: str) -> str:
+    for old, new in RENAMED.items():
+        text = text.replace(new, old)
+    return text
+
+
+def test_figure_specs_round_trip_through_run_json(grid_run):
+    from diffbench import registry
+    from diffbench.api import TaskInfo
+
+    for task in ("niah", "icl", "nll", "outliers", "throughput", "hallucination", "zeroshot"):
+        info = TaskInfo.of(registry.load(task))
+        assert info.figures is not None
+        assert TaskInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
+    recorded = json.loads((grid_run / "run.json").read_text())["task_info"]
+    assert [f["kind"] for f in recorded["niah"]["figures"]] == ["heatmap", "bars", "line"]
+    assert [f["kind"] for f in recorded["icl"]["figures"]] == ["line", "spread"]
+
+
+def test_a_run_whose_tasks_no_plugin_provides_reports_and_compares_as_the_original(
+    grid_run, tmp_path
+):
+    runs = {}
+    for side in ("original", "renamed"):
+        for role in ("baseline", "candidate"):
+            run = shutil.copytree(grid_run, tmp_path / side / role / "run")
+            shutil.rmtree(run / "figures")
+            if role == "candidate":
+                plant_changes(run)
+            if side == "renamed":
+                rename_tasks(run, RENAMED)
+            runs[side, role] = run
+    for side in ("original", "renamed"):
+        res = run_cli(tmp_path, "report", str(runs[side, "baseline"]))
+        assert res.returncode == 0, res.stderr
+    renamed = runs["renamed", "baseline"]
+    texts = {
+        side: (runs[side, "baseline"] / "report.md").read_text().replace(str(tmp_path / side), "")
+        for side in ("original", "renamed")
+    }
+    assert undo_names(texts["renamed"]) == texts["original"]
+    drawn = {side: sorted(p.name for p in (runs[side, "baseline"] / "figures").iterdir())
+             for side in ("original", "renamed")}  # fmt: skip
+    assert [undo_names(name) for name in drawn["renamed"]] == drawn["original"]
+    assert any(name.startswith("renamed_b_heatmap_") for name in drawn["renamed"])
+    # `plot` redraws the same files, with no plugin either.
+    res = run_cli(tmp_path, "plot", str(renamed))
+    assert res.returncode == 0, res.stderr
+    assert sorted(Path(line).name for line in res.stdout.splitlines()) == drawn["renamed"]
+    verdicts = {}
+    for side in ("original", "renamed"):
+        out = tmp_path / f"{side}.json"
+        args = ["compare", str(runs[side, "baseline"]), str(runs[side, "candidate"])]
+        res = run_cli(tmp_path, *args, "--format", "json", "--output", str(out))
+        assert res.returncode == 0, res.stderr
+        changes = json.loads(out.read_text())["changes"]
+        verdicts[side] = [{**c, "task": undo_names(c["task"])} for c in changes]
+    assert verdicts["renamed"] == verdicts["original"]
+    assert {"improvement", "regression"} <= {c["status"] for c in verdicts["original"]}
+
+
+def test_a_run_recorded_before_figure_specs_draws_its_sweep_figures_only_and_warns(
+    grid_run, tmp_path
+):
+    run = shutil.copytree(grid_run, tmp_path / "old" / "run")
+    shutil.rmtree(run / "figures")
+    record = json.loads((run / "run.json").read_text())
+    for info in record["task_info"].values():
+        del info["figures"]
+    (run / "run.json").write_text(json.dumps(record, indent=2))
+    res = run_cli(tmp_path, "report", str(run))
+    assert res.returncode == 0, res.stderr
+    for task in ("niah", "icl"):
+        assert f"no figures of task '{task}': its run.json records no figure specs" in res.stderr
+    # The differences figure needs no task's specs; nothing else is drawn (no sweep here).
+    assert {p.name for p in (run / "figures").glob("*.png")} == {"diffbench_differences.png"}
+    assert "## niah" in (run / "report.md").read_text()
