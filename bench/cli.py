@@ -65,21 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="LABEL=SPEC[,LABEL=SPEC...]; SPEC is a folder, hub id, "
         "built-in name, or prefixed hf:/vllm:",
     )
-    r.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="TASK.KEY=VALUE",
-        help="a task option; lists are comma-separated (repeatable)",
-    )
-    r.add_argument(
-        "--model-args",
-        action="append",
-        default=[],
-        metavar="LABEL:KEY=VALUE,...",
-        help="backend options of one model (repeatable)",
-    )
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="TASK.KEY=VALUE",
+                   help="a task option; lists are comma-separated (repeatable)")  # fmt: skip
+    r.add_argument("--model-args", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
+                   help="backend options of one model (repeatable)")  # fmt: skip
     r.add_argument(
         "--sweep",
         metavar="KEY=V1,V2,...",
@@ -101,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="seed of every random draw (default 1234)")
     r.add_argument("--limit", type=_positive_int, help="at most N samples per setting (smoke runs)")
     r.add_argument("--no-report", action="store_true", help="skip report.md and figures")
+    r.add_argument("--dry-run", action="store_true", help="print the plan; load no weights")
     r.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub.add_parser("list", help="tasks with their options and metrics, and built-in models")
     rep = sub.add_parser(
@@ -182,11 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = build_run(args)
+    plan = build_run(args)
     _quiet_libraries()
+    from diffbench import plan as plans
     from diffbench import report, runner
 
-    run_dir = runner.run(cfg)
+    if args.dry_run:
+        return plans.dry_run(plan)
+    run_dir = runner.run(plan)
     if not runner.main_rank():  # under torchrun, rank 0 alone writes the report
         return 0
     if not args.no_report:

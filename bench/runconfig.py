@@ -10,36 +10,27 @@ into a `RunConfig` and refuses a run that cannot start.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffbench.config import coerce, expand_sweep, parse_sets, parse_sweep, split_variant
+from diffbench.config import coerce, expand_sweep, parse_sets, parse_sweep
 from diffbench.errors import DiffbenchError
 from diffbench.models import (
     DEFAULT_MODELS,
     ModelSpec,
     check_label,
-    check_spec,
     parse_model_args,
     parse_models,
 )
 
 if TYPE_CHECKING:
-    from diffbench.runner import RunConfig
+    from diffbench.plan import Plan, RunConfig
 
 CONFIG_KEYS = ("tasks", "models", "options", "seed", "limit", "output", "sweep", "sweep_tasks")
 # What `diffbench run` runs without --tasks or --config: every task family of the paper, sized so
 # that the shipped pair gives a signal on each within minutes on a CPU.
 DEFAULT_SUITE = Path(__file__).parent / "suites" / "default.yaml"
-# A default run directory names at most this many tasks and models, then `+Nmore`; each name is
-# cut to NAME_ITEM_MAX characters. The identity hash keeps the name unique, so the name only has
-# to be readable and typeable (and far under the 255-byte file-name limit).
-NAME_ITEMS = 3
-NAME_ITEM_MAX = 32
 
 
 def _yaml_problem(err: Exception) -> str:
@@ -249,7 +240,7 @@ def _form(args: argparse.Namespace) -> tuple[RunConfig, str | None]:
     if output is not None:
         _check_run_output(output, explicit=True)
 
-    from diffbench.runner import RunConfig
+    from diffbench.plan import RunConfig
 
     cfg = RunConfig(
         tasks=tuple(tasks),
@@ -262,39 +253,13 @@ def _form(args: argparse.Namespace) -> tuple[RunConfig, str | None]:
     return cfg, suite
 
 
-def _name_part(names: list[str]) -> str:
-    """Names joined by `+`, at most NAME_ITEMS of them then `+Nmore`, in portable characters."""
-    names = list(dict.fromkeys(names))
-    shown = [re.sub(r"[^A-Za-z0-9_.=-]", "_", n)[:NAME_ITEM_MAX] for n in names[:NAME_ITEMS]]
-    more = len(names) - len(shown)
-    return "+".join(shown) + (f"+{more}more" if more else "")
-
-
-def default_run_dir(cfg: RunConfig, ident: dict[str, Any], suite: str | None = None) -> Path:
-    """results/<suite or tasks>__<models>__<hash of the identity>: short, and the same command
-    always lands in the same place (so rerunning it resumes)."""
-    from diffbench.runner import RESULTS_DIR
-
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    # A sweep's variants (base@logit_bits=8) name their base model once; the hash tells sweeps
-    # apart.
-    labels = [(split_variant(m.label) or (m.label,))[0] for m in cfg.models]
-    what = _name_part([suite]) if suite else _name_part(list(cfg.tasks))
-    return RESULTS_DIR / f"{what}__{_name_part(labels)}__{digest}"
-
-
-def build_run(args: argparse.Namespace) -> RunConfig:
-    """The run of `diffbench run ARGS`, refused (before any model loads or any file is written)
+def build_run(args: argparse.Namespace) -> Plan:
+    """The plan of `diffbench run ARGS`, refused (before any model loads or any file is written)
     when it cannot start, with its run directory decided."""
     cfg, suite = _form(args)
-    from diffbench import runner
+    from diffbench import plan
 
-    prepared = runner.prepare_tasks(cfg)
+    resolved = plan.resolve(cfg, suite)
     if cfg.output is None:
-        output = default_run_dir(cfg, runner.identity(cfg, prepared), suite)
-        _check_run_output(output, explicit=False)
-        cfg = replace(cfg, output=output)
-    for spec in cfg.models:
-        check_spec(spec)
-        runner.check_answers(spec, prepared)
-    return cfg
+        _check_run_output(resolved.output, explicit=False)
+    return resolved

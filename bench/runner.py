@@ -32,13 +32,12 @@ import json
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -46,7 +45,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
-from diffbench import registry
 from diffbench.api import (
     INPUT_KEY,
     VERBS,
@@ -57,15 +55,20 @@ from diffbench.api import (
     Task,
     TaskInfo,
     TokenizerView,
-    answers,
     declared_metrics,
-    request_kinds,
     respond,
     shared_text,
 )
-from diffbench.config import build_config, config_dict
 from diffbench.errors import DiffbenchError
-from diffbench.models import ModelSpec, check_spec, load_backend
+from diffbench.models import ModelSpec
+from diffbench.plan import (  # re-exported: scripts and tests build runs from these
+    Plan,
+    PlannedModel,
+    PreparedTask,
+    RunConfig,
+    limited,
+    resolve,
+)
 from diffbench.store import RunRecord, RunStore
 from tqdm import tqdm
 
@@ -73,92 +76,7 @@ log = logging.getLogger("diffbench")
 
 T = TypeVar("T")
 
-RESULTS_DIR = Path("results")
-NAME_PART_MAX = 100  # characters of the tasks' and of the models' part of a default run name
 PACKAGES = ("diffbench", "torch", "transformers", "tokenizers", "pandas", "numpy", "gguf")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a run; its hash names the default output directory."""
-
-    tasks: tuple[str, ...]
-    models: tuple[ModelSpec, ...]
-    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seed: int = 1234
-    limit: int | None = None
-    output: Path | None = None
-
-
-@dataclass(frozen=True)
-class PreparedTask:
-    task: Task
-    config: Any
-
-
-def prepare_tasks(cfg: RunConfig) -> dict[str, PreparedTask]:
-    """Load each task plugin and build its config; all bad options fail before any model loads."""
-    out = {}
-    for name in cfg.tasks:
-        task = registry.load(name)
-        presets = getattr(task, "presets", {})
-        out[name] = PreparedTask(
-            task, build_config(name, task.config_type, presets, cfg.task_options.get(name, {}))
-        )
-    unknown = set(cfg.task_options) - set(cfg.tasks)
-    if unknown:
-        raise DiffbenchError(
-            f"options given for tasks not in this run: {', '.join(sorted(unknown))}"
-        )
-    return out
-
-
-def check_answers(spec: ModelSpec, prepared: dict[str, PreparedTask]) -> None:
-    """Refuse, before any model loads, a model whose backend cannot answer a request kind that
-    one of the run's tasks sends."""
-    cls = registry.backend_class(spec.backend)
-    for name, p in prepared.items():
-        if not spec.runs(name):
-            continue
-        for kind in request_kinds(p.task, p.config):
-            if not answers(cls, kind):
-                raise DiffbenchError(
-                    f"model {spec.label!r} ({spec.backend} backend) cannot answer "
-                    f"{kind.__name__}, which task {name} sends"
-                )
-
-
-def identity(cfg: RunConfig, prepared: dict[str, PreparedTask]) -> dict[str, Any]:
-    """The resolved, JSON-ready definition of a run (what must match for a resume)."""
-    return {
-        "tasks": {n: config_dict(p.config) for n, p in prepared.items()},
-        "models": [
-            {
-                "label": m.label,
-                "spec": m.spec,
-                "options": dict(sorted(m.options.items())),
-                **({"tasks": list(m.tasks)} if m.tasks else {}),  # runs before it had none
-            }
-            for m in cfg.models
-        ],
-        "seed": cfg.seed,
-        "limit": cfg.limit,
-    }
-
-
-def default_output(cfg: RunConfig, ident: dict[str, Any]) -> Path:
-    """results/<tasks>__<models>__<hash>: the same command always lands in the same place."""
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-
-    def part(names: list[str]) -> str:
-        # Portable characters only (lm-eval:arc_easy, LABEL@logit_bits=8), and short enough
-        # that a sweep's many labels stay under the 255-byte file-name limit: the digest keeps
-        # the name unique.
-        text = re.sub(r"[^A-Za-z0-9_.@=+-]", "_", "-".join(names))
-        return text if len(text) <= NAME_PART_MAX else f"{text[: NAME_PART_MAX - 3]}..."
-
-    name = f"{part(list(cfg.tasks))}__{part([m.label for m in cfg.models])}__{digest}"
-    return RESULTS_DIR / name
 
 
 def versions() -> dict[str, str]:
@@ -188,20 +106,6 @@ def git_revision() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return rev + ("+dirty" if dirty else "")
-
-
-def _limited(items: list[Item], limit: int | None) -> list[Item]:
-    """At most `limit` items per setting, in the task's order."""
-    if limit is None:
-        return items
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        key = json.dumps(it.setting, sort_keys=True, default=str)
-        if seen.get(key, 0) < limit:
-            seen[key] = seen.get(key, 0) + 1
-            out.append(it)
-    return out
 
 
 def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
@@ -481,25 +385,21 @@ def _check_rank_device(spec: ModelSpec) -> None:
         )
 
 
-def run(cfg: RunConfig) -> Path:
-    """Run (or resume) every task on every model, as one rank of a data-parallel run when
-    launched by torchrun; return the run directory."""
+def run(what: Plan | RunConfig) -> Path:
+    """Run (or resume) a plan (a config is resolved first), every task on every model, as one
+    rank of a data-parallel run when launched by torchrun; return the run directory."""
+    plan = what if isinstance(what, Plan) else resolve(what)
     ranks = Ranks.from_env()
-    prepared = prepare_tasks(cfg)
-    for spec in cfg.models:  # bad paths, options and request kinds fail before anything loads
-        check_answers(spec, prepared)
-        check_spec(spec)
-        if ranks.world_size > 1:
-            _check_rank_device(spec)
-    ident = identity(cfg, prepared)
-    root = cfg.output or default_output(cfg, ident)
-    store = RunStore(root, rank=ranks.rank if ranks.world_size > 1 else None)
+    if ranks.world_size > 1:
+        for pm in plan.models:
+            _check_rank_device(pm.spec)
+    store = RunStore(plan.output, rank=ranks.rank if ranks.world_size > 1 else None)
     with Group(ranks) as group, ExitStack() as held:
         # One writer per run directory: two would each score and append every sample. Rank 0
         # holds it for the whole group; the other ranks append only to their own files.
         group.first(lambda: held.enter_context(store.lock()))
-        _run_locked(cfg, prepared, ident, store, group)
-    return root
+        _run_locked(plan, store, group)
+    return plan.output
 
 
 @dataclass
@@ -548,14 +448,9 @@ def _admit(writer: RecordWriter, spec: ModelSpec, info: ModelInfo, fingerprints:
     writer.write(replace(record, models={**record.models, spec.label: info}))
 
 
-def _run_locked(
-    cfg: RunConfig,
-    prepared: dict[str, PreparedTask],
-    ident: dict[str, Any],
-    store: RunStore,
-    group: Group,
-) -> None:
+def _run_locked(plan: Plan, store: RunStore, group: Group) -> None:
     """run()'s body, rank 0 holding the run directory's lock and alone writing run.json."""
+    cfg, prepared, ident = plan.config, plan.tasks, plan.identity
     root = store.root
     ranks = group.ranks
     writer = RecordWriter(store)
@@ -594,10 +489,11 @@ def _run_locked(
     group.first(start)
     interleaved = {n: p for n, p in prepared.items() if interleaves(p.task)}
     try:
-        for spec in cfg.models:
+        for pm in plan.models:
+            spec = pm.spec
             if all(name in interleaved for name in prepared if spec.runs(name)):
                 continue  # it loads with the others for its interleaved tasks
-            backend = _load_model(spec, writer, group)
+            backend = _load_model(pm, writer, group)
             try:
                 # Every task's requests first (an interleaved task's too): a task that cannot run
                 # on this model (a prompt beyond its context) stops the run before any other task
@@ -621,7 +517,7 @@ def _run_locked(
         if interleaved:
             group.barrier()  # no rank computes while rank 0 times
             if ranks.rank == 0:
-                _run_interleaved(cfg, interleaved, writer)
+                _run_interleaved(plan, interleaved, writer)
     finally:
         store.close()
     group.barrier()  # every rank's samples are on disk
@@ -640,10 +536,11 @@ def interleaves(task: Task) -> bool:
     return bool(getattr(task, "interleave_models", False))
 
 
-def _load_model(spec: ModelSpec, writer: RecordWriter, group: Group) -> Backend:
+def _load_model(pm: PlannedModel, writer: RecordWriter, group: Group) -> Backend:
     """The model's backend, loaded and recorded in run.json (every rank of `group` loads it)."""
+    spec = pm.spec
     t0 = time.perf_counter()
-    backend = load_backend(spec)
+    backend = pm.backend.load(spec)
     try:
         info = backend.info
         fingerprints = group.gather(info.fingerprint)
@@ -666,7 +563,7 @@ def _plan(
 ) -> dict[str, list[Item]]:
     """The items of every task of `prepared` that `spec` runs, limited as the run asks."""
     planned = {
-        name: _limited(list(p.task.items(p.config, view, cfg.seed)), cfg.limit)
+        name: limited(list(p.task.items(p.config, view, cfg.seed)), cfg.limit)
         for name, p in prepared.items()
         if spec.runs(name)
     }
@@ -678,20 +575,22 @@ def _plan(
 
 
 def _run_interleaved(
-    cfg: RunConfig,
+    plan: Plan,
     interleaved: dict[str, PreparedTask],
     writer: RecordWriter,
 ) -> None:
     """Score the interleaved tasks: every model that runs one loaded at once, each item index
     answered on every model in turn (in the run's model order), each sample stored as it comes."""
     store = writer.store
-    specs = [s for s in cfg.models if any(s.runs(name) for name in interleaved)]
+    cfg = plan.config
+    chosen = [pm for pm in plan.models if any(pm.spec.runs(name) for name in interleaved)]
+    specs = [pm.spec for pm in chosen]
     alone = Group(Ranks())  # rank 0 by itself: no other rank loads these models
     with ExitStack() as loaded:
         backends: dict[str, Backend] = {}
-        for spec in specs:
-            backends[spec.label] = _load_model(spec, writer, alone)
-            loaded.callback(backends[spec.label].close)
+        for pm in chosen:
+            backends[pm.spec.label] = _load_model(pm, writer, alone)
+            loaded.callback(backends[pm.spec.label].close)
         # Every model's requests before the first is timed (the context checks).
         plans = {
             s.label: _plan(interleaved, s, backends[s.label].tokenizer_view(), cfg) for s in specs

@@ -131,7 +131,7 @@ def niah_options(length: int, n: int, haystack_per: str = "sample") -> dict[str,
 
 def run_config(job: Job, length: int) -> Any:
     from diffbench.models import ModelSpec
-    from diffbench.runner import RunConfig
+    from diffbench.plan import RunConfig
 
     options = {"dtype": "float32", "batch_size": job.batch_size}
     return RunConfig(
@@ -205,7 +205,7 @@ def _worker_ruler(job: Job) -> dict[str, Any]:
 
 
 def _worker_diffbench(job: Job) -> dict[str, Any]:
-    from diffbench import runner
+    from diffbench import plan, runner
     from diffbench.backends.hf import HFBackend
     from diffbench.runner import input_digest
     from diffbench.store import RunStore
@@ -228,7 +228,7 @@ def _worker_diffbench(job: Job) -> dict[str, Any]:
     root = runner.run(cfg)
     e2e = time.perf_counter() - start - loading.seconds
     frame = RunStore(root).samples("niah")
-    prepared = runner.prepare_tasks(cfg)["niah"]
+    prepared = plan.prepare_tasks(cfg)["niah"]
     backend = backends[0]
     del backends[:]
     items = {
@@ -259,7 +259,7 @@ def _worker_diffbench(job: Job) -> dict[str, Any]:
 
 def _worker_lower_bound(job: Job) -> dict[str, Any]:
     import torch
-    from diffbench import runner
+    from diffbench import plan
     from diffbench.backends.hf import HFBackend, encode_prompts
     from diffbench.backends.prefix import common_prefix
     from diffbench.models import ModelSpec
@@ -272,7 +272,7 @@ def _worker_lower_bound(job: Job) -> dict[str, Any]:
     with torch.inference_mode():
         model(input_ids=torch.tensor([[tok.eos_token_id] * 32]), use_cache=True)  # warm-up
         for length in job.lengths:
-            prepared = runner.prepare_tasks(run_config(job, length))["niah"]
+            prepared = plan.prepare_tasks(run_config(job, length))["niah"]
             items = prepared.task.items(prepared.config, backend.tokenizer_view(), job.seed)
             requests = [it.request for it in items]
             same = sorted(input_digest(r) for r in requests) == job.digests[str(length)]

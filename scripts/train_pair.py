@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from diffbench import runner
 from diffbench.api import ALL
 from diffbench.models import ModelSpec
-from diffbench.runner import RunConfig
+from diffbench.plan import RunConfig
 from diffbench.store import RunStore, write_atomic
 from diffbench.tasks import hallucination, icl_datasets
 from diffbench.tasks.hallucination_data import generate as hallucination_data

@@ -102,7 +102,7 @@ def test_sweep_run_end_to_end_records_variants_and_draws_metric_vs_value(cli, ti
 
 
 def test_default_run_names_collapse_sweep_variants_and_stay_portable_and_short():
-    from diffbench.runconfig import default_run_dir
+    from diffbench.plan import default_output as default_run_dir
     from diffbench.runner import RunConfig
 
     labels = [f"a-very-long-model-label-{i}@logit_bits={b}" for i in range(6) for b in (16, 8, 4)]

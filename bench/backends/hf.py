@@ -29,7 +29,13 @@ from diffbench.api import (
     TokenLogprobs,
 )
 from diffbench.backends import hf_generate, hf_probe, hf_score, hf_throughput
-from diffbench.backends.hf_load import HFModel, HFOptions, coerce_options, load_model
+from diffbench.backends.hf_load import (
+    HFModel,
+    HFOptions,
+    coerce_options,
+    load_model,
+    load_tokenizer_view,
+)
 from diffbench.backends.hf_throughput import PeakMemory
 from diffbench.backends.prefix import PrefixCache
 from diffbench.backends.tokens import (
@@ -69,6 +75,13 @@ class HFBackend(Backend):
         nothing."""
         coerce_options(spec.label, spec.options)
         resolve_target(spec)
+
+    @classmethod
+    def tokenizer_only(cls, spec: ModelSpec) -> HFTokenizerView:
+        """The model's tokenizer view from its tokenizer and config files, loading no weights."""
+        return load_tokenizer_view(
+            spec.label, spec.spec, resolve_target(spec), coerce_options(spec.label, spec.options)
+        )
 
     @classmethod
     def load(cls, spec: ModelSpec) -> HFBackend:

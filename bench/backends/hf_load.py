@@ -16,7 +16,7 @@ from diffbench.backends.tokens import HFTokenizerView, fingerprint
 from diffbench.config import model_options
 from diffbench.errors import DiffbenchError
 from diffbench.models import LoadTarget
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,30 @@ class HFModel:
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def load_tokenizer_view(
+    label: str, spec: str, target: LoadTarget, options: HFOptions
+) -> HFTokenizerView:
+    """The tokenizer view a loaded model would have, from its tokenizer and config files alone
+    (no weights): what `--dry-run` builds requests with."""
+    kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+    if target.gguf_file:
+        kwargs["gguf_file"] = target.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target.path, **kwargs)
+        config = AutoConfig.from_pretrained(target.path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DiffbenchError(
+            f"cannot load the tokenizer of {label!r} from {spec!r}: {first}"
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config_max = int(getattr(config, "max_position_embeddings", 0) or 0)
+    return HFTokenizerView(
+        tokenizer, options.max_length or config_max or 2048, options.chat_template
+    )
 
 
 def load_model(label: str, spec: str, target: LoadTarget, options: HFOptions) -> HFModel:

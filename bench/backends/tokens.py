@@ -221,6 +221,10 @@ class HFTokenizerView:
     def prompt_tokens(self, prompt: str) -> int:
         return len(encode_prompt(self._tok, prompt))
 
+    def encode(self, prompt: str) -> list[int]:
+        """A rendered prompt's token ids as the backend will encode it."""
+        return encode_prompt(self._tok, prompt)
+
 
 def fingerprint(target: LoadTarget, *variant: str) -> str:
     """`sha256:<weights>;tokenizer:<files>` of a local checkpoint (a GGUF file holds both).
