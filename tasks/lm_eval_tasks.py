@@ -33,6 +33,7 @@ from diffbench.api import (
     SCORE_KEY,
     Better,
     ChoiceRequest,
+    FigureSpec,
     GenerateRequest,
     Headline,
     Item,
@@ -289,6 +290,8 @@ class LmEvalTask:
     presets: dict[str, dict[str, Any]] = {}  # noqa: RUF012
     setting_keys = SETTING_KEYS
     config_type = LmEvalConfig
+    # None of its own: its rows are in the report's tables (and a sweep draws the sweep figure).
+    figures: tuple[FigureSpec, ...] = ()
 
     def __init__(self, lm_name: str) -> None:
         self.lm_name = lm_name
@@ -424,10 +427,6 @@ class LmEvalTask:
         frame = pd.DataFrame(rows)
         frame["task"] = self.name
         return frame
-
-    def figures(self, metrics: pd.DataFrame, samples: pd.DataFrame, out_dir: Path) -> list[Path]:
-        """lm-eval tasks draw no figures of their own: their rows are in the report's tables."""
-        return []
 
 
 def installed() -> bool:

@@ -208,9 +208,9 @@ def test_unknown_lm_eval_task_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_a_run_of_an_lm_eval_task_draws_its_figures_with_the_plugin_it_ran_with(tmp_path):
+def test_a_swept_lm_eval_task_draws_the_sweep_figure_from_its_rows_alone(tmp_path):
     import pandas as pd
-    from diffbench.figures import task_figures
+    from diffbench.figures import sweep_figures
 
     metrics = pd.DataFrame(
         {
@@ -222,8 +222,8 @@ def test_a_run_of_an_lm_eval_task_draws_its_figures_with_the_plugin_it_ran_with(
             "stderr": [0.1, 0.1],
         }
     )
-    # The lm-eval: prefix is not an entry point: it used to be "needs its plugin" after every run.
-    drawn = task_figures("lm-eval:x", metrics, pd.DataFrame(), tmp_path, required=True)
+    # File names stay portable: no ':' from the lm-eval: prefix.
+    drawn = sweep_figures("lm-eval:x", metrics, tmp_path)
     assert drawn and all(p.exists() and ":" not in p.name for p in drawn)
 
 
