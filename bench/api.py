@@ -360,6 +360,10 @@ class TokenizerView(Protocol):
         """Token count of a rendered prompt as the backend will encode it (special tokens too)."""
         ...
 
+    def encode(self, prompt: str) -> list[int]:
+        """A rendered prompt's token ids as the backend will encode it (special tokens too)."""
+        ...
+
 
 class Backend(ABC):
     """A loaded model that answers requests; it never knows which task asked.
@@ -382,6 +386,13 @@ class Backend(ABC):
     @abstractmethod
     def load(cls, spec: ModelSpec) -> Backend:
         """The loaded backend for a model spec."""
+
+    @classmethod
+    def tokenizer_only(cls, spec: ModelSpec) -> TokenizerView:
+        """The tokenizer view the loaded model would have, loading no weights (`--dry-run`)."""
+        raise DiffbenchError(
+            f"the {spec.backend} backend cannot plan a run without loading {spec.label!r}"
+        )
 
     @abstractmethod
     def tokenizer_view(self) -> TokenizerView:

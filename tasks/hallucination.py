@@ -294,6 +294,10 @@ class HallucinationTask:
         """The request kinds its items use, whatever the config."""
         return (GenerateRequest,)
 
+    def sources(self, config: HallucinationConfig) -> tuple[str, ...]:
+        """The hub datasets (bench/sources.py) its items read."""
+        return tuple(d for d in config.datasets if d in HUB)
+
     def items(self, config: HallucinationConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """One greedy generation per example, the first `samples` of each dataset."""
         out = []

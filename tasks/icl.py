@@ -215,6 +215,10 @@ class IclTask:
         """The request kinds its items use, whatever the config."""
         return (ChoiceRequest,)
 
+    def sources(self, config: IclConfig) -> tuple[str, ...]:
+        """The hub datasets (bench/sources.py) its items read."""
+        return (config.dataset,) if config.dataset in icl_datasets.HUB else ()
+
     def items(self, config: IclConfig, tokenizer: TokenizerView, seed: int) -> list[Item]:
         """Every (shots, draw, arrangement, order, test example) request for one model."""
         ds = icl_datasets.load(
