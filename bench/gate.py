@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from diffbench import stats
+from diffbench import stats, variants
 from diffbench.api import METRIC_COLUMNS
-from diffbench.config import split_variant
 from diffbench.errors import DiffbenchError
 from diffbench.results import Results, load_run, merge_task_infos
 from diffbench.stats import Difference, SampleScores
@@ -353,32 +352,12 @@ def compare_runs(
     )
 
 
-def sweep_pairs(models: Sequence[str], reference: str, model: str) -> list[tuple[str, str]]:
-    """The (baseline, candidate) pairs that compare `model` with `reference` in one run: the two
-    labels themselves where both exist, and under a sweep each variant of `model` against the
-    reference's variant at the same swept value, and each variant of either against its own
-    variant at the sweep's first value."""
-    pairs = [(reference, model)] if reference in models and model in models else []
-    variants: dict[str, list[tuple[str, str, str]]] = {}
-    for m in models:
-        v = split_variant(m)
-        if v is not None and v[0] in (reference, model):
-            variants.setdefault(v[0], []).append((m, v[1], v[2]))
-    ref_at = {(key, value): m for m, key, value in variants.get(reference, [])}
-    for m, key, value in variants.get(model, []):
-        if (key, value) in ref_at:
-            pairs.append((ref_at[(key, value)], m))
-    for base in (reference, model):
-        found = variants.get(base, [])
-        pairs += [(found[0][0], m) for m, key, _ in found[1:] if key == found[0][1]]
-    return pairs
-
-
 def compare_models(run_dir: Path, reference: str, model: str, **gate: Any) -> Comparison:
     """Model `model` of one run against model `reference` of the same run; under a sweep, at
-    each swept value, and each against its own first value (`sweep_pairs`)."""
+    each swept value, and each variant against its own first value (`diffbench.variants`). A
+    label names a model with its variants, or one variant (KEY=VALUE) alone."""
     results = load_run(run_dir)
-    bases = {(split_variant(m) or (m,))[0] for m in results.models}
+    bases = {variants.base_of(m) for m in results.models}
     for label in (reference, model):
         if label not in results.models and label not in bases:
             raise DiffbenchError(
@@ -386,6 +365,18 @@ def compare_models(run_dir: Path, reference: str, model: str, **gate: Any) -> Co
             )
     if reference == model:
         raise DiffbenchError("--models needs two different models, e.g. --models base,diff")
+    named = {m for m in results.models if m in (reference, model)}
+    named |= {m for m in results.models if variants.base_of(m) in (reference, model)}
+    pairs: list[tuple[str | None, str | None]] = [
+        (p.against, p.model)
+        for p in variants.pairs(results.models, reference)
+        if p.against in named and p.model in named
+    ]
+    if not pairs:
+        raise DiffbenchError(
+            f"{reference} and {model} share no swept value, and a sweep variant is compared "
+            "with another model at its own value only: name the models (--models base,diff) or "
+            "two variants at one value"
+        )
     names = (f"{run_dir}:{reference}", f"{run_dir}:{model}")
-    pairs: list[tuple[str | None, str | None]] = list(sweep_pairs(results.models, reference, model))
     return compare(results, results, pairs, names=names, **gate)

@@ -19,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-from diffbench import figures, stats
+from diffbench import figures, stats, variants
 from diffbench.api import ALL, ARROWS, LARGEST, WILDCARDS, Headline, MetricKind, PaperRef, TaskInfo
-from diffbench.config import split_variant, variant_label
+from diffbench.config import split_variant
 from diffbench.errors import DiffbenchError
 from diffbench.render.figures import task_figures
 from diffbench.render.report import html_page, markdown
@@ -47,6 +47,8 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
     task = str(rows["task"].iloc[0])
     info = results.info(task)
     settings = results.setting_columns(task)
+    # Paired over the run's models, so a variant's first value is the sweep's, not the row's.
+    paired = variants.pairs(results.models, reference)
     rows = rows.sort_values([*settings, "metric"], key=natural_key, kind="stable")
     out: list[Line] = []
     for key, group in rows.groupby([*settings, "metric"], sort=False):
@@ -75,16 +77,12 @@ def lines(results: Results, rows: pd.DataFrame, reference: str, level: float) ->
         against: dict[str, str] = {}
         sweep_diffs: dict[str, Difference] = {}
         sweep_against: dict[str, str] = {}
-        models = list(by_model)
-        for m in models:
-            ref = counterpart(m, reference, models)
-            if ref is not None:
-                diffs[m] = _difference(row_values, scores, declared.kind, level, ref, m)
-                against[m] = ref
-            own = own_first(m, models)
-            if own is not None and own != ref:
-                sweep_diffs[m] = _difference(row_values, scores, declared.kind, level, own, m)
-                sweep_against[m] = own
+        for pair in paired:
+            if pair.model not in by_model or pair.against not in by_model:
+                continue
+            diff = _difference(row_values, scores, declared.kind, level, pair.against, pair.model)
+            (sweep_diffs if pair.within else diffs)[pair.model] = diff
+            (sweep_against if pair.within else against)[pair.model] = pair.against
         # The models answered the same requests: the first that records a chance gives it.
         levels = (sc.chance_level() for sc in scores.values() if sc is not None)
         chance = next((c for c in levels if c is not None), None)
@@ -168,35 +166,6 @@ def _difference(
     )
 
 
-def counterpart(model: str, reference: str, models: Sequence[str]) -> str | None:
-    """The model a row's `model` is compared with: the reference; under a sweep, the reference's
-    variant at the same swept value (DIFF against the Transformer at 8 bits), and for the
-    reference's own variants, the first swept value (its own 16-bit row). None: no comparison."""
-    variant = split_variant(model)
-    if variant is not None:
-        base, key, value = variant
-        ref_base = (split_variant(reference) or (reference,))[0]
-        same = variant_label(ref_base, key, value)
-        if same != model and same in models:
-            return same
-        if base == ref_base:
-            return own_first(model, models)
-    return reference if reference in models and reference != model else None
-
-
-def own_first(model: str, models: Sequence[str]) -> str | None:
-    """A sweep variant's own variant at the first swept value among `models` (itself: None)."""
-    variant = split_variant(model)
-    if variant is None:
-        return None
-    base, key, _ = variant
-    for m in models:
-        other = split_variant(m)
-        if other is not None and other[0] == base and other[1] == key:
-            return None if m == model else m
-    return None
-
-
 def _largest(values: Sequence[str]) -> str | None:
     """The largest of setting values in natural order (numbers as numbers), wildcards left out."""
     real = pd.Series([v for v in values if v not in WILDCARDS], dtype=object)
@@ -206,18 +175,78 @@ def _largest(values: Sequence[str]) -> str | None:
 
 
 def headline_lines(info: TaskInfo, task_lines: Sequence[Line]) -> list[Line]:
-    """The lines a task's summary shows: for each of its headline rows, every line of that
+    """The lines a task's summary shows: for each of its headline rows, the lines of that
     metric whose settings match the headline's fixed values (a value, ALL, or LARGEST: the
-    largest value among lines that agree on every other fixed setting), in headline order.
-    A task that declares none: the lines averaged over every averaged setting."""
+    largest value among lines that agree on every other fixed setting), in headline order,
+    each at the run's largest setting (`at_largest`). A task that declares none: the lines
+    averaged over every averaged setting, at the run's largest setting."""
+    chosen: list[Line] = []
+    for found, fixed in _headline_groups(info, task_lines):
+        chosen += [ln for ln in at_largest(found, fixed)[0] if ln not in chosen]
+    return chosen
+
+
+def _headline_groups(
+    info: TaskInfo, task_lines: Sequence[Line]
+) -> list[tuple[list[Line], frozenset[str]]]:
+    """Each headline's matching lines and the settings it fixes (a task with none: one group of
+    the lines averaged over every averaged setting)."""
     if not info.headline:
         averaged = {k for ln in task_lines for k, v in ln.setting if v == ALL}
-        return [ln for ln in task_lines if all(dict(ln.setting).get(k) == ALL for k in averaged)]
-    chosen: list[Line] = []
-    for head in info.headline:
-        found = matching_lines(head, task_lines)
-        chosen += [ln for ln in found if ln not in chosen]
-    return chosen
+        found = [ln for ln in task_lines if all(dict(ln.setting).get(k) == ALL for k in averaged)]
+        return [(found, frozenset(averaged))]
+    return [(matching_lines(head, task_lines), frozenset(head.where)) for head in info.headline]
+
+
+def at_largest(
+    found: Sequence[Line], fixed: frozenset[str] = frozenset()
+) -> tuple[list[Line], list[str], list[str]]:
+    """Of the lines of one headline, those at the run's largest setting, with the settings it
+    averaged over and those it took the largest of. Of each setting not in `fixed`: the line
+    averaged over it (value ALL) rather than its per-value lines (NIAH's depths); then, among
+    lines that agree on every text setting (a mode, a dataset: a row each), those with the
+    largest numbers (a length, a shot count, N/R), compared in setting order."""
+    keys = list(dict.fromkeys(k for ln in found for k, _ in ln.setting if k not in fixed))
+    shown = {ln.setting for ln in found}
+
+    def averaged_twin(ln: Line, key: str) -> bool:
+        twin = tuple((k, ALL if k == key else v) for k, v in ln.setting)
+        return dict(ln.setting).get(key) not in WILDCARDS and twin in shown
+
+    averaged = [k for k in keys if any(averaged_twin(ln, k) for ln in found)]
+    kept = [ln for ln in found if not any(averaged_twin(ln, k) for k in averaged)]
+    numeric = [
+        k
+        for k in keys
+        if all(_is_number(v) for ln in kept if (v := dict(ln.setting).get(k, "")) not in WILDCARDS)
+    ]
+
+    def group(ln: Line) -> tuple[object, ...]:
+        s = dict(ln.setting)
+        text = tuple((k, v) for k, v in ln.setting if k not in numeric)
+        return (ln.metric, text, tuple(s.get(k, "") == "" for k in numeric))
+
+    def rank(ln: Line) -> tuple[tuple[int, float], ...]:
+        s = dict(ln.setting)
+        # A row averaged over a setting stands above each of its values.
+        return tuple(
+            (2, 0.0) if v == ALL else (0, 0.0) if v == "" else (1, float(v))
+            for v in (s.get(k, "") for k in numeric)
+        )
+
+    top: dict[tuple[object, ...], tuple[tuple[int, float], ...]] = {}
+    for ln in kept:
+        top[group(ln)] = max(top.get(group(ln), rank(ln)), rank(ln))
+    largest = [k for k in numeric if len({dict(ln.setting).get(k) for ln in kept}) > 1]
+    return [ln for ln in kept if rank(ln) == top[group(ln)]], averaged, largest
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def matching_lines(head: Headline | PaperRef, task_lines: Sequence[Line]) -> list[Line]:
@@ -321,23 +350,33 @@ def paper_tables(results: Results, sections: Sequence[TaskSection]) -> list[Pape
     return out
 
 
-def describe_headline(info: TaskInfo) -> str:
-    """Which of a task's rows the summary shows, in words."""
-    if not info.headline:
-        return "Summary rows: those averaged over every averaged setting."
+def describe_headline(info: TaskInfo, task_lines: Sequence[Line] = ()) -> str:
+    """Which of a task's rows the summary shows, in words (with `task_lines`, only the headline
+    rows the run measured, and the settings that its largest setting chose too)."""
+    heads: Sequence[Headline | None] = info.headline or (None,)
     parts = []
-    for head in info.headline:
-        averaged = [k for k, v in head.where.items() if v == ALL]
-        at_largest = [k for k, v in head.where.items() if v == LARGEST]
-        fixed = [f"{k}={v}" for k, v in head.where.items() if v not in (ALL, LARGEST)]
-        words = [head.metric]
+    for head, (found, fixed) in zip(heads, _headline_groups(info, task_lines), strict=True):
+        if task_lines and not found:
+            continue
+        _, also_averaged, also_largest = at_largest(found, fixed)
+        where = head.where if head else {}
+        averaged = [k for k, v in where.items() if v == ALL] + also_averaged
+        largest = [k for k, v in where.items() if v == LARGEST] + also_largest
+        fixed_at = [f"{k}={v}" for k, v in where.items() if v not in (ALL, LARGEST)]
+        words = [head.metric if head else "those averaged over every averaged setting"]
         if averaged:
-            words.append(f"averaged over {', '.join(averaged)}")
-        words += [f"at the largest {k}" for k in at_largest]
-        if fixed:
-            words.append(f"at {', '.join(fixed)}")
-        parts.append(" ".join(words))
-    return f"Summary rows: {'; '.join(parts)}."
+            words.append(f"averaged over {_listed(averaged)}")
+        if largest:
+            words.append(f"at the largest {_listed(largest)}")
+        if fixed_at:
+            words.append(f"at {_listed(fixed_at)}")
+        parts.append(words[0] + " " + ", ".join(words[1:]) if len(words) > 1 else words[0])
+    return f"Summary rows: {'; '.join(parts) or 'none (no headline row was measured)'}."
+
+
+def _listed(names: Sequence[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1])))
 
 
 def build(results: Results, reference: str | None = None) -> Report:
@@ -365,7 +404,13 @@ def build(results: Results, reference: str | None = None) -> Report:
         task_lines = [next(adjusted) for _ in per_task[task]]
         summary += headline_lines(info, task_lines)
         sections.append(
-            TaskSection(task, info.description, describe_headline(info), tuple(task_lines), ())
+            TaskSection(
+                task,
+                info.description,
+                describe_headline(info, task_lines),
+                tuple(task_lines),
+                (),
+            )
         )
     return Report(results, reference, tuple(summary), tuple(sections), None, paper=paper)
 

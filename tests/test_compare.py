@@ -13,12 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import run_cli
+from diffbench import variants
 from diffbench.api import INPUT_KEY
 from diffbench.errors import DiffbenchError
 from diffbench.gate import compare_models, compare_runs, parse_tolerance
 from diffbench.render.gate import render_json, render_junit
 from diffbench.stats import setting_text
 from test_cli_errors import assert_one_line_error
+from test_report import sweep_suite_run
 from test_stats import shared_run
 
 HEADLINE = {"model": "diff", "depth": "all"}
@@ -375,3 +377,66 @@ def test_bad_compare_input_fails_with_one_line(run_dir, tmp_path, make_args, fra
     edit_metrics(other, lambda f: f.assign(length="4096"))
     res = run_cli(tmp_path, "compare", *make_args(run_dir, other))
     assert_one_line_error(res, fragment)
+
+
+SWEPT = ["base", "base@logit_bits=16", "base@logit_bits=8"]
+SWEPT += ["diff", "diff@logit_bits=16", "diff@logit_bits=8"]
+
+
+def pairs(models: list[str], reference: str) -> list[tuple[str, str, bool]]:
+    return [(p.against, p.model, p.within) for p in variants.pairs(models, reference)]
+
+
+def test_a_variant_is_compared_with_the_reference_at_its_value_and_with_its_first_value():
+    assert pairs(SWEPT, "base") == [
+        ("base@logit_bits=16", "base@logit_bits=8", True),
+        ("base", "diff", False),
+        ("base@logit_bits=16", "diff@logit_bits=16", False),
+        ("base@logit_bits=8", "diff@logit_bits=8", False),
+        ("diff@logit_bits=16", "diff@logit_bits=8", True),
+    ]
+    # Named by one of its variants, the reference is still the whole model (compare found none
+    # of its variants then, and compared base@logit_bits=16 with the unswept diff only).
+    assert pairs(SWEPT, "base@logit_bits=16") == pairs(SWEPT, "base")
+
+
+def test_a_variant_whose_reference_lacks_its_value_is_compared_with_no_other_value():
+    # The edge case that set the report apart from compare: the report compared
+    # diff@logit_bits=8 with the unswept base (another value), compare with nothing. Now neither
+    # does; the variant keeps the comparison with its own first value.
+    models = ["base", "diff", "diff@logit_bits=16", "diff@logit_bits=8"]
+    assert pairs(models, "base") == [
+        ("base", "diff", False),
+        ("diff@logit_bits=16", "diff@logit_bits=8", True),
+    ]
+
+
+def test_variants_of_two_merged_sweeps_pair_within_each_key_and_keep_their_run_suffix():
+    # compare paired a model's variants with its first one under the first key only.
+    models = ["base@bits=16", "base@bits=8", "base@batch=1", "base@batch=4"]
+    assert pairs(models, "base@bits=16") == [
+        ("base@bits=16", "base@bits=8", True),
+        ("base@batch=1", "base@batch=4", True),
+    ]
+    # A merged run's suffix follows KEY=VALUE: the report looked for base@first@bits=8, missed,
+    # and compared diff@bits=8@first with the reference at 16 bits.
+    merged = ["base@bits=16@first", "base@bits=8@first", "diff@bits=16@first", "diff@bits=8@first"]
+    assert ("base@bits=8@first", "diff@bits=8@first", False) in pairs(merged, merged[0])
+    for against, model, within in pairs(merged, merged[0]):
+        assert within or variants.value_of(against) == variants.value_of(model)
+
+
+def test_compare_models_pairs_sweep_variants_at_the_same_value_as_the_report(tmp_path_factory):
+    run = sweep_suite_run(tmp_path_factory.getbasetemp())
+    result = compare_models(run, "tiny-base", "tiny-diff")
+    assert {(c.task, c.model) for c in result.changes} == {
+        ("niah", "tiny-diff vs tiny-base"),
+        ("zeroshot", "tiny-diff@logit_bits=16 vs tiny-base@logit_bits=16"),
+        ("zeroshot", "tiny-diff@logit_bits=4 vs tiny-base@logit_bits=4"),
+        ("zeroshot", "tiny-base@logit_bits=4 vs tiny-base@logit_bits=16"),
+        ("zeroshot", "tiny-diff@logit_bits=4 vs tiny-diff@logit_bits=16"),
+    }
+    one = compare_models(run, "tiny-base@logit_bits=4", "tiny-diff@logit_bits=4")
+    assert {c.model for c in one.changes} == {"tiny-diff@logit_bits=4 vs tiny-base@logit_bits=4"}
+    with pytest.raises(DiffbenchError, match="share no swept value"):
+        compare_models(run, "tiny-base@logit_bits=16", "tiny-diff@logit_bits=4")

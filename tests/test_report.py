@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 from conftest import run_cli
+from diffbench import report
 from diffbench.api import CLUSTER_KEY
+from diffbench.results import load_runs
 from test_cli_errors import assert_one_line_error
 from test_stats import cached_run, shared_run
 
@@ -168,27 +171,30 @@ def test_the_default_runs_summary_leads_with_the_papers_rows_and_fits_one_screen
     metrics = pd.read_csv(grid_run / "metrics.csv", dtype=str, keep_default_na=False)
     shots = sorted({int(k) for k in metrics.loc[metrics["task"] == "icl", "shots"]})
     icl = "dataset=synthetic, arrangement=random"
-    # In the run's task order (niah,icl). NIAH: accuracy per mode and length over depths
-    # (Table 2); ICL: accuracy per shot count over draws and orders (Fig. 6), the best-worst
-    # margin at the largest shot count (Fig. 7).
+    # In the run's task order (niah,icl), each at the run's largest setting. NIAH: accuracy per
+    # mode over depths at the largest length (Table 2); ICL: accuracy over draws and orders
+    # (Fig. 6) and the best-worst margin (Fig. 7), at the largest shot count.
     expected = [
-        ("niah", "accuracy ↑", f"mode={mode}, length={length}, needles=1, queries=1")
+        ("niah", "accuracy ↑", f"mode={mode}, length=1024, needles=1, queries=1")
         for mode in ("generate", "score")
-        for length in (512, 1024)
     ]
-    expected += [("icl", "accuracy ↑", f"{icl}, shots={k}") for k in shots]
-    expected.append(("icl", "margin ↓", f"{icl}, shots={max(shots)}"))
+    expected += [
+        ("icl", metric, f"{icl}, shots={max(shots)}") for metric in ("accuracy ↑", "margin ↓")
+    ]
     assert [tuple(r[:3]) for r in rows] == expected
-    assert len(rows) <= 20
     # Every row of metrics.csv stays in its task's section.
     for task in ("icl", "niah"):
         section = md.split(f"\n## {task}\n")[1].split("\n## ")[0]
         shown = [line for line in section.splitlines() if line.startswith("| ")][1:]
         measured = metrics[metrics["task"] == task].drop(columns=["model", "value", "n", "stderr"])
         assert len(shown) == len(measured.drop_duplicates())
-    assert "Summary rows: accuracy averaged over draw, order; margin at the largest shots." in md
+    assert (
+        "Summary rows: accuracy averaged over draw and order, at the largest shots; margin at the "
+        "largest shots." in md
+    )
 
 
+@pytest.mark.slow  # headless Chromium
 def test_the_html_summary_is_built_from_cells_and_fits_one_screen(grid_run):
     from playwright.sync_api import sync_playwright
 
@@ -233,7 +239,6 @@ def test_the_html_summary_is_built_from_cells_and_fits_one_screen(grid_run):
 
 def test_model_panels_share_their_axes_and_seed_axes_count_in_integers(grid_run):
     from diffbench.render.figures import figures as declared_figures
-    from diffbench.results import load_runs
 
     results = load_runs([grid_run])
     metrics = results.metrics
@@ -260,6 +265,82 @@ def test_model_panels_share_their_axes_and_seed_axes_count_in_integers(grid_run)
         assert left.get_shared_x_axes().joined(left, right)
     finally:
         plt.close("all")
+
+
+def sweep_suite_run(basetemp: Path) -> Path:
+    """The default suite in small: NIAH's attention rows on the shipped pair (two lengths, depths
+    0 and 100, N/R 1/1 and 2/2), and zeroshot under a logit_bits sweep of 16 and 4 scoped to it
+    (--sweep-tasks). Made once per test session."""
+    sets = [
+        *("--set", "niah.mode=attention", "--set", "niah.lengths=192,256"),
+        *("--set", "niah.depths=0,100", "--set", "niah.needles=1/1,2/2", "--set", "niah.samples=2"),
+        *("--set", "zeroshot.samples=2", "--set", "zeroshot.formats=needle"),
+        *("--set", "zeroshot.facts=1,2"),
+    ]
+    sweep = ("--sweep", "logit_bits=16,4", "--sweep-tasks", "zeroshot")
+    return cached_run(basetemp, "sweep-suite", "--tasks", "niah,zeroshot", *sweep, *sets)
+
+
+@pytest.fixture(scope="module")
+def sweep_suite(tmp_path_factory) -> Path:
+    """The shared small-suite run with a sweep; never edited."""
+    return sweep_suite_run(tmp_path_factory.getbasetemp())
+
+
+def summary_head(md: str) -> list[str]:
+    """The header cells of report.md's summary table."""
+    table = md.split("## Summary\n")[1]
+    line = next(line for line in table.splitlines() if line.startswith("| "))
+    return [cell.strip() for cell in line.strip("|").split(" | ")]
+
+
+def test_the_summary_keeps_headline_rows_at_the_runs_largest_setting_averaged_over_depth(
+    sweep_suite,
+):
+    md = (sweep_suite / "report.md").read_text()
+    rows = summary_rows(md)
+    assert max(Counter(r[0] for r in rows).values()) <= 12
+    # NIAH's attention rows: the depth=all row of each, not one per depth, at the largest length
+    # and N/R only; every row stays in the task's section.
+    largest = "mode=attention, length=256, needles=2, queries=2"
+    assert [tuple(r[:3]) for r in rows if r[0] == "niah"] == [
+        ("niah", "attention_answer ↑", largest),
+        ("niah", "attention_noise ↓", largest),
+    ]
+    section = md.split("\n## niah\n")[1].split("\n## ")[0]
+    assert section.count("| attention_answer ↑ | mode=attention, length=192, depth=0, ") == 2
+    assert (
+        "Summary rows: attention_answer averaged over depth, at the largest length, needles and "
+        "queries;" in md
+    )
+
+
+def test_the_summary_gives_each_swept_value_a_row_compared_at_that_value(sweep_suite):
+    md = (sweep_suite / "report.md").read_text()
+    # A column per model (its variants share it) and the swept value's own column: 9, not the
+    # 5 + 6 model columns and 5 differences that every label as a column would give.
+    assert summary_head(md) == [
+        "task", "metric", "setting", "logit_bits", "n/units", "method",
+        "tiny-base", "tiny-diff", "tiny-diff − tiny-base",
+    ]  # fmt: skip
+    zeroshot = [r for r in summary_rows(md) if r[0] == "zeroshot"]
+    assert [(r[2], r[3]) for r in zeroshot] == [("facts=2", "16"), ("facts=2", "4")]
+    assert [r[3] for r in summary_rows(md) if r[0] == "niah"] == ["—", "—"]
+    # The summary's lines: diff's variant against base's at the same value, never another; the
+    # reference's own variant against its first value only (the task's sweep table).
+    built = report.build(load_runs([sweep_suite]))
+    (line,) = [ln for ln in built.summary if ln.task == "zeroshot"]
+    assert line.against == {
+        "tiny-diff@logit_bits=16": "tiny-base@logit_bits=16",
+        "tiny-diff@logit_bits=4": "tiny-base@logit_bits=4",
+    }
+    assert line.sweep_against == {
+        "tiny-base@logit_bits=4": "tiny-base@logit_bits=16",
+        "tiny-diff@logit_bits=4": "tiny-diff@logit_bits=16",
+    }
+    for row, bits in zip(zeroshot, ("16", "4"), strict=True):
+        delta = line.differences[f"tiny-diff@logit_bits={bits}"].delta
+        assert row[-1].startswith(f"{delta:+.3f} ")
 
 
 # ---- figures as data: a report needs no task plugin ------------------------------------------

@@ -18,6 +18,8 @@ from diffbench.api import ARROWS
 from diffbench.render import fill
 from diffbench.render.cells import MISSING, Cell, Table
 from diffbench.render.view import Line, PaperTable, Report
+from diffbench.stats import Difference
+from diffbench.variants import base_of, value_of
 
 TEST_NAMES = {
     "McNemar exact": "McNemar's exact test",
@@ -117,6 +119,54 @@ def table(report: Report, rows: Sequence[Line], with_task: bool) -> Table:
                 ln.against.get(m) if ln.against.get(m) != report.reference else None,
             )
             for m in report.others
+        ]
+        body.append(tuple(row))
+    return Table(tuple(head), tuple(body), frozenset({"setting"}))
+
+
+def summary_table(report: Report, rows: Sequence[Line]) -> Table:
+    """The summary: a row per line and swept value, a value column per model (its sweep variants
+    share it; the value has a column of its own, only under a sweep), and each model's difference
+    from the reference model at the same value (`diffbench.variants`)."""
+    reference = base_of(report.reference)
+    # (line, swept (key, value) or None, model -> its label at that value) per row
+    keyed: list[tuple[Line, tuple[str, str] | None, dict[str, str]]] = []
+    for ln in rows:
+        at: dict[tuple[str, str] | None, dict[str, str]] = {}
+        for m in report.results.models:
+            if m in ln.estimates:
+                at.setdefault(value_of(m), {})[base_of(m)] = m
+        keyed += [(ln, value, labels) for value, labels in at.items()]
+
+    def difference(ln: Line, labels: dict[str, str], model: str) -> Difference | None:
+        label = labels.get(model, "")
+        same = ln.against.get(label) == labels.get(reference)
+        return ln.differences.get(label) if same else None
+
+    order = dict.fromkeys(base_of(m) for m in report.results.models)
+    models = [b for b in order if any(b in labels for _, _, labels in keyed)]
+    compared = [
+        b for b in models if b != reference and any(difference(ln, lb, b) for ln, _, lb in keyed)
+    ]
+    keys = list(dict.fromkeys(value[0] for _, value, _ in keyed if value is not None))
+    head = ["task", "metric", "setting", *keys, "n/units", "method", *models]
+    head += [f"{b} − {reference}" for b in compared]
+    body = []
+    for ln, value, labels in keyed:
+        diffs = {labels[b]: d for b in compared if (d := difference(ln, labels, b)) is not None}
+        shown = replace(
+            ln,
+            estimates={m: e for m, e in ln.estimates.items() if m in labels.values()},
+            differences=diffs,
+            sweep_differences={},
+        )
+        row: list[str | Cell] = [ln.task, f"{ln.metric} {ARROWS[ln.better]}", ln.label() or "—"]
+        row += [value[1] if value is not None and value[0] == k else MISSING for k in keys]
+        row += [_counts(shown), _method(shown)]
+        row += [Cell.of_estimate(ln.estimates.get(labels.get(b, "")), ln.chance) for b in models]
+        row += [
+            Cell.of_difference(diffs.get(labels.get(b, "")), shown.verdict(labels.get(b, "")))
+            for b in compared
         ]
         body.append(tuple(row))
     return Table(tuple(head), tuple(body), frozenset({"setting"}))
@@ -234,7 +284,8 @@ def legend(report: Report) -> str:
         "effective sample size of its units; t with the cluster-robust standard error for a "
         "mean; none for a statistic (a top-1, a margin over orders), which gets no test. "
         f"Differences: model − {report.reference} (under a sweep: the reference's variant at the "
-        "same value, noted vs), from the samples both measured, paired by id: Newcombe's paired "
+        "same swept value, never another; the summary gives each value a row, the task tables "
+        "note it as vs), from the samples both measured, paired by id: Newcombe's paired "
         "interval for a proportion, a paired t for a mean; p: McNemar's exact test on binary "
         "scores with one sample per unit, else the exact sign-flip test on per-unit sums of the "
         "paired differences. k units can give no p below 2/2^k: a row noted p≥… cannot reach "
@@ -259,8 +310,7 @@ def _view(report: Report) -> dict[str, Any]:
         "paper_intro": PAPER_INTRO,
         "reference": report.reference,
         "others": report.others,
-        "summary": table(report, report.summary, True),
-        "summary_sweep": sweep_table(report.summary, True),
+        "summary": summary_table(report, report.summary),
         "legend": legend(report),
         "summary_figure": Figure(report.summary_figure) if report.summary_figure else None,
         "sections": [
