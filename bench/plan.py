@@ -14,9 +14,11 @@ import hashlib
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from diffbench import registry
 from diffbench.api import (
@@ -35,6 +37,7 @@ from diffbench.errors import DiffbenchError
 from diffbench.models import ModelSpec
 
 RESULTS_DIR = Path("results")
+T = TypeVar("T")
 NAME_ITEMS = 3  # names shown per part of a default run directory's name, then "+Nmore"
 NAME_ITEM_MAX = 32  # characters of one name there
 
@@ -68,6 +71,15 @@ class PlannedModel:
 
 
 @dataclass(frozen=True)
+class Problem:
+    """One reason a run cannot start: what it concerns and why."""
+
+    task: str
+    model: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """A run, resolved: what the runner executes and `--dry-run` describes."""
 
@@ -76,6 +88,9 @@ class Plan:
     models: tuple[PlannedModel, ...]
     identity: dict[str, Any]
     output: Path
+    # What stops the run, when resolved with keep_going (a dry run): (task or "", model or "",
+    # message); the tasks and models named there are left out of the plan.
+    problems: tuple[Problem, ...] = ()
 
 
 def prepare_tasks(cfg: RunConfig) -> dict[str, PreparedTask]:
@@ -150,18 +165,48 @@ def default_output(cfg: RunConfig, ident: dict[str, Any], suite: str | None = No
     return RESULTS_DIR / f"{what}__{_name_part(labels)}__{digest}"
 
 
-def resolve(cfg: RunConfig, suite: str | None = None) -> Plan:
-    """The plan of `cfg`, refused (before any model loads) when the run cannot start."""
-    prepared = prepare_tasks(cfg)
+def resolve(cfg: RunConfig, suite: str | None = None, keep_going: bool = False) -> Plan:
+    """The plan of `cfg`, refused (before any model loads) when the run cannot start; with
+    `keep_going`, every problem is kept as one line of `Plan.problems` instead (a dry run) and
+    what it concerns is left out of the plan."""
+    problems: list[Problem] = []
+
+    def attempt(task: str, model: str, check: Callable[[], T]) -> T | None:
+        try:
+            return check()
+        except DiffbenchError as err:
+            if not keep_going:
+                raise
+            problems.append(Problem(task, model, str(err)))
+            return None
+
+    if keep_going:
+        prepared: dict[str, PreparedTask] = {}
+        for name in cfg.tasks:
+            one = replace(cfg, tasks=(name,), task_options={name: cfg.task_options.get(name, {})})
+            prepared.update(attempt(name, "", partial(prepare_tasks, one)) or {})
+        unknown = ", ".join(sorted(set(cfg.task_options) - set(cfg.tasks)))
+        if unknown:
+            problems.append(Problem("", "", f"options given for tasks not in this run: {unknown}"))
+    else:
+        prepared = prepare_tasks(cfg)
     models = []
     for spec in cfg.models:
-        cls = registry.backend_class(spec.backend)
-        cls.check(spec)  # bad paths and options
-        check_answers(spec, prepared, cls)
+        cls = attempt("", spec.label, partial(registry.backend_class, spec.backend))
+        if cls is None or attempt("", spec.label, partial(_check, cls, spec)) is None:
+            continue
+        for name, p in prepared.items():
+            attempt(name, spec.label, partial(check_answers, spec, {name: p}, cls))
         models.append(PlannedModel(spec, cls))
     ident = identity(cfg, prepared)
     output = cfg.output or default_output(cfg, ident, suite)
-    return Plan(cfg, prepared, tuple(models), ident, output)
+    return Plan(cfg, prepared, tuple(models), ident, output, tuple(problems))
+
+
+def _check(cls: type[Backend], spec: ModelSpec) -> bool:
+    """`cls.check(spec)`, True when it passes (it raises otherwise)."""
+    cls.check(spec)
+    return True
 
 
 def limited(items: list[Item], limit: int | None) -> list[Item]:
@@ -222,40 +267,40 @@ def _trie_tokens(sequences: list[list[int]]) -> int:
     return total
 
 
-def estimate(plan: Plan) -> tuple[list[TaskEstimate], list[str]]:
+def estimate(plan: Plan) -> tuple[list[TaskEstimate], list[Problem]]:
     """Each task's requests on each model, built from the model's tokenizer alone; and the
     problems that would stop the run (a prompt beyond a model's context, a dataset that is not
     in the hub cache offline), one line each."""
     from diffbench import sources
 
     rows: list[TaskEstimate] = []
-    problems: list[str] = []
+    problems: list[Problem] = list(plan.problems)
     for name, p in plan.tasks.items():
         for source in getattr(p.task, "sources", lambda _c: ())(p.config):
             if sources.cached(sources.get(source)) is None and sources.offline():
                 problems.append(
-                    f"{name}: dataset {source} is not in the hub cache {sources.cache_root()}; "
-                    f"prefetch it: {sources.get(source).prefetch}"
-                )
-    blocked = {line.split(":", 1)[0] for line in problems}
+                    Problem(
+                        name, "", f"dataset {source} is not in the hub cache "
+                        f"{sources.cache_root()}; prefetch it: {sources.get(source).prefetch}",
+                    )
+                )  # fmt: skip
+    stopped = {(q.task, q.model) for q in problems}
     for pm in plan.models:
         try:
             view = pm.backend.tokenizer_only(pm.spec)
         except DiffbenchError as err:
-            problems.append(f"model {pm.spec.label}: {err}")
+            problems.append(Problem("", pm.spec.label, str(err)))
             continue
         for name, p in plan.tasks.items():
-            if not pm.spec.runs(name) or name in blocked:
+            label = pm.spec.label
+            if not pm.spec.runs(name) or {(name, ""), (name, label)} & stopped:
                 continue
             try:
                 items = list(p.task.items(p.config, view, plan.config.seed))
             except DiffbenchError as err:
-                problems.append(f"{name} on {pm.spec.label}: {err}")
+                problems.append(Problem(name, label, str(err)))
                 continue
             items = limited(items, plan.config.limit)
-            if not hasattr(view, "encode"):
-                problems.append(f"{name} on {pm.spec.label}: its tokenizer view cannot encode")
-                continue
             measured = [_request_tokens(view, it.request) for it in items]
             shared = [ids for ids, _ in measured if -1 not in ids[:1]]
             alone = sum(len(ids) for ids, _ in measured if -1 in ids[:1])
@@ -268,9 +313,11 @@ def estimate(plan: Plan) -> tuple[list[TaskEstimate], list[str]]:
             )  # fmt: skip
             if longest > view.max_context:
                 problems.append(
-                    f"{name} on {pm.spec.label}: the longest prompt is {longest:,} tokens, "
-                    f"beyond the model's {view.max_context:,}-token context"
-                )
+                    Problem(
+                        name, label, f"the longest prompt is {longest:,} tokens, beyond the "
+                        f"model's {view.max_context:,}-token context",
+                    )
+                )  # fmt: skip
     return rows, problems
 
 
@@ -289,6 +336,22 @@ def dry_run(plan: Plan) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    for line in problems:
-        print(f"diffbench: error: {' '.join(line.split())}", file=sys.stderr)
+    for line in problem_lines(problems):
+        print(f"diffbench: error: {line}", file=sys.stderr)
     return 2 if problems else 0
+
+
+def problem_lines(problems: list[Problem]) -> list[str]:
+    """One line per problem, a problem shared by several models (a task that cannot load, a
+    prompt too long for each) said once for all of them."""
+    models: dict[tuple[str, str], list[str]] = {}
+    for q in problems:
+        models.setdefault((q.task, " ".join(q.message.split())), []).append(q.model)
+    lines = []
+    for (task, message), labels in models.items():
+        named = ", ".join(m for m in dict.fromkeys(labels) if m)
+        what = (
+            f"{task} on {named}" if task and named else task or (f"model {named}" if named else "")
+        )
+        lines.append(f"{what}: {message}" if what else message)
+    return lines

@@ -15,6 +15,8 @@ and `--set my-suite.KEY=VALUE` (or `options: {my-suite: ...}` in YAML) then sets
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -80,9 +82,25 @@ def family(prefix: str) -> TaskFamily:
     return found
 
 
+# `TASK#INSTANCE` runs task TASK a second time under its own name, options and rows (a suite's
+# `icl#trec` beside `icl#banking77`, `niah#4k` beside `niah#64k`).
+INSTANCE = "#"
+
+
+def instance_of(name: str) -> str:
+    """The task an instance name `TASK#INSTANCE` runs (any other name: itself)."""
+    base, sep, instance = name.partition(INSTANCE)
+    if sep and not re.fullmatch(r"[A-Za-z0-9_.=+-]+", instance):
+        raise DiffbenchError(
+            f"malformed task instance {name!r}: TASK#INSTANCE, INSTANCE of letters, digits, . _ - ="
+        )
+    return base
+
+
 def installed(name: str) -> bool:
     """Whether task `name` can be loaded here (`PREFIX:NAME`: whether its family's libraries are
     installed), without building it."""
+    name = instance_of(name)
     split = family_name(name)
     if split is None:
         return name in available()
@@ -93,7 +111,13 @@ def installed(name: str) -> bool:
 
 
 def load(name: str) -> Task:
-    """The task registered under `name`; `PREFIX:NAME` is task NAME of the family `PREFIX`."""
+    """The task registered under `name`; `PREFIX:NAME` is task NAME of the family `PREFIX`;
+    `TASK#INSTANCE` is task TASK under that name."""
+    base = instance_of(name)
+    if base != name:
+        task = copy.copy(load(base))
+        object.__setattr__(task, "name", name)  # a frozen dataclass plugin too
+        return task
     split = family_name(name)
     if split is not None:
         # No isinstance(…, Task) here: on Python 3.11 that reads every attribute, and a family's

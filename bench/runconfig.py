@@ -30,7 +30,14 @@ if TYPE_CHECKING:
 CONFIG_KEYS = ("tasks", "models", "options", "seed", "limit", "output", "sweep", "sweep_tasks")
 # What `diffbench run` runs without --tasks or --config: every task family of the paper, sized so
 # that the shipped pair gives a signal on each within minutes on a CPU.
-DEFAULT_SUITE = Path(__file__).parent / "suites" / "default.yaml"
+SUITES = Path(__file__).parent / "suites"
+DEFAULT_SUITE = SUITES / "default.yaml"
+
+
+def suite_path(path: Path) -> Path:
+    """`--config`'s file: a path, or the name of a shipped suite (`paper`: suites/paper.yaml)."""
+    named = SUITES / f"{path}.yaml"
+    return named if not path.exists() and path.parent == Path() and named.is_file() else path
 
 
 def _yaml_problem(err: Exception) -> str:
@@ -48,7 +55,10 @@ def _load_suite(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise DiffbenchError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
-        raise DiffbenchError(f"config file {path} does not exist")
+        shipped = sorted(p.stem for p in SUITES.glob("*.yaml"))
+        raise DiffbenchError(
+            f"config file {path} does not exist (shipped suites, by name: {', '.join(shipped)})"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
@@ -188,6 +198,7 @@ def _form(args: argparse.Namespace) -> tuple[RunConfig, str | None]:
     fails in a fraction of a second.
     """
     if args.config:
+        args.config = suite_path(args.config)
         data, where = _load_suite(args.config), str(args.config)
     elif args.tasks is None:
         data, where = _load_suite(DEFAULT_SUITE), "the default suite"
@@ -259,7 +270,7 @@ def build_run(args: argparse.Namespace) -> Plan:
     cfg, suite = _form(args)
     from diffbench import plan
 
-    resolved = plan.resolve(cfg, suite)
+    resolved = plan.resolve(cfg, suite, keep_going=bool(getattr(args, "dry_run", False)))
     if cfg.output is None:
         _check_run_output(resolved.output, explicit=False)
     return resolved

@@ -81,6 +81,7 @@ def test_plot_draws_every_figure_in_png_and_pdf(workdir):
     assert stems == {p.stem for p in figures.glob("*.pdf")}
 
 
+@pytest.mark.slow  # headless Chromium
 def test_html_report_renders_in_chromium_with_every_image_loaded(workdir):
     from playwright.sync_api import sync_playwright
 

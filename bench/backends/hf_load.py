@@ -16,6 +16,7 @@ from diffbench.backends.tokens import HFTokenizerView, fingerprint
 from diffbench.config import model_options
 from diffbench.errors import DiffbenchError
 from diffbench.models import LoadTarget
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -186,7 +187,7 @@ def load_model(label: str, spec: str, target: LoadTarget, options: HFOptions) ->
         model = AutoModelForCausalLM.from_pretrained(
             target.path, dtype=_resolve_dtype(options.dtype), attn_implementation=attn, **kwargs
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # a corrupt weights file too
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DiffbenchError(f"cannot load model {label!r} from {spec!r}: {first}") from err
     model.to(device).eval()  # type: ignore[arg-type]
