@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:  # main() called again in one process (tests, notebooks) logs once, to today's stderr
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,9 @@ def resolve(cfg: RunConfig, suite: str | None = None, keep_going: bool = False) 
             problems.append(Problem("", "", f"options given for tasks not in this run: {unknown}"))
     else:
         prepared = prepare_tasks(cfg)
+    for name, p in prepared.items():
+        for source in getattr(p.task, "sources", lambda _config: ())(p.config):
+            attempt(name, "", partial(_check_cached, source))
     models = []
     for spec in cfg.models:
         cls = attempt("", spec.label, partial(registry.backend_class, spec.backend))
@@ -201,6 +204,18 @@ def resolve(cfg: RunConfig, suite: str | None = None, keep_going: bool = False) 
     ident = identity(cfg, prepared)
     output = cfg.output or default_output(cfg, ident, suite)
     return Plan(cfg, prepared, tuple(models), ident, output, tuple(problems))
+
+
+def _check_cached(name: str) -> None:
+    """Refuse, offline, a hub dataset that is not in the hub cache (one line: how to fetch it)."""
+    from diffbench import sources
+
+    source = sources.get(name)
+    if sources.offline() and sources.cached(source) is None:
+        raise DiffbenchError(
+            f"dataset {name} is not in the hub cache {sources.cache_root()} and HF_HUB_OFFLINE "
+            f"is set; prefetch it: {source.prefetch}"
+        )
 
 
 def _check(cls: type[Backend], spec: ModelSpec) -> bool:
@@ -269,21 +284,9 @@ def _trie_tokens(sequences: list[list[int]]) -> int:
 
 def estimate(plan: Plan) -> tuple[list[TaskEstimate], list[Problem]]:
     """Each task's requests on each model, built from the model's tokenizer alone; and the
-    problems that would stop the run (a prompt beyond a model's context, a dataset that is not
-    in the hub cache offline), one line each."""
-    from diffbench import sources
-
+    problems that would stop the run (the plan's own, and a prompt beyond a model's context)."""
     rows: list[TaskEstimate] = []
     problems: list[Problem] = list(plan.problems)
-    for name, p in plan.tasks.items():
-        for source in getattr(p.task, "sources", lambda _c: ())(p.config):
-            if sources.cached(sources.get(source)) is None and sources.offline():
-                problems.append(
-                    Problem(
-                        name, "", f"dataset {source} is not in the hub cache "
-                        f"{sources.cache_root()}; prefetch it: {sources.get(source).prefetch}",
-                    )
-                )  # fmt: skip
     stopped = {(q.task, q.model) for q in problems}
     for pm in plan.models:
         try:

@@ -199,6 +199,14 @@ CASES: list[tuple[list[str], str]] = [
     (["judge", "existing.txt", "--judge", "gpt", "--output", "o.jsonl"], "invalid choice: 'gpt'"),
     (["serve", "tiny-base", "--port", "0"], "--port must lie in 1..65535"),
     ([*RUN, "--tasks", "hallucination", "--set", "hallucination.threshold=2"], "must lie in"),
+    # task instances, shipped suites, hub datasets, the dry run
+    ([*RUN, "--tasks", "niah#"], "malformed task instance 'niah#'"),
+    ([*RUN, "--tasks", "niah#a/b"], "malformed task instance 'niah#a/b'"),
+    ([*RUN, "--tasks", "nope#x"], "unknown task 'nope'"),
+    ([*RUN, "--tasks", "niah#x", "--set", "niah.samples=2"], "options given for tasks not in"),
+    ([*RUN, "--config", "papr"], "config file papr does not exist (shipped suites, by name:"),
+    (["datasets", "--yaml"], "unrecognized arguments: --yaml"),
+    ([*RUN, "--tasks", "niah", "--set", "niah.lengths=4096", "--dry-run"], "niah on tiny-base,"),
 ]
 
 

@@ -75,12 +75,16 @@ def test_prompts_are_overridable_and_checked() -> None:
     assert cfg.summary_prompt == "Sum up: {document}"
 
 
-def test_unreachable_hub_dataset_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_hub_dataset_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DiffbenchError, match="cannot load dataset 'xsum'") as err:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    with pytest.raises(DiffbenchError, match=r"dataset xsum .* is not in the hub cache") as err:
         hallucination.load("xsum")
-    assert "\n" not in str(err.value) and "--set hallucination.datasets=PATH" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert "prefetch it: hf download --repo-type dataset EdinburghNLP/xsum" in str(err.value)
 
 
 def test_default_run_with_the_overlap_judge_on_the_shipped_pair(tmp_path: Path) -> None:

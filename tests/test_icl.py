@@ -180,10 +180,16 @@ def test_bad_local_datasets_fail_with_one_line(cli, tiny_pair, tmp_path, rows, s
     assert_one_line_error(res, fragment)
 
 
-def test_unreachable_hub_dataset_says_how_to_use_a_local_copy(cli, tiny_pair):
+def test_an_uncached_hub_dataset_offline_is_refused_before_any_model_loads(
+    cli, tiny_pair, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     res = cli("run", "--tasks", "icl", "--models", f"m={tiny_pair['tiny-base']}", "--set",
               "icl.dataset=banking77")  # fmt: skip
-    assert_one_line_error(res, "cannot load dataset 'banking77'", "--set icl.dataset=PATH")
+    assert_one_line_error(
+        res, "dataset banking77 is not in the hub cache", "prefetch it: hf download"
+    )
+    assert "loaded" not in res.stderr and not (tmp_path / "results").exists()
 
 
 @pytest.mark.slow

@@ -134,9 +134,9 @@ def test_the_source_tree_maps_onto_the_installed_package_layout():
     assert MODULES["diffbench"] == ROOT / "bench" / "__init__.py"
     assert MODULES["diffbench.tasks.niah"] == ROOT / "tasks" / "niah.py"
     assert MODULES["diffbench.backends.vllm.backend"] == ROOT / "bench/backends/vllm/backend.py"
-    # Function-level imports count: the runner imports the registry, the CLI imports lazily.
+    # Function-level imports count: the plan imports the registry, the CLI imports lazily.
     edges = graph()
-    assert "diffbench.registry" in edges["diffbench.runner"]
+    assert "diffbench.registry" in edges["diffbench.plan"]
     assert "diffbench.models" in edges["diffbench.lm_eval"]  # inside DiffbenchLM.__init__
     # A type checker's import never runs: api names ModelSpec for Backend.check's signature only.
     assert "diffbench.models" not in edges["diffbench.api"]

@@ -148,7 +148,7 @@ def test_outliers_run_writes_table_5_rows_per_layer_and_map(cli, tiny_pair, tmp_
         assert set(m.loc[m["model"] == model, "n"]) == {2}
     assert (tmp_path / "run" / "figures" / "outliers_top1_per_layer.png").is_file()
     assert (
-        "Summary rows: top1 averaged over layer, map"
+        "Summary rows: top1 averaged over layer and map"
         in (tmp_path / "run" / "report.md").read_text()
     )
 

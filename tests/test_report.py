@@ -461,3 +461,13 @@ def test_a_run_recorded_before_figure_specs_draws_its_sweep_figures_only_and_war
     # The differences figure needs no task's specs; nothing else is drawn (no sweep here).
     assert {p.name for p in (run / "figures").glob("*.png")} == {"diffbench_differences.png"}
     assert "## niah" in (run / "report.md").read_text()
+
+
+def test_the_model_table_says_whether_each_models_chat_template_was_applied(workdir):
+    from diffbench.render.report import chat_template
+
+    md = (workdir / "results" / "first" / "report.md").read_text()
+    assert "| chat template |" in md
+    assert chat_template(False, {}) == "none"
+    assert chat_template(True, {}) == "applied"
+    assert chat_template(True, {"chat_template": "false"}) == "off"

@@ -26,7 +26,21 @@ TEST_NAMES = {
     "sign-flip": "sign-flip test",
     "cluster sign-flip": "sign-flip test over units",
 }
-MODEL_HEAD = ("model", "spec", "architecture", "parameters", "dtype", "max context", "weights")
+MODEL_HEAD = (
+    "model", "spec", "architecture", "parameters", "dtype", "max context", "chat template",
+    "weights",
+)  # fmt: skip
+
+
+def chat_template(has_template: bool, options: dict[str, Any]) -> str:
+    """Whether a model's chat template wrapped its prompts: applied (tasks whose `chat` option is
+    false still skip it), off (the model option chat_template=false), or none (it has none)."""
+    if not has_template:
+        return "none"
+    off = str(options.get("chat_template", True)).strip().lower() in ("false", "0", "no")
+    return "off" if off else "applied"
+
+
 PAPER_HEAD = ("paper Transformer (3B)", "paper DIFF (3B)")
 PAPER_INTRO = (
     "The paper columns are the DIFF paper's own numbers (Ye et al., ICLR 2025: 3B models at "
@@ -231,6 +245,7 @@ def provenance(report: Report) -> Provenance:
     runs = []
     for run in report.results.runs:
         rec = run.record
+        options = {m.get("label"): m.get("options", {}) for m in rec.config.get("models", [])}
         for label, shown in run.labels.items():
             info = rec.models.get(label)  # None: a model its run never recorded
             rows.append(
@@ -243,6 +258,7 @@ def provenance(report: Report) -> Provenance:
                     f"{info.n_parameters:,}",
                     info.dtype,
                     str(info.max_context),
+                    chat_template(info.has_chat_template, options.get(label) or {}),
                     info.fingerprint[:19],
                 )
             )
