@@ -203,7 +203,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--tasks", "niah#"], "malformed task instance 'niah#'"),
     ([*RUN, "--tasks", "niah#a/b"], "malformed task instance 'niah#a/b'"),
     ([*RUN, "--tasks", "nope#x"], "unknown task 'nope'"),
-    ([*RUN, "--tasks", "niah#x", "--set", "niah.samples=2"], "options given for tasks not in"),
+    ([*RUN, "--tasks", "niah#x", "--set", "niah.samples=2"], "names task 'niah', which is not"),
     ([*RUN, "--config", "papr"], "config file papr does not exist (shipped suites, by name:"),
     (["datasets", "--yaml"], "unrecognized arguments: --yaml"),
     ([*RUN, "--tasks", "niah", "--set", "niah.lengths=4096", "--dry-run"], "niah on tiny-base,"),

@@ -46,6 +46,7 @@ def test_dry_run_describes_every_task_and_model_from_tokenizers_alone(cli, tmp_p
     assert_one_line_error(real, "cannot load model 'diff'")
 
 
+@pytest.mark.slow  # lm-eval builds seven task definitions
 def test_dry_run_of_the_paper_suite_on_the_shipped_pair_is_one_line_per_problem(
     cli, tmp_path, monkeypatch
 ):

@@ -25,7 +25,7 @@ SCORE_RUN = [
     "--tasks",
     "niah",
     "--set",
-    "niah.lengths=512,1024",
+    "niah.lengths=256,512",
     "--set",
     "niah.samples=2",
     "--set",

@@ -140,6 +140,7 @@ def test_a_backend_warms_each_shape_up_once_and_counts_its_own_memory(tiny_pair)
     b.close()
 
 
+@pytest.mark.slow  # torchrun
 def test_under_torchrun_rank_0_alone_times_every_model_in_turn(tiny_pair, tmp_path) -> None:
     from test_sharding import torchrun
 
