@@ -628,6 +628,128 @@ def declared_metrics(task: Any) -> tuple[Metric, ...]:
     return tuple(out)
 
 
+def setting_text(value: object) -> str:
+    """A setting value as metrics.csv spells it: numbers in shortest form (256, 0, 12.5)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | float):
+        return f"{float(value):g}"
+    text = str(value)
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
+def _number(value: Any) -> float:
+    """A sample's value as a float (booleans as 0 or 1, numeric text parsed); NaN where it is
+    not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def sample_values(samples: pd.DataFrame, metric: Metric) -> pd.Series:
+    """Each sample's value of `metric`: its `key` field (`a.b`: key b of the mapping in field
+    a), a float or NaN; for a metric with `by`, the mapping from that setting's values to the
+    sample's value, kept whole (None where a sample has none)."""
+    head, _, rest = metric.key.partition(".")
+    if head not in samples.columns:
+        return pd.Series(None if metric.by else float("nan"), index=samples.index, dtype=object)
+    column = samples[head]
+    if rest:
+        column = column.map(lambda v: v.get(rest) if isinstance(v, dict) else None)
+    if metric.by:
+        return column.map(lambda v: v if isinstance(v, dict) else None)
+    return column.map(_number).astype(float)
+
+
+AllWeight: TypeAlias = Literal["cells", "samples"]
+
+
+def aggregate_means(
+    task: str,
+    samples: pd.DataFrame,
+    metrics: Iterable[Metric],
+    by: Sequence[str] = (),
+    over: Sequence[str] = (),
+    *,
+    weigh: AllWeight = "cells",
+    cluster: str = "",
+) -> pd.DataFrame:
+    """Metric rows (METRIC_COLUMNS, then the settings) of sample-mean `metrics`, read from each
+    sample's value (`sample_values`): the mean, n and stderr of every cell, a model and a value
+    of each `by` setting (and of a metric's own `by` setting, its mapping's keys); and where
+    `over` names some of the `by` settings, a row per model and value of the other settings in
+    which each of them is ALL.
+
+    An ALL row's value is the mean of its cells' values (`weigh="cells"`: each cell weighs the
+    same, as the paper averages over depths) or of its samples (`"samples"`); its n counts the
+    samples; its stderr is over the samples, or over the mean of each value of the sample column
+    `cluster` (samples of one cluster are one independent unit). In cell rows the `over`
+    settings are written as text (`setting_text`), their column holding ALL too. A metric that
+    no sample has a value for gets no rows.
+    """
+    if not set(over) <= set(by):
+        raise ValueError(f"aggregate_means: over {list(over)} must be among by {list(by)}")
+    if weigh not in ("cells", "samples"):
+        raise ValueError("aggregate_means: weigh is 'cells' or 'samples'")
+    keys = ["model", *by]
+    rest = [k for k in keys if k not in over]
+    frames = []
+    for metric in metrics:
+        values = sample_values(samples, metric)
+        data = samples[[*keys, *([cluster] if cluster else [])]].copy()
+        cell_keys = keys
+        if metric.by:
+            pairs = values.map(lambda m: list(m.items()) if isinstance(m, dict) else [])
+            data = data.assign(_pair=pairs).explode("_pair").dropna(subset=["_pair"])
+            data[metric.by] = data["_pair"].map(lambda p: p[0])
+            data["_value"] = data["_pair"].map(lambda p: _number(p[1])).astype(float)
+            data = data.drop(columns="_pair")
+            cell_keys = [*keys, metric.by]
+        else:
+            data["_value"] = values
+        if data.empty or data["_value"].isna().all():
+            continue
+        grouped = data.groupby(cell_keys, sort=True)["_value"]
+        cells = grouped.agg(value="mean", n="count", stderr=stderr_of_mean).reset_index()
+        parts = [cells]
+        if over:
+            if weigh == "cells":
+                overall = (
+                    cells.groupby(rest, sort=True)
+                    .agg(value=("value", "mean"), n=("n", "sum"))
+                    .reset_index()
+                )
+            else:
+                overall = (
+                    data.groupby(rest, sort=True)["_value"]
+                    .agg(value="mean", n="count")
+                    .reset_index()
+                )
+            if cluster:
+                per_cluster = data.groupby([*rest, cluster], sort=True)["_value"].mean()
+                se = per_cluster.groupby(level=rest, sort=True).agg(stderr_of_mean)
+            else:
+                se = data.groupby(rest, sort=True)["_value"].agg(stderr_of_mean)
+            overall = overall.merge(se.reset_index(name="stderr"), on=rest)
+            for k in over:
+                cells[k] = cells[k].map(setting_text)
+                overall[k] = ALL
+            parts.append(overall)
+        frame = pd.concat(parts, ignore_index=True)
+        frame["metric"] = metric.name
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=[*METRIC_COLUMNS, *by])
+    out = pd.concat(frames, ignore_index=True)
+    out["task"] = task
+    settings = [c for c in out.columns if c not in METRIC_COLUMNS]
+    return out[[*METRIC_COLUMNS, *settings]]
+
+
 # The kinds of figure a task may declare; `diffbench.render.figures` draws each one.
 FigureKind: TypeAlias = Literal["line", "bars", "heatmap", "spread"]
 FIGURE_KINDS = ("line", "bars", "heatmap", "spread")

@@ -38,7 +38,7 @@ from diffbench.api import (
     Response,
     Sample,
     TokenizerView,
-    stderr_of_mean,
+    aggregate_means,
 )
 from diffbench.errors import DiffbenchError
 from diffbench.jsonl import read_objects
@@ -345,22 +345,11 @@ class HallucinationTask:
     def aggregate(self, config: HallucinationConfig, samples: pd.DataFrame) -> pd.DataFrame:
         """Per model and dataset: hallucination-free rate, mean support, ROUGE-L, unparseable
         rate."""
-        rows = []
-        for (model, dataset), group in samples.groupby(["model", "dataset"], sort=True):
-            parsed = group["parsed"].astype(bool)
-            for metric, values in (
-                ("hallucination_free", group[SCORE_KEY]),
-                ("support", group["support"]),
-                ("rouge_l", group["rouge_l"]),
-                ("unparseable", (~parsed).astype(float)),
-            ):
-                x = pd.to_numeric(values, errors="coerce").dropna()
-                rows.append({"model": model, "dataset": dataset, "metric": metric,
-                             "value": float(x.mean()) if len(x) else float("nan"),
-                             "n": len(x), "stderr": stderr_of_mean(x)})  # fmt: skip
-        frame = pd.DataFrame(rows)
-        frame["task"] = self.name
-        return frame
+        # `unparseable` from the judge's `parsed`, which samples stored before it existed hold.
+        unparseable = (~samples["parsed"].astype(bool)).astype(float)
+        return aggregate_means(
+            self.name, samples.assign(unparseable=unparseable), self.metrics, self.setting_keys
+        )
 
 
 @functools.cache

@@ -37,7 +37,7 @@ from diffbench.api import (
     Response,
     Sample,
     TokenizerView,
-    stderr_of_mean,
+    aggregate_means,
 )
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import icl_datasets
@@ -307,38 +307,27 @@ class IclTask:
         mean score across the prompts, over the square root of the number of examples. The
         spread of prompt accuracies alone would be 0 whenever the draws happen to agree.
         """
-        run_keys = ["model", "dataset", "arrangement", "shots", "draw", "order"]
-        runs = (
-            samples.groupby(run_keys, sort=True)[SCORE_KEY]
-            .agg(value="mean", n="count", stderr=stderr_of_mean)
-            .reset_index()
-        )
-        runs["metric"] = "accuracy"
-        keys = ["model", "dataset", "arrangement", "shots"]
         # Samples stored before the cluster key existed still carry their test example's index.
         cluster = CLUSTER_KEY if CLUSTER_KEY in samples.columns else "test_index"
-        per_example = samples.groupby([*keys, cluster], sort=True)[SCORE_KEY].mean()
-        cluster_se = per_example.groupby(level=keys, sort=True).agg(stderr_of_mean)
+        accuracy = [m for m in self.metrics if m.name == "accuracy"]
+        frame = aggregate_means(
+            self.name, samples, accuracy, SETTING_KEYS, over=("draw", "order"), cluster=cluster
+        )
+        keys = ["model", "dataset", "arrangement", "shots"]
+        prompts = frame[frame["draw"] != ALL]
         rows = []
-        for key, group in runs.groupby(keys, sort=True):
+        for key, group in prompts.groupby(keys, sort=True):
             accs = group["value"].to_numpy()
-            n = int(group["n"].sum())
             spread = float(np.std(accs, ddof=1)) if len(accs) > 1 else float("nan")
-            base = dict(zip(keys, key, strict=True), draw=ALL, order=ALL)
-            se = float(cluster_se.loc[key])
+            base = {"task": self.name, **dict(zip(keys, key, strict=True)), "draw": ALL,
+                    "order": ALL, "n": len(accs)}  # fmt: skip
             rows += [
-                {**base, "metric": "accuracy", "value": float(accs.mean()), "n": n, "stderr": se},
-                {**base, "metric": "accuracy_std", "value": spread, "n": len(accs)},
-                {**base, "metric": "accuracy_min", "value": float(accs.min()), "n": len(accs)},
-                {**base, "metric": "accuracy_max", "value": float(accs.max()), "n": len(accs)},
-                {**base, "metric": "margin", "value": float(accs.max() - accs.min()),
-                 "n": len(accs)},
-            ]  # fmt: skip
-        runs["draw"] = runs["draw"].astype(str)
-        runs["order"] = runs["order"].astype(str)
-        frame = pd.concat([runs, pd.DataFrame(rows)], ignore_index=True)
-        frame["task"] = self.name
-        return frame
+                {**base, "metric": "accuracy_std", "value": spread},
+                {**base, "metric": "accuracy_min", "value": float(accs.min())},
+                {**base, "metric": "accuracy_max", "value": float(accs.max())},
+                {**base, "metric": "margin", "value": float(accs.max() - accs.min())},
+            ]
+        return pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)
 
 
 TASK = IclTask()

@@ -44,7 +44,7 @@ from diffbench.api import (
     RollingRequest,
     Sample,
     TokenizerView,
-    stderr_of_mean,
+    aggregate_means,
 )
 from diffbench.errors import DiffbenchError
 from diffbench.registry import TaskFamily
@@ -412,20 +412,12 @@ class LmEvalTask:
                     {"model": model, "subtask": sub, "metric": name,
                      "value": float(agg(values)), "n": len(values), "stderr": stderr}
                 )  # fmt: skip
+        frame = pd.DataFrame(rows).assign(task=self.name)
         if len(found.subtasks) > 1:
-            pooled = {row.name for row in found.table if row.aggregation is mean}
-            for model, group in samples.groupby("model", sort=True):
-                records = [r for r in group["lm_eval"] if isinstance(r, dict)]
-                for name in sorted(pooled):
-                    values = [float(r[name]) for r in records if name in r]
-                    if values:
-                        rows.append(
-                            {"model": model, "subtask": ALL, "metric": name,
-                             "value": sum(values) / len(values), "n": len(values),
-                             "stderr": stderr_of_mean(values)}
-                        )  # fmt: skip
-        frame = pd.DataFrame(rows)
-        frame["task"] = self.name
+            # Each mean-aggregated metric over every document of every subtask.
+            pooled = [m for m in declared(found) if m.sample_mean]
+            overall = aggregate_means(self.name, samples, pooled).assign(subtask=ALL)
+            frame = pd.concat([frame, overall], ignore_index=True)
         return frame
 
 

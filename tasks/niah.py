@@ -72,13 +72,15 @@ from diffbench.api import (
     Response,
     Sample,
     TokenizerView,
-    stderr_of_mean,
+    aggregate_means,
 )
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack as hs
 
 SETTING_KEYS = ("mode", "length", "depth", "needles", "queries")
 ATTENTION_METRICS = ("attention_answer", "attention_noise", "attention_negative")
+# A cell of the metric rows; an ALL depth averages a cell's depths.
+CELL = ("mode", "length", "needles", "queries", "depth")
 UNIT = "haystack draw"
 log = logging.getLogger("diffbench")
 NORMALISATION = (
@@ -688,7 +690,6 @@ class NiahTask:
     def _allocation(self, samples: pd.DataFrame) -> pd.DataFrame:
         """attention_answer, attention_noise and attention_negative per depth, and their mean
         over depths; a warning per model whose samples hold un-normalised layers."""
-        keys = ["model", "mode", "length", "needles", "queries"]
         if "warnings" in samples.columns:
             warned = samples[samples["warnings"].map(lambda w: isinstance(w, list) and bool(w))]
             for model, group in warned.groupby("model", sort=True):
@@ -706,54 +707,15 @@ class NiahTask:
                     group["warnings"].iloc[0][0],
                     ", ".join(where),
                 )
-        frames = []
-        for metric in ATTENTION_METRICS:
-            if metric not in samples.columns or samples[metric].isna().all():
-                continue  # attention_negative, from a backend reporting signed masses only
-            cells = (
-                samples.groupby([*keys, "depth"], sort=True)[metric]
-                .agg(value="mean", n="count", stderr=stderr_of_mean)
-                .reset_index()
-            )
-            overall = (
-                cells.groupby(keys, sort=True)
-                .agg(value=("value", "mean"), n=("n", "sum"))
-                .reset_index()
-            )
-            se = samples.groupby(keys, sort=True)[metric].agg(stderr_of_mean)
-            overall = overall.merge(se.reset_index(name="stderr"), on=keys)
-            overall["depth"] = ALL
-            cells["depth"] = cells["depth"].map(lambda d: f"{float(d):g}")
-            frame = pd.concat([cells, overall], ignore_index=True)
-            frame["metric"] = metric
-            frames.append(frame)
-        out = pd.concat(frames, ignore_index=True)
-        out["task"] = self.name
-        return out
+        # attention_negative is absent from a backend reporting signed masses only: no rows.
+        declared = [m for m in self.metrics if m.name in ATTENTION_METRICS]
+        return aggregate_means(self.name, samples, declared, CELL, over=("depth",))
 
     def _accuracy(self, samples: pd.DataFrame) -> pd.DataFrame:
-        keys = ["model", "mode", "length", "needles", "queries"]
-        cells = (
-            samples.groupby([*keys, "depth"], sort=True)["score"]
-            .agg(value="mean", n="count", stderr=stderr_of_mean)
-            .reset_index()
-        )
-        # The paper's number: the mean over depths of per-depth accuracy.
-        overall = (
-            cells.groupby(keys, sort=True)
-            .agg(value=("value", "mean"), n=("n", "sum"))
-            .reset_index()
-        )
-        se = (
-            samples.groupby(keys, sort=True)["score"].agg(stderr_of_mean).reset_index(name="stderr")
-        )
-        overall = overall.merge(se, on=keys)
-        overall["depth"] = ALL
-        cells["depth"] = cells["depth"].map(lambda d: f"{float(d):g}")
-        frame = pd.concat([cells, overall], ignore_index=True)
-        frame["task"] = self.name
-        frame["metric"] = "accuracy"
-        return frame
+        """Accuracy per cell, and the paper's number: the mean over depths of per-depth
+        accuracy (every depth weighs the same)."""
+        accuracy = [m for m in self.metrics if m.name == "accuracy"]
+        return aggregate_means(self.name, samples, accuracy, CELL, over=("depth",))
 
 
 TASK = NiahTask()

@@ -29,7 +29,7 @@ from diffbench.api import (
     Sample,
     TokenizerView,
     TokenLogprobs,
-    stderr_of_mean,
+    aggregate_means,
 )
 from diffbench.errors import DiffbenchError
 
@@ -155,24 +155,13 @@ class NllTask:
     def aggregate(self, config: NllConfig, samples: pd.DataFrame) -> pd.DataFrame:
         """Per model: mean NLL over sequences (position all) and per position bucket (position:
         the bucket's last token position, 1-based), each with its stderr over sequences."""
-        rows = []
-        for (model, source, length), group in samples.groupby(
-            ["model", "source", "length"], sort=True
-        ):
-            base = {"model": model, "source": source, "length": length}
-            scores = group[SCORE_KEY].astype(float)
-            rows.append({**base, "position": ALL, "metric": "nll", "value": float(scores.mean()),
-                         "n": len(scores), "stderr": stderr_of_mean(scores)})  # fmt: skip
-            edges = group["edges"].iloc[0]
-            table = np.array([list(b) for b in group["bucket_nll"]], dtype=float)
-            for k, end in enumerate(edges[1:]):
-                col = table[:, k]
-                rows.append({**base, "position": str(end), "metric": "nll_at",
-                             "value": float(col.mean()), "n": len(col),
-                             "stderr": stderr_of_mean(col)})  # fmt: skip
-        frame = pd.DataFrame(rows)
-        frame["task"] = self.name
-        return frame
+        declared = {m.name: m for m in self.metrics}
+        by = ("source", "length")
+        # `nll` is each sequence's mean over all its positions; `nll_at` maps a bucket's last
+        # position to its mean, so its rows take their position from the samples.
+        overall = aggregate_means(self.name, samples, [declared["nll"]], by)
+        buckets = aggregate_means(self.name, samples, [declared["nll_at"]], by)
+        return pd.concat([overall.assign(position=ALL), buckets], ignore_index=True)
 
 
 TASK = NllTask()

@@ -42,7 +42,7 @@ from diffbench.api import (
     Throughput,
     ThroughputRequest,
     TokenizerView,
-    stderr_of_mean,
+    aggregate_means,
 )
 from diffbench.errors import DiffbenchError
 
@@ -161,17 +161,15 @@ class ThroughputTask:
     def aggregate(self, config: ThroughputConfig, samples: pd.DataFrame) -> pd.DataFrame:
         """Per model and length: each rate's mean over repeats (stderr over repeats), and the
         largest peak memory."""
-        rows = []
-        for (model, _), s in samples.groupby(["model", "length"], sort=True):
-            length = int(s["length"].iloc[0])
-            base = {"task": self.name, "model": model, "length": length, "n": len(s)}
-            for metric in RATES:
-                x = s[metric].astype(float)
-                rows.append({**base, "metric": metric, "value": float(x.mean()),
-                             "stderr": stderr_of_mean(x)})  # fmt: skip
-            peak = float(s["peak_memory_mb"].max())
-            rows.append({**base, "metric": "peak_memory_mb", "value": peak, "stderr": float("nan")})
-        return pd.DataFrame(rows)
+        rates = [m for m in self.metrics if m.name in RATES]
+        frame = aggregate_means(self.name, samples, rates, self.setting_keys)
+        peak = (
+            samples.groupby(["model", "length"], sort=True)["peak_memory_mb"]
+            .agg(value="max", n="count")
+            .reset_index()
+            .assign(task=self.name, metric="peak_memory_mb", stderr=float("nan"))
+        )
+        return pd.concat([frame, peak], ignore_index=True)
 
 
 TASK = ThroughputTask()

@@ -39,7 +39,7 @@ from diffbench.api import (
     Response,
     Sample,
     TokenizerView,
-    stderr_of_mean,
+    aggregate_means,
 )
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack as hs
@@ -177,21 +177,9 @@ class ZeroshotTask:
     def aggregate(self, config: ZeroshotConfig, samples: pd.DataFrame) -> pd.DataFrame:
         """Accuracy per format and fact count, and per fact count over the formats (format =
         'all'). Fact counts are never pooled: they are different tasks."""
-        per = (
-            samples.groupby(["model", "format", "facts"], sort=True)[SCORE_KEY]
-            .agg(value="mean", n="count", stderr=stderr_of_mean)
-            .reset_index()
+        return aggregate_means(
+            self.name, samples, self.metrics, self.setting_keys, over=("format",), weigh="samples"
         )
-        overall = (
-            samples.groupby(["model", "facts"], sort=True)[SCORE_KEY]
-            .agg(value="mean", n="count", stderr=stderr_of_mean)
-            .reset_index()
-        )
-        overall["format"] = ALL
-        frame = pd.concat([per, overall], ignore_index=True)
-        frame["task"] = self.name
-        frame["metric"] = "accuracy"
-        return frame
 
 
 TASK = ZeroshotTask()

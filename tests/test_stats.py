@@ -387,3 +387,63 @@ def test_identical_paired_proportions_get_an_interval_of_nonzero_width():
     d = stats.difference(0.5, 0.5, reference_scores=same, candidate_scores=same, kind="proportion")
     assert d.interval is not None and d.interval.low < -0.05 and d.interval.high > 0.05
     assert d.interval.low == pytest.approx(-d.interval.high)
+
+
+def depth_samples() -> pd.DataFrame:
+    """One model's scores at two depths, two samples at depth 0 and one at 100, three clusters."""
+    return pd.DataFrame(
+        {
+            "model": ["m"] * 3,
+            "length": [256] * 3,
+            "depth": [0.0, 0.0, 100.0],
+            CLUSTER_KEY: ["a", "b", "a"],
+            "score": [1.0, 0.0, 1.0],
+        }
+    )
+
+
+def test_aggregate_means_averages_cells_or_samples_into_the_all_row():
+    from diffbench.api import ALL, METRIC_COLUMNS, Metric, aggregate_means, stderr_of_mean
+
+    accuracy = [Metric("accuracy")]
+    cells = aggregate_means("t", depth_samples(), accuracy, ("length", "depth"), over=("depth",))
+    assert list(cells.columns) == [*METRIC_COLUMNS, "length", "depth"]
+    by_depth = cells.set_index("depth")
+    assert by_depth["value"].to_dict() == {"0": 0.5, "100": 1.0, ALL: 0.75}  # each depth alike
+    assert by_depth["n"].to_dict() == {"0": 2, "100": 1, ALL: 3}
+    assert by_depth.loc[ALL, "stderr"] == pytest.approx(stderr_of_mean([1.0, 0.0, 1.0]))
+    pooled = aggregate_means(
+        "t", depth_samples(), accuracy, ("length", "depth"), over=("depth",), weigh="samples"
+    )
+    assert pooled.set_index("depth").loc[ALL, "value"] == pytest.approx(2 / 3)  # each sample
+    # Over clusters, the ALL row's stderr is that of the cluster means (a: 1.0, b: 0.0).
+    clustered = aggregate_means(
+        "t", depth_samples(), accuracy, ("length", "depth"), over=("depth",), cluster=CLUSTER_KEY
+    )
+    assert clustered.set_index("depth").loc[ALL, "stderr"] == pytest.approx(0.5)
+
+
+def test_aggregate_means_reads_a_metrics_key_and_its_per_setting_mapping():
+    from diffbench.api import Metric, aggregate_means
+
+    samples = pd.DataFrame(
+        {
+            "model": ["m", "m"],
+            "source": ["s", "s"],
+            "lm": [{"acc": True}, {"acc": False}],
+            "nll_at": [{"1": 2.0, "8": 1.0}, {"1": 4.0}],
+            "absent": [None, None],
+        }
+    )
+    metrics = [
+        Metric("acc", key="lm.acc"),
+        Metric("nll_at", "lower", "mean", "nll_at", by="position"),
+        Metric("absent", key="absent"),  # no sample has a value: no rows
+    ]
+    rows = aggregate_means("t", samples, metrics, ("source",))
+    assert rows.set_index("metric").loc["acc", ["value", "n"]].tolist() == [0.5, 2]
+    at = rows[rows["metric"] == "nll_at"].set_index("position")
+    assert at["value"].to_dict() == {"1": 3.0, "8": 1.0} and at["n"].to_dict() == {"1": 2, "8": 1}
+    assert set(rows["metric"]) == {"acc", "nll_at"}
+    with pytest.raises(ValueError, match="over"):
+        aggregate_means("t", samples, metrics, ("source",), over=("position",))
