@@ -8,7 +8,7 @@ read only the store. Nothing here imports torch: tasks never see a tensor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -613,19 +613,30 @@ class Metric:
         )
 
 
-def declared_metrics(task: Any) -> tuple[Metric, ...]:
-    """A plugin's metric declarations. A plugin written before `Metric` (names in `metrics`, with
-    `lower_is_better` and `sample_mean_metrics` sets) is read as "mean" and "statistic" metrics."""
+def declared_metrics(task: Any, config: Any = None) -> tuple[Metric, ...]:
+    """A plugin's metric declarations under its built `config` (None: its default config). A
+    plugin written before `Metric` (names in `metrics`, with `lower_is_better` and
+    `sample_mean_metrics` sets) is read as "mean" and "statistic" metrics."""
     out = []
     lower = frozenset(getattr(task, "lower_is_better", ()))
     means = frozenset(getattr(task, "sample_mean_metrics", ()))
-    for m in task.metrics:
+    for m in under_config(task, "metrics", config):
         if isinstance(m, Metric):
             out.append(m)
         else:
             better: Better = "lower" if m in lower else "higher"
             out.append(Metric(str(m), better, "mean" if m in means else "statistic"))
     return tuple(out)
+
+
+def under_config(task: Any, attribute: str, config: Any = None) -> Any:
+    """A task's `metrics` or `headline`: a plain attribute (every built-in task), or a method of
+    the task's built config (an lm-eval task's follow the definition its config names); None
+    stands for the task's default config."""
+    declared = getattr(task, attribute)
+    if not callable(declared):
+        return declared
+    return declared(task.config_type() if config is None else config)
 
 
 def setting_text(value: object) -> str:
@@ -886,14 +897,15 @@ class TaskInfo:
     figures: tuple[FigureSpec, ...] | None = ()
 
     @classmethod
-    def of(cls, task: Task) -> TaskInfo:
-        """A task plugin's self-description."""
+    def of(cls, task: Task, config: Any = None) -> TaskInfo:
+        """A task plugin's self-description under its built `config` (None: its default
+        config), which an lm-eval task's metrics and headline depend on."""
         return cls(
             task.name,
             task.description,
-            declared_metrics(task),
+            declared_metrics(task, config),
             tuple(task.setting_keys),
-            tuple(task.headline),
+            tuple(under_config(task, "headline", config)),
             tuple(getattr(task, "paper", ())),
             _declared_figures(task),
         )
@@ -988,19 +1000,42 @@ class Task(Protocol):
     records them in run.json (`TaskInfo`); nothing reads a run through the plugin.
     """
 
-    name: str
-    description: str
-    config_type: type
-    # Named option sets (`--set TASK.preset=NAME`): the paper's settings are one preset away.
-    presets: Mapping[str, Mapping[str, Any]]
-    # Every metric `aggregate` emits, declared once: direction, what it is a mean of, and its
-    # unit of independence (statistics pair and cluster by it).
-    metrics: tuple[Metric, ...]
-    # Setting columns this task writes into metrics.csv, in display order.
-    setting_keys: tuple[str, ...]
-    # The rows the report's summary leads with (the paper's own tables); the rest stay in the
-    # task's section.
-    headline: tuple[Headline, ...]
+    # Read-only members (properties here), so that a plugin's narrower types (its config class,
+    # a fixed-length tuple) and a method in place of a tuple satisfy the protocol.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def config_type(self) -> type: ...
+
+    @property
+    def presets(self) -> Mapping[str, Mapping[str, Any]]:
+        """Named option sets (`--set TASK.preset=NAME`): the paper's settings are one preset
+        away."""
+        ...
+
+    @property
+    def metrics(self) -> tuple[Metric, ...] | Callable[[Any], tuple[Metric, ...]]:
+        """Every metric `aggregate` emits, declared once: direction, what it is a mean of, and
+        its unit of independence (statistics pair and cluster by it). A tuple, or a method of
+        the task's built config where they depend on it (an lm-eval task's definition): read
+        it through `declared_metrics(task, config)`."""
+        ...
+
+    @property
+    def setting_keys(self) -> tuple[str, ...]:
+        """Setting columns this task writes into metrics.csv, in display order."""
+        ...
+
+    @property
+    def headline(self) -> tuple[Headline, ...] | Callable[[Any], tuple[Headline, ...]]:
+        """The rows the report's summary leads with (the paper's own tables); the rest stay in
+        the task's section. Like `metrics`, a tuple or a method of the config (`under_config`)."""
+        ...
+
     # Optional, so not declared here: `paper: tuple[PaperRef, ...]`, the paper's numbers that the
     # report's first section sets beside the run's, and `figures: tuple[FigureSpec, ...]`, the
     # figures a report draws from the task's rows (`TaskInfo.of` reads both; run.json records

@@ -198,7 +198,8 @@ def aggregate(store: RunStore, prepared: dict[str, PreparedTask]) -> pd.DataFram
         frame = p.task.aggregate(p.config, samples)
         # Statistics, reports and the gate read a metric through its declaration: one a task
         # emits without declaring it would be read with no direction, kind or unit.
-        undeclared = sorted(set(frame["metric"]) - {m.name for m in declared_metrics(p.task)})
+        declared = {m.name for m in declared_metrics(p.task, p.config)}
+        undeclared = sorted(set(frame["metric"]) - declared)
         if undeclared:
             raise RuntimeError(
                 f"task {name} emitted metrics it does not declare: {', '.join(undeclared)}"
@@ -471,7 +472,7 @@ def _run_locked(plan: Plan, store: RunStore, group: Group) -> None:
             log.info("merged %d samples that the ranks of a stopped run had scored", moved)
         record = RunRecord(
             config=ident,
-            task_info={n: TaskInfo.of(p.task).to_json() for n, p in prepared.items()},
+            task_info={n: TaskInfo.of(p.task, p.config).to_json() for n, p in prepared.items()},
             task_order=tuple(prepared),
             models=old.models if old else {},
             versions=versions(),

@@ -201,21 +201,6 @@ def documents(name: str, include_path: str, num_fewshot: int, subtask: str) -> S
     return definition(name, include_path, num_fewshot).subtasks[subtask].eval_docs
 
 
-# The Task protocol reads `metrics` and `headline` without a config (the runner records them in
-# run.json through `TaskInfo.of(task)`), yet an lm-eval task's metrics are those of the definition
-# its config's include_path finds. Until the protocol passes the config there, they answer for the
-# options this process last resolved the task under (the runner resolves a run's config, in
-# `request_kinds`, before it records the task); never resolved: the default options.
-_RESOLVED: dict[str, tuple[str, int]] = {}
-
-
-def resolve(name: str, config: LmEvalConfig) -> Definition:
-    """The definition `config` names for task `name` (and the one `metrics` now describes)."""
-    found = definition(name, config.include_path, config.num_fewshot)
-    _RESOLVED[name] = (config.include_path, config.num_fewshot)
-    return found
-
-
 def declared(found: Definition) -> tuple[Metric, ...]:
     """A mean-aggregated metric is a mean over documents of the value each sample records under
     `lm_eval` (a proportion where lm-eval scores a document 0 or 1); any other aggregation
@@ -300,22 +285,18 @@ class LmEvalTask:
 
     def definition(self, config: LmEvalConfig) -> Definition:
         """lm-eval's definition of this task under `config` (unknown task: DiffbenchError)."""
-        return resolve(self.lm_name, config)
+        return definition(self.lm_name, config.include_path, config.num_fewshot)
 
-    def _described(self) -> Definition:
-        include_path, num_fewshot = _RESOLVED.get(self.lm_name, ("", -1))
-        return definition(self.lm_name, include_path, num_fewshot)
+    # ---- what run.json records: methods of the config, whose include_path picks the task's
+    # definition (read through `api.declared_metrics` and `api.TaskInfo.of`) ---------------------
 
-    # ---- what run.json records ----------------------------------------------------------------
+    def metrics(self, config: LmEvalConfig) -> tuple[Metric, ...]:
+        """Every metric of every subtask of the definition `config` names (see `declared`)."""
+        return declared(self.definition(config))
 
-    @property
-    def metrics(self) -> tuple[Metric, ...]:
-        """Every metric of every subtask (see `declared`)."""
-        return declared(self._described())
-
-    @property
-    def headline(self) -> tuple[Headline, ...]:
-        return headline_of(self._described())
+    def headline(self, config: LmEvalConfig) -> tuple[Headline, ...]:
+        """The primary metric of the definition `config` names (see `headline_of`)."""
+        return headline_of(self.definition(config))
 
     def request_kinds(self, config: LmEvalConfig) -> tuple[type, ...]:
         """The request kinds of its subtasks' output types."""

@@ -180,6 +180,27 @@ def test_lm_eval_scores_pair_for_mcnemar_and_compare(task_dir, tmp_path):
         assert c["p_value"] == pytest.approx(2 * 0.5**6) and c["n_pairs"] == 6
 
 
+def test_task_info_follows_the_include_path_of_the_config_it_is_given(task_dir, tmp_path):
+    """Two folders define one task name with different metrics: each config's description is
+    its own folder's, whichever was read before (the task keeps no record of past configs)."""
+    import yaml
+    from diffbench.api import TaskInfo, declared_metrics
+    from diffbench.tasks.lm_eval_tasks import LmEvalConfig, task_for
+
+    other = write_tasks(tmp_path / "other")
+    mc = yaml.safe_load((other / "mc.yaml").read_text())
+    (other / "mc.yaml").write_text(yaml.safe_dump({**mc, "metric_list": [{"metric": "acc_norm"}]}))
+    task = task_for(MC)
+    mine, theirs = LmEvalConfig(include_path=str(task_dir)), LmEvalConfig(include_path=str(other))
+    first = TaskInfo.of(task, theirs)
+    assert TaskInfo.of(task, mine).metrics == ("acc", "acc_norm")
+    assert [h.metric for h in TaskInfo.of(task, mine).headline] == ["acc"]
+    again = TaskInfo.of(task, theirs)
+    assert again == first and again.metrics == ("acc_norm",)
+    assert [h.metric for h in again.headline] == ["acc_norm"]
+    assert declared_metrics(task, theirs) == again.metric_defs
+
+
 @pytest.mark.slow  # three CLI runs (about 3 minutes on a busy 2-core machine)
 def test_cli_run_writes_lm_eval_metrics_and_resumes_after_sigkill(tmp_path):
     tasks = write_tasks(tmp_path / "tasks", n_test=12)
