@@ -206,7 +206,6 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--tasks", "niah#x", "--set", "niah.samples=2"], "names task 'niah', which is not"),
     ([*RUN, "--config", "papr"], "config file papr does not exist (shipped suites, by name:"),
     (["datasets", "--yaml"], "unrecognized arguments: --yaml"),
-    ([*RUN, "--tasks", "niah", "--set", "niah.lengths=4096", "--dry-run"], "niah on tiny-base,"),
 ]
 
 
