@@ -20,14 +20,24 @@ from pathlib import Path
 
 import pandas as pd
 from diffbench import figures, stats, variants
-from diffbench.api import ALL, ARROWS, LARGEST, WILDCARDS, Headline, MetricKind, PaperRef, TaskInfo
+from diffbench.api import (
+    ALL,
+    ARROWS,
+    LARGEST,
+    WILDCARDS,
+    Headline,
+    MetricKind,
+    PaperRef,
+    TaskInfo,
+    setting_text,
+)
 from diffbench.config import split_variant
 from diffbench.errors import DiffbenchError
 from diffbench.render.figures import task_figures
 from diffbench.render.report import html_page, markdown
 from diffbench.render.view import Line, PaperRow, PaperTable, Report, TaskSection
 from diffbench.results import Results, load_runs
-from diffbench.stats import Difference, Estimate, SampleScores, setting_text
+from diffbench.stats import Difference, Estimate, SampleScores
 from diffbench.store import RunStore, natural_key, write_atomic
 
 log = logging.getLogger("diffbench")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from diffbench.api import METRIC_COLUMNS, TaskInfo
+from diffbench.api import METRIC_COLUMNS, TaskInfo, setting_text
 from diffbench.errors import DiffbenchError
-from diffbench.stats import SampleIndex, SampleScores, setting_text
+from diffbench.stats import SampleIndex, SampleScores
 from diffbench.store import RunRecord, RunStore
 
 log = logging.getLogger("diffbench")

@@ -95,21 +95,27 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def cached(source: Source) -> Path | None:
-    """The cached snapshot of `source` holding every split's files, or None."""
+def _download(source: Source, local_only: bool) -> Path:
+    """huggingface_hub's snapshot of `source`'s files at its revision (from the cache only, with
+    `local_only`)."""
     from huggingface_hub import snapshot_download
 
-    try:
-        folder = Path(
-            snapshot_download(
-                source.repo,
-                repo_type="dataset",
-                revision=source.revision,
-                allow_patterns=list(source.files.values()),
-                cache_dir=cache_root(),
-                local_files_only=True,
-            )
+    return Path(
+        snapshot_download(
+            source.repo,
+            repo_type="dataset",
+            revision=source.revision,
+            allow_patterns=list(source.files.values()),
+            cache_dir=cache_root(),
+            local_files_only=local_only,
         )
+    )
+
+
+def cached(source: Source) -> Path | None:
+    """The cached snapshot of `source` holding every split's files, or None."""
+    try:
+        folder = _download(source, local_only=True)
     except Exception:  # any miss means "not cached"
         return None
     return folder if all(_matching(folder, g) for g in source.files.values()) else None
@@ -135,18 +141,8 @@ def snapshot(source: Source) -> Path:
             f"dataset {where} is not in the hub cache {cache_root()} and HF_HUB_OFFLINE is set; "
             f"prefetch it: {source.prefetch}"
         )
-    from huggingface_hub import snapshot_download
-
     try:
-        folder = Path(
-            snapshot_download(
-                source.repo,
-                repo_type="dataset",
-                revision=source.revision,
-                allow_patterns=list(source.files.values()),
-                cache_dir=cache_root(),
-            )
-        )
+        folder = _download(source, local_only=False)
     except Exception as err:  # the hub raises many types when unreachable
         raise DiffbenchError(
             f"dataset {where} is not cached and the hub cannot be reached "

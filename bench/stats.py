@@ -42,6 +42,7 @@ from diffbench.api import (
     WILDCARDS,
     Metric,
     MetricKind,
+    setting_text,
 )
 from scipy.stats import binomtest, false_discovery_control, norm
 from scipy.stats import t as student_t
@@ -157,19 +158,6 @@ class SampleScores:
         if self.chance is None or not len(self.chance) or self.chance.isna().any():
             return None
         return float(self.chance.mean())
-
-
-def setting_text(value: object) -> str:
-    """A setting value as metrics.csv spells it: numbers in shortest form (256, 0, 12.5)."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int | float | np.integer | np.floating):
-        return f"{float(value):g}"
-    text = str(value)
-    try:
-        return f"{float(text):g}"
-    except ValueError:
-        return text
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 # In-process CLI runs see this process's environment: offline, as the subprocess runs were
@@ -139,3 +141,27 @@ def kill_when(args: list[str], cwd: Path, watched: Path, min_lines: int) -> int:
 def models_arg(pair: dict[str, Path]) -> str:
     """--models value running both tiny checkpoints."""
     return f"diff={pair['tiny-diff']},base={pair['tiny-base']}"
+
+
+def rename_tasks(run: Path, names: dict[str, str]) -> None:
+    """Rename tasks wherever a run names them: run.json (task_info, task_order, the config's
+    tasks), metrics.csv's task column, and the samples' folders and rows."""
+    record = json.loads((run / "run.json").read_text())
+    if "task_info" in record:  # a run from before run.json described its tasks has none
+        record["task_info"] = {
+            names.get(t, t): {**info, "name": names.get(t, t)}
+            for t, info in record["task_info"].items()
+        }
+    if "task_order" in record:
+        record["task_order"] = [names.get(t, t) for t in record["task_order"]]
+    record["config"]["tasks"] = {names.get(t, t): v for t, v in record["config"]["tasks"].items()}
+    (run / "run.json").write_text(json.dumps(record, indent=2))
+    for old, new in names.items():
+        assert f'"{old}"' not in (run / "run.json").read_text()
+        folder = run / "samples" / new
+        (run / "samples" / old).rename(folder)
+        for path in folder.glob("*.jsonl"):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps({**r, "task": new}) + "\n" for r in rows))
+    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
+    metrics.assign(task=metrics["task"].replace(names)).to_csv(run / "metrics.csv", index=False)

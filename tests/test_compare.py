@@ -14,11 +14,10 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 from diffbench import variants
-from diffbench.api import INPUT_KEY
+from diffbench.api import INPUT_KEY, setting_text
 from diffbench.errors import DiffbenchError
 from diffbench.gate import compare_models, compare_runs, parse_tolerance
 from diffbench.render.gate import render_json, render_junit
-from diffbench.stats import setting_text
 from test_cli_errors import assert_one_line_error
 from test_report import sweep_suite_run
 from test_stats import shared_run

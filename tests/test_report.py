@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import rename_tasks, run_cli
 from diffbench import report
 from diffbench.api import CLUSTER_KEY
 from diffbench.results import load_runs
@@ -349,28 +349,6 @@ def test_the_summary_gives_each_swept_value_a_row_compared_at_that_value(sweep_s
 # Task names no plugin provides, in the same alphabetical order as the originals (run.json's
 # configuration is printed with sorted keys).
 RENAMED = {"icl": "renamed_a", "niah": "renamed_b"}
-
-
-def rename_tasks(run: Path, names: dict[str, str]) -> None:
-    """Rename tasks wherever a run names them: run.json (task_info, task_order, the config's
-    tasks), metrics.csv's task column, and the samples' folders and rows."""
-    record = json.loads((run / "run.json").read_text())
-    record["task_info"] = {
-        names.get(t, t): {**info, "name": names.get(t, t)}
-        for t, info in record["task_info"].items()
-    }
-    record["task_order"] = [names.get(t, t) for t in record["task_order"]]
-    record["config"]["tasks"] = {names.get(t, t): v for t, v in record["config"]["tasks"].items()}
-    (run / "run.json").write_text(json.dumps(record, indent=2))
-    for old, new in names.items():
-        assert f'"{old}"' not in (run / "run.json").read_text()
-        folder = run / "samples" / new
-        (run / "samples" / old).rename(folder)
-        for path in folder.glob("*.jsonl"):
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
-            path.write_text("".join(json.dumps({**r, "task": new}) + "\n" for r in rows))
-    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
-    metrics.assign(task=metrics["task"].replace(names)).to_csv(run / "metrics.csv", index=False)
 
 
 def plant_changes(run: Path) -> None:

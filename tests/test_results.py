@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import rename_tasks, run_cli
 from test_cli_errors import assert_one_line_error
 from test_report import default_grid_run
 from test_store import TODAYS_RUN_JSON, cli_main, first_run_json, write_run_json
@@ -37,22 +37,7 @@ def edit_record(run: Path, edit) -> None:
 
 def rename_task(run: Path, old: str, new: str) -> None:
     """Rename a task wherever a run names it: run.json, the samples, metrics.csv."""
-
-    def rename(record: dict) -> None:
-        if "task_info" in record:
-            record["task_info"][new] = {**record["task_info"].pop(old), "name": new}
-        record["config"]["tasks"][new] = record["config"]["tasks"].pop(old)
-
-    edit_record(run, rename)
-    folder = run / "samples" / new
-    (run / "samples" / old).rename(folder)
-    for path in folder.glob("*.jsonl"):
-        samples = [json.loads(line) for line in path.read_text().splitlines()]
-        path.write_text("".join(json.dumps({**s, "task": new}) + "\n" for s in samples))
-    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
-    metrics.assign(task=metrics["task"].replace({old: new})).to_csv(
-        run / "metrics.csv", index=False
-    )
+    rename_tasks(run, {old: new})
 
 
 def forget_task_info(run: Path) -> None:

@@ -12,9 +12,16 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from diffbench.api import ALL, LARGEST, METRIC_COLUMNS, WILDCARDS, FigureSpec, TaskInfo
+from diffbench.api import (
+    ALL,
+    LARGEST,
+    METRIC_COLUMNS,
+    WILDCARDS,
+    FigureSpec,
+    TaskInfo,
+    setting_text,
+)
 from diffbench.figures import integer_ticks, model_colors, new_figure, save, sweep_figures
-from diffbench.stats import setting_text
 from diffbench.store import natural_key
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -211,15 +218,7 @@ def line(
             if spec.shade:
                 _shade(ax, spec, rows, group, model, position, color)
         _axis_ticks(ax, spec, ticks, position)
-        ax.set_xlabel(spec.x_label or key)
-        ax.set_title(panel)
-        if spec.log_y:
-            ax.set_yscale("log")
-        if spec.limits:
-            ax.set_ylim(*spec.limits)
-        ax.legend(fontsize=7)
-        if ax is axes[0] or not spec.share_y:
-            ax.set_ylabel(_value_label(spec, metric))
+        _finish_panel(ax, spec, spec.x_label or key, panel, metric, first=ax is axes[0])
     fig.suptitle(title, y=1.02)
     return fig
 
@@ -281,17 +280,25 @@ def bars(
                    color=colors[model], label=model, capsize=2, error_kw={"lw": 0.8})  # fmt: skip
         ax.set_xticks(range(len(groups)), groups, rotation=20 if rotate else 0,
                       ha="right" if rotate else "center")  # fmt: skip
-        ax.set_xlabel(x_label)
-        ax.set_title(panel)
-        if spec.log_y:
-            ax.set_yscale("log")
-        if spec.limits:
-            ax.set_ylim(*spec.limits)
-        ax.legend(fontsize=7)
-        if ax is axes[0] or not spec.share_y:
-            ax.set_ylabel(_value_label(spec, metric))
+        _finish_panel(ax, spec, x_label, panel, metric, first=ax is axes[0])
     fig.suptitle(title, y=1.02)
     return fig
+
+
+def _finish_panel(
+    ax: Axes, spec: FigureSpec, x_label: str, panel: str, metric: str, first: bool
+) -> None:
+    """A panel's labels, title, scale, limits and legend (the y label on the first panel only
+    when panels share their axis)."""
+    ax.set_xlabel(x_label)
+    ax.set_title(panel)
+    if spec.log_y:
+        ax.set_yscale("log")
+    if spec.limits:
+        ax.set_ylim(*spec.limits)
+    ax.legend(fontsize=7)
+    if first or not spec.share_y:
+        ax.set_ylabel(_value_label(spec, metric))
 
 
 def heatmap(
