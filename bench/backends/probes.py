@@ -38,15 +38,19 @@ import torch
 from diffbench.api import ACTIVATION_TYPES, HIST_BINS_PER_OCTAVE, ZERO_BIN, ActivationSummary
 from diffbench.errors import DiffbenchError
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "diffbench"
 ACTIVATIONS = ACTIVATION_TYPES
 LOGIT_QUANT = ("tensor", "head")
-# Logits computed at once: B x H x rows x keys elements. 2^20 (4 MiB in float32) keeps a block's
-# temporaries small next to a forward's own activations while a row of 16K keys x 8 heads still
-# gives blocks of 8 rows, so per-block overhead stays small.
-BLOCK_ELEMENTS = 1 << 20
+# Logits computed at once: B x heads x rows x keys elements. 2^18 (1 MiB in float32) keeps a
+# block and the few temporaries its statistics make within a core's L2 and L3 (profiled: at 2^20
+# and above every pass of the statistics went to memory), and still gives ~10^2 microseconds of
+# work per block, so the fixed per-block cost (a few dozen tensor calls) stays a few percent.
+BLOCK_ELEMENTS = 1 << 18
+# The quantized path's blocks hold every head (a `tensor` scale spans them) and its softmax.
+EAGER_BLOCK_ELEMENTS = 1 << 20
 # A DIFF layer whose lambda is this close to 1, or above it, is not normalised by 1 - lambda.
 LAMBDA_GUARD = 1e-6
 # |x| histogram bins that can occur for a finite float32 (2^-149 .. 2^128), offset to >= 0.
@@ -62,14 +66,17 @@ class Quantization:
     mode: str = "tensor"
 
     def apply(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        """`logits` (B, H, rows, keys) rounded to the grid of their row's (or row-head's) absmax
-        over the `allowed` keys."""
+        """`logits` (B, H, rows, keys) rounded, in place, to the grid of their row's (or
+        row-head's) absmax over the `allowed` keys (None: every key, or masked keys already 0)."""
         levels = 2 ** (self.bits - 1) - 1
         visible = logits.abs() if allowed is None else logits.abs().masked_fill(~allowed, 0)
-        dims = (1, 3) if self.mode == "tensor" else (3,)
-        scale = visible.amax(dim=dims, keepdim=True) / levels
+        # One reduction over keys, then heads: amax over (1, 3) at once is a strided reduction.
+        scale = visible.amax(dim=3, keepdim=True)
+        if self.mode == "tensor":
+            scale = scale.amax(dim=1, keepdim=True)
+        scale = scale.div_(levels)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return torch.round(logits / scale).clamp_(-levels, levels) * scale
+        return logits.div_(scale).round_().clamp_(-levels, levels).mul_(scale)
 
 
 def check_quantization(label: str, bits: int, mode: str) -> None:
@@ -87,64 +94,75 @@ def check_quantization(label: str, bits: int, mode: str) -> None:
 
 class Accumulator:
     """Streaming statistics of a stream of values: count, float64 moment sums of x, the top-k
-    of |x| (exact: each block's top-k merged with the running one) and the |x| histogram on the
-    api's log grid."""
+    of |x| (exact: each block's values above the running k-th largest merged with the running
+    top) and the |x| histogram on the api's log grid."""
 
     def __init__(self, top_k: int, device: torch.device) -> None:
         self.top_k = top_k
         self.count = 0
+        # Zeros added as stand-ins for masked positions: in the histogram's bin 0, taken out there.
+        self.padded = 0
         self.moments = torch.zeros(4, dtype=torch.float64, device=device)
         self.top = torch.empty(0, device=device)
+        # Bin 0 (below 2^-149, the smallest float32) holds the zeros: log2(0) = -inf clamps there.
         self.hist = torch.zeros(_N_BINS, dtype=torch.int64, device=device)
-        self.zeros = 0
 
     def add(self, x: torch.Tensor, padded: int = 0) -> None:
-        """Take in the values of `x` (any shape), of which `padded` are zeros standing in for
-        positions that are not values (masked out): they count nowhere."""
-        x = x.reshape(-1)
+        """Take in the values of `x` (any shape; rows along its last dimension), of which
+        `padded` are zeros standing in for positions that are not values (masked out): they
+        count nowhere."""
         if x.numel() == padded:
             return
         self.count += x.numel() - padded
+        self.padded += padded
+        flat = x.reshape(-1)
         # Powers summed per block in the activations' float32 (torch sums pairwise, so a block's
         # sum keeps float32's relative precision), blocks added in float64.
-        sq = x * x
-        sums = (x.sum(), sq.sum())
-        cube = (sq * x).sum()
-        sq.mul_(sq)
-        self.moments += torch.stack((*sums, cube, sq.sum())).double()
+        sq = flat * flat
+        sums = (flat.sum(), sq.sum(), torch.dot(sq, flat), torch.dot(sq, sq))
+        self.moments += torch.stack(sums).double()
         del sq
         a = x.abs().float()
-        # Only values above the running k-th largest can enter the top: a cheap filter first.
-        pool = a[a > self.top[-1]] if len(self.top) == self.top_k else a
-        k = min(self.top_k, pool.numel())
-        cand = torch.topk(pool, k, sorted=False).values if pool.numel() > k else pool
-        merged = torch.cat((self.top, cand))
+        rows = a.reshape(-1, a.shape[-1]) if a.dim() > 1 else a.reshape(1, -1)
+        if len(self.top) == self.top_k:
+            # Only values above the running k-th largest can enter the top: one max per row
+            # first (a reduction, no copy), then the few rows that hold one.
+            floor = self.top[-1]
+            pool = rows[rows.amax(dim=1) > floor].reshape(-1)
+            pool = pool[pool > floor]
+        else:
+            pool = rows.reshape(-1)
+        if pool.numel() > self.top_k:
+            pool = torch.topk(pool, self.top_k, sorted=False).values
+        merged = torch.cat((self.top, pool))
+        self.top = torch.topk(merged, min(self.top_k, merged.numel())).values
+        # Bin floor(64 log2 |x|) - _BIN_LO: floored before the offset, so the sum is exact.
+        bins = a.log2_().mul_(HIST_BINS_PER_OCTAVE).floor_().sub_(_BIN_LO)
+        bins = bins.clamp_(0, _N_BINS - 1).to(torch.int32).reshape(-1)
+        self.hist += torch.bincount(bins, minlength=_N_BINS)
+
+    def _top(self) -> torch.Tensor:
         # Stand-in zeros can reach the top only where fewer than top_k values exist.
-        self.top = torch.topk(merged, min(self.top_k, merged.numel())).values[: self.count]
-        zeros = int((a == 0).sum())
-        self.zeros += zeros - padded
-        # log2(0) = -inf: clamped into bin 0 and taken out again below.
-        bins = a.log2_().mul_(HIST_BINS_PER_OCTAVE).floor_().clamp_(_BIN_LO, _BIN_LO + _N_BINS - 1)
-        self.hist += torch.bincount(bins.long().sub_(_BIN_LO), minlength=_N_BINS)
-        self.hist[0] -= zeros
+        return self.top[: self.count]
 
     def merged(self, other: Accumulator) -> Accumulator:
         """A new accumulator holding the values of both."""
         out = Accumulator(self.top_k, self.hist.device)
         out.count = self.count + other.count
+        out.padded = self.padded + other.padded
         out.moments = self.moments + other.moments
-        both = torch.cat((self.top, other.top))
+        both = torch.cat((self._top(), other._top()))
         out.top = torch.topk(both, min(self.top_k, both.numel())).values
         out.hist = self.hist + other.hist
-        out.zeros = self.zeros + other.zeros
         return out
 
     def summary(self, activation: str, layer: int, map: str) -> ActivationSummary:
         """The api's plain-Python record of these statistics."""
-        nz = torch.nonzero(self.hist).reshape(-1)
-        hist = [(int(b) + _BIN_LO, int(self.hist[b])) for b in nz.tolist()]
-        if self.zeros:
-            hist.insert(0, (ZERO_BIN, self.zeros))
+        counts = self.hist.tolist()
+        hist = [(b + _BIN_LO, c) for b, c in enumerate(counts) if c and b]
+        zeros = counts[0] - self.padded
+        if zeros:
+            hist.insert(0, (ZERO_BIN, zeros))
         m = self.moments.tolist()
         return ActivationSummary(
             activation=activation,
@@ -152,7 +170,7 @@ class Accumulator:
             map=map,
             count=self.count,
             moments=(m[0], m[1], m[2], m[3]),
-            top=tuple(float(v) for v in self.top.tolist()),
+            top=tuple(float(v) for v in self._top().tolist()),
             histogram=tuple(hist),
         )
 
@@ -177,10 +195,21 @@ class Probe:
         self._last = (layer, weakref.ref(query), weakref.ref(key))
         return True
 
+    # Whether `logits` wants the blocks of logits (else they are computed only where the model's
+    # quantization needs them).
+    wants_logits = False
+
     def logits(
-        self, module: torch.nn.Module, logits: torch.Tensor, allowed: torch.Tensor, rows: slice
+        self,
+        module: torch.nn.Module,
+        logits: torch.Tensor,
+        rows: slice,
+        heads: slice,
+        n_heads: int,
+        masked: BlockMask,
     ) -> None:
-        """A block of pre-softmax logits (B, H, r, keys), `allowed` broadcastable to it."""
+        """A block of pre-softmax logits (B, heads, r, keys) of query rows `rows` and heads
+        `heads` of `n_heads`, zero where `masked` says a key is not attended."""
 
     def probs(self, module: torch.nn.Module, probs: torch.Tensor, rows: slice, n_rows: int) -> None:
         """A block of attention probabilities (B, H, r, keys) of query rows `rows` of `n_rows`."""
@@ -212,6 +241,8 @@ class ActivationProbe(Probe):
         self.activations = tuple(activations)
         self.top_k = top_k
         self.valid = valid
+        self.all_valid = bool(valid.all())
+        self.wants_logits = "attention_logits" in self.activations
         # (row, layer, map) -> statistics; hidden states under map "".
         self.logit_stats: dict[tuple[int, int, str], Accumulator] = {}
         self.hidden_stats: dict[tuple[int, int], Accumulator] = {}
@@ -222,28 +253,39 @@ class ActivationProbe(Probe):
         return table[key]
 
     def logits(
-        self, module: torch.nn.Module, logits: torch.Tensor, allowed: torch.Tensor, rows: slice
+        self,
+        module: torch.nn.Module,
+        logits: torch.Tensor,
+        rows: slice,
+        heads: slice,
+        n_heads: int,
+        masked: BlockMask,
     ) -> None:
         if "attention_logits" not in self.activations:
             return
-        b, h, r, k = logits.shape
-        # Padding rows attend somewhere too; only real query tokens count.
-        real = self.valid[:, rows].reshape(b, 1, r, 1)
-        keep = (allowed & real).expand(b, 1, r, k)
+        b = logits.shape[0]
         layer = int(getattr(module, "layer_idx", -1))
         if is_diff(module):
-            halves = {"1": slice(0, h // 2), "2": slice(h // 2, h)}
+            halves = {"1": (0, n_heads // 2), "2": (n_heads // 2, n_heads)}
         else:
-            halves = {"": slice(0, h)}
-        # Masked positions become zeros that the accumulator is told to discount: cheaper than
-        # gathering the causal positions of every block.
+            halves = {"": (0, n_heads)}
         for row in range(b):
-            masked = int(r * k - keep[row].sum())
-            for name, heads in halves.items():
-                part = logits[row, heads]
-                n_heads = part.shape[0]
-                values = part.masked_fill(~keep[row], 0) if masked else part
-                self._acc(self.logit_stats, (row, layer, name)).add(values, masked * n_heads)
+            part = logits[row]
+            hidden = masked.rows(row)
+            real = self.valid[row, rows]
+            if not self.all_valid and not bool(real.all()):
+                # Padding rows attend somewhere too; only real query tokens count.
+                part = part[:, real]
+                hidden = hidden[real] if hidden is not None else None
+            # Masked positions are zeros (the attention zeroed them) that the accumulator is told
+            # to discount: cheaper than gathering the causal positions of every block.
+            n_masked = int(hidden.sum()) if hidden is not None else 0
+            for name, (lo, hi) in halves.items():
+                first, last = max(lo, heads.start), min(hi, heads.stop)
+                if first < last:
+                    values = part[first - heads.start : last - heads.start]
+                    acc = self._acc(self.logit_stats, (row, layer, name))
+                    acc.add(values, n_masked * (last - first))
 
     def hidden(self, layer: int, output: torch.Tensor) -> None:
         """A decoder layer's output (B, L, D) over each sequence's real tokens."""
@@ -317,6 +359,47 @@ class AllocationProbe(Probe):
 # ---- the attention function ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BlockMask:
+    """Which keys a block of query rows does not attend: `hidden` (B|1, 1, r, keys - offset),
+    True where not attended, over the keys from `offset` on (None: every key is attended)."""
+
+    offset: int
+    hidden: torch.Tensor | None
+
+    @staticmethod
+    def of(
+        attention_mask: torch.Tensor | None,
+        rows: slice,
+        keys_end: int,
+        causal: bool,
+        device: torch.device,
+    ) -> BlockMask:
+        """The block's mask: from a boolean or additive mask, or, where none arrives and the
+        call is causal, SDPA's upper-left aligned triangle (only its last r keys)."""
+        if attention_mask is None:
+            if not causal or keys_end <= rows.start:
+                return BlockMask(0, None)
+            pos = torch.arange(rows.start, rows.stop, device=device)
+            keys = torch.arange(rows.start, keys_end, device=device)
+            return BlockMask(rows.start, (keys[None, :] > pos[:, None])[None, None])
+        block = attention_mask[:, :, rows, :keys_end]
+        if block.dtype == torch.bool:
+            return BlockMask(0, ~block)
+        return BlockMask(0, block <= torch.finfo(block.dtype).min / 2)
+
+    def fill_(self, logits: torch.Tensor, value: float) -> None:
+        """Set the not-attended logits of the block (B, H, r, keys) to `value`, in place."""
+        if self.hidden is not None:
+            logits[..., self.offset :].masked_fill_(self.hidden, value)
+
+    def rows(self, row: int) -> torch.Tensor | None:
+        """Batch row `row`'s mask (r, keys - offset), or None."""
+        if self.hidden is None:
+            return None
+        return self.hidden[min(row, self.hidden.shape[0] - 1), 0]
+
+
 class _State:
     """What rides on one model's attention calls: its quantization and the active probe."""
 
@@ -333,6 +416,11 @@ def _state(module: torch.nn.Module) -> _State | None:
     return _STATES.get(id(config)) if config is not None else None
 
 
+def _keys_end(n_k: int, n_q: int, rows: slice, causal: bool, masked: bool) -> int:
+    # Without a mask, a causal block's rows see keys up to its last row only.
+    return min(n_k, rows.stop) if not masked and causal and n_q > 1 else n_k
+
+
 def attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -344,7 +432,9 @@ def attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Eager attention in blocks of query rows, with the model's quantization and probe.
+    """Attention with the model's quantization and probe: eager in blocks of query rows where
+    the logits are quantized, else transformers' SDPA with the probe reading the logits in
+    blocks beside it.
 
     Shapes as transformers passes them: query (B, H, Q, d), key and value (B, Hkv, K, d[v]),
     mask (B|1, 1, Q, K) boolean (True: attend) or additive float, or None; returns (B, Q, H, dv).
@@ -354,51 +444,104 @@ def attention(
     probe = state.probe if state else None
     if probe is not None and not probe.first_call(module, query, key):
         probe = None  # a DIFF layer's second call: its logits were counted by the first
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if quant is None:
+        # Nothing changes the softmax: the model's own SDPA computes the output, and the probe
+        # costs one pass of QK^T in blocks (per KV head, so each block reuses one K).
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+        if probe is not None:
+            _observe(probe, module, query, key, attention_mask, scale, causal)
+        return out, None
+    return _eager(module, query, key, value, attention_mask, scale, causal, quant, probe), None
+
+
+def _observe(
+    probe: Probe,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> None:
+    """Hand `probe` the logits it asks for: blocks of every row and head, and the last row's
+    probabilities."""
+    b, h, n_q, _ = query.shape
+    hkv, n_k = key.shape[1], key.shape[2]
+    rep = h // hkv
+    masked = attention_mask is not None
+    last = slice(n_q - 1, n_q)
+    if probe.wants_probs(last, n_q):
+        end = _keys_end(n_k, n_q, last, causal, masked)
+        q = query[:, :, last].reshape(b, hkv, rep, -1) * scale
+        logits = torch.matmul(q, key[:, :, :end].transpose(2, 3)).view(b, h, 1, end)
+        BlockMask.of(attention_mask, last, end, causal, query.device).fill_(
+            logits, torch.finfo(logits.dtype).min
+        )
+        probe.probs(module, torch.softmax(logits, dim=-1, dtype=torch.float32), last, n_q)
+    if not probe.wants_logits:
+        return
+    step = max(1, BLOCK_ELEMENTS // (b * rep * n_k))
+    for g in range(hkv):
+        heads = slice(g * rep, (g + 1) * rep)
+        k = key[:, g : g + 1].transpose(2, 3)
+        for q0 in range(0, n_q, step):
+            rows = slice(q0, min(n_q, q0 + step))
+            r = rows.stop - rows.start
+            end = _keys_end(n_k, n_q, rows, causal, masked)
+            q = query[:, heads, rows].reshape(b, 1, rep * r, -1)
+            logits = torch.matmul(q, k[..., :end]).mul_(scale).view(b, rep, r, end)
+            mask = BlockMask.of(attention_mask, rows, end, causal, query.device)
+            mask.fill_(logits, 0.0)
+            probe.logits(module, logits, rows, heads, h, mask)
+
+
+def _eager(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    quant: Quantization,
+    probe: Probe | None,
+) -> torch.Tensor:
+    """Eager attention in blocks of query rows, every head at once (the quantization's scale
+    may span heads), logits quantized before the mask and the softmax (float32, as
+    transformers' eager)."""
     b, h, n_q, _ = query.shape
     hkv, n_k, dv = key.shape[1], key.shape[2], value.shape[3]
     rep = h // hkv
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    masked = attention_mask is not None
     out = query.new_empty(b, n_q, h, dv)
-    step = max(1, BLOCK_ELEMENTS // (b * h * n_k))
+    step = max(1, EAGER_BLOCK_ELEMENTS // (b * h * n_k))
     for q0 in range(0, n_q, step):
         rows = slice(q0, min(n_q, q0 + step))
         r = rows.stop - rows.start
-        additive = None
-        keys_end = n_k
-        if attention_mask is None:
-            if causal and n_q > 1:  # SDPA's is_causal: upper-left aligned
-                keys_end = min(n_k, rows.stop)
-                pos = torch.arange(rows.start, rows.stop, device=query.device)
-                allowed = (torch.arange(keys_end, device=query.device) <= pos[:, None])[None, None]
-            else:
-                allowed = torch.ones(1, 1, r, n_k, dtype=torch.bool, device=query.device)
-        elif attention_mask.dtype == torch.bool:
-            allowed = attention_mask[:, :, rows, :n_k]
-        else:
-            additive = attention_mask[:, :, rows, :n_k]
-            allowed = additive > torch.finfo(additive.dtype).min / 2
+        end = _keys_end(n_k, n_q, rows, causal, masked)
         # Grouped query attention without copying K: the rep query heads of a KV head in one
         # matmul, (B, Hkv, rep * r, d) @ (B, Hkv, d, K).
         q = query[:, :, rows].reshape(b, hkv, rep * r, -1)
-        k = key[:, :, :keys_end]
-        logits = (torch.matmul(q, k.transpose(2, 3)) * scale).view(b, h, r, keys_end)
-        if probe is not None:
-            probe.logits(module, logits, allowed, rows)
-        if quant is not None:
-            logits = quant.apply(logits, allowed)
-        if additive is not None:
-            logits = logits + additive
-        else:
-            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        logits = torch.matmul(q, key[:, :, :end].transpose(2, 3)).mul_(scale).view(b, h, r, end)
+        mask = BlockMask.of(attention_mask, rows, end, causal, query.device)
+        # Zeros where no key is attended: they leave the absmax (and the probe's counts) alone.
+        mask.fill_(logits, 0.0)
+        if probe is not None and probe.wants_logits:
+            probe.logits(module, logits, rows, slice(0, h), h, mask)
+        quant.apply(logits, None)
+        mask.fill_(logits, torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
         del logits
         if probe is not None and probe.wants_probs(rows, n_q):
             probe.probs(module, probs, rows, n_q)
-        v = value[:, :, :keys_end]
-        block = torch.matmul(probs.view(b, hkv, rep * r, keys_end), v).view(b, h, r, dv)
+        v = value[:, :, :end]
+        block = torch.matmul(probs.view(b, hkv, rep * r, end), v).view(b, h, r, dv)
         out[:, rows] = block.transpose(1, 2)
-    return out, None
+    return out
 
 
 AttentionInterface.register(ATTENTION, attention)
