@@ -302,8 +302,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if labels:
         result = gate.compare_models(args.baseline, labels[0], labels[1], **gate_args)
     else:
-        label_map = gate.parse_map(args.map)
-        result = gate.compare_runs(args.baseline, args.candidate, label_map, **gate_args)
+        assert args.candidate is not None  # checked with the arguments above
+        result = gate.compare_runs(
+            args.baseline, args.candidate, gate.parse_map(args.map), **gate_args
+        )
     text = RENDERERS[args.format](result)
     if args.output:
         write_atomic(args.output, text)

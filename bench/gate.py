@@ -287,7 +287,7 @@ def compare(
                 and cand_samples is not None
                 and stats.inputs_differ(ref_samples, cand_samples)
             )
-            fields = dict(
+            fields: dict[str, Any] = dict(
                 task=task, metric=metric, model=label, setting=setting, baseline=base_v,
                 candidate=cand_v, lower_is_better=lower, tolerance=tol,
                 status="inputs differ" if differ else "", better=declared.better,

@@ -440,7 +440,7 @@ def _admit(writer: RecordWriter, spec: ModelSpec, info: ModelInfo, fingerprints:
             )
     record = writer.record
     old = record.models.get(spec.label)
-    change = old and fingerprint_change(old.fingerprint, info.fingerprint)
+    change = fingerprint_change(old.fingerprint, info.fingerprint) if old else None
     if change:
         raise DiffbenchError(
             f"model {spec.label!r} has changed since this run started ({change}); "

@@ -579,7 +579,7 @@ class NiahTask:
             return [self._attention_item(cfg, tok, ctx, base_id, queried, setting, meta)]
         if mode == "generate":
             answer_prefix = hs.ANSWER_PREFIX.format(city=queried[0].city) if r == 1 else ""
-            request = GenerateRequest(
+            generate = GenerateRequest(
                 prompt=tok.render(ctx.user, answer_prefix, cfg.chat),
                 max_new_tokens=cfg.answer_tokens * r,
                 # One number is asked: it ends at the sentence's full stop (the number itself
@@ -587,7 +587,7 @@ class NiahTask:
                 stop=("\n", ".") if r == 1 else ("\n\n",),
             )
             target = [q.number for q in queried]
-            return [Item(f"{base_id}-gen", request, setting, {**meta, "target": target})]
+            return [Item(f"{base_id}-gen", generate, setting, {**meta, "target": target})]
         meta["decoy_list"] = [[x.city, x.number, x.depth] for x in decoys]
         items = []
         for qi, q in enumerate(queried):
@@ -669,7 +669,7 @@ class NiahTask:
                 "score": sum(found) / len(found),
                 "n_new_tokens": response.n_new_tokens,
             }
-        assert isinstance(response, ChoiceScores)
+        assert isinstance(response, ChoiceScores) and isinstance(item.request, ChoiceRequest)
         best = response.chosen
         return {
             "output": item.request.choices[best].strip(),

@@ -200,10 +200,10 @@ def summary_from_record(r: Mapping[str, Any]) -> ActivationSummary:
     """A stored summary back as the backend's type."""
     hist = [(b, int(c)) for b, c in enumerate(r["hist"], start=int(r["hist_lo"])) if c]
     zeros = [(ZERO_BIN, int(r["zeros"]))] if r["zeros"] else []
+    m0, m1, m2, m3 = (float(m) for m in r["moments"])
     return ActivationSummary(
         str(r["activation"]), int(r["layer"]), str(r["map"]), int(r["count"]),
-        tuple(float(m) for m in r["moments"]), tuple(float(x) for x in r["top"]),
-        tuple(zeros + hist),
+        (m0, m1, m2, m3), tuple(float(x) for x in r["top"]), tuple(zeros + hist),
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from diffbench.api import ARROWS
 from diffbench.render import fill
-from diffbench.render.cells import MISSING, Cell, Table
+from diffbench.render.cells import MISSING, Cell, Table, Text
 from diffbench.render.view import Line, PaperTable, Report
 from diffbench.stats import Difference
 from diffbench.variants import base_of, value_of
@@ -218,7 +218,7 @@ def paper_table(t: PaperTable) -> Table:
     with_chance = any(row.chance is not None for row in t.rows)
     compared = [c for c in t.columns if any(c in row.differences for row in t.rows)]
     reference = next((c for c in t.columns if c not in compared), "")
-    body = tuple(
+    body: tuple[tuple[str | Text | Cell, ...], ...] = tuple(
         (
             row.label,
             *(Cell.of_estimate(row.estimates.get(c), row.chance) for c in t.columns),
@@ -241,7 +241,7 @@ def paper_table(t: PaperTable) -> Table:
 
 def provenance(report: Report) -> Provenance:
     """Models and runs behind a report."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     runs = []
     for run in report.results.runs:
         rec = run.record
