@@ -330,6 +330,16 @@ def dry_run(plan: Plan) -> int:
     rows, problems = estimate(plan)
     print(f"run directory: {plan.output}")
     print("models: " + ", ".join(f"{pm.spec.label}={pm.spec.spec}" for pm in plan.models))
+    named = {
+        s for p in plan.tasks.values() for s in getattr(p.task, "sources", lambda _c: ())(p.config)
+    }
+    if named:
+        from diffbench import sources
+
+        print("datasets: " + ", ".join(
+            f"{n} ({'cached' if sources.cached(sources.get(n)) else 'to prefetch'})"
+            for n in sorted(named)
+        ))  # fmt: skip
     header = ("task", "model", "requests", "prompt tokens", "after prefix sharing", "longest")
     table = [header] + [
         (r.task, r.model, f"{r.requests:,}", f"{r.tokens:,}", f"{r.tokens_shared:,}",
