@@ -44,13 +44,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTENTION = "diffbench"
 ACTIVATIONS = ACTIVATION_TYPES
 LOGIT_QUANT = ("tensor", "head")
-# Logits computed at once: B x heads x rows x keys elements. 2^18 (1 MiB in float32) keeps a
-# block and the few temporaries its statistics make within a core's L2 and L3 (profiled: at 2^20
-# and above every pass of the statistics went to memory), and still gives ~10^2 microseconds of
-# work per block, so the fixed per-block cost (a few dozen tensor calls) stays a few percent.
-BLOCK_ELEMENTS = 1 << 18
-# The quantized path's blocks hold every head (a `tensor` scale spans them) and its softmax.
-EAGER_BLOCK_ELEMENTS = 1 << 20
+# Logits computed at once: B x heads x rows x keys elements. 2^19 (2 MiB in float32): a block's
+# statistics cost ~30 tensor calls, ~250 us on a CPU whatever the block's size, which blocks of
+# 2^16 .. 2^18 paid 25-50% over (profiled); above 2^19 the passes over a block leave the
+# cache and get slower again (2^20 measured no better). A block and its temporaries stay in L3.
+BLOCK_ELEMENTS = 1 << 19
+# The quantized path's blocks hold every head (a `tensor` scale spans them), and each costs ~20
+# tensor calls (two matmuls, the quantization, the softmax): 2^21 elements (8 MiB) measured
+# fastest (2^18: 5.1x a forward at 8K tokens, 2^19: 3.4x, 2^20: 2.6x, 2^21: 2.3x, 2^22: 2.5x).
+EAGER_BLOCK_ELEMENTS = 1 << 21
 # A DIFF layer whose lambda is this close to 1, or above it, is not normalised by 1 - lambda.
 LAMBDA_GUARD = 1e-6
 # |x| histogram bins that can occur for a finite float32 (2^-149 .. 2^128), offset to >= 0.
@@ -485,15 +487,18 @@ def _observe(
     if not probe.wants_logits:
         return
     step = max(1, BLOCK_ELEMENTS // (b * rep * n_k))
+    # The scale rides on Q (r x d per block, not r x keys); K^T made contiguous once per KV
+    # head, so the matmul does not repack it for every block (profiled: half its time).
+    scaled = query * scale
     for g in range(hkv):
         heads = slice(g * rep, (g + 1) * rep)
-        k = key[:, g : g + 1].transpose(2, 3)
+        k = key[:, g : g + 1].transpose(2, 3).contiguous()
         for q0 in range(0, n_q, step):
             rows = slice(q0, min(n_q, q0 + step))
             r = rows.stop - rows.start
             end = _keys_end(n_k, n_q, rows, causal, masked)
-            q = query[:, heads, rows].reshape(b, 1, rep * r, -1)
-            logits = torch.matmul(q, k[..., :end]).mul_(scale).view(b, rep, r, end)
+            q = scaled[:, heads, rows].reshape(b, 1, rep * r, -1)
+            logits = torch.matmul(q, k[..., :end]).view(b, rep, r, end)
             mask = BlockMask.of(attention_mask, rows, end, causal, query.device)
             mask.fill_(logits, 0.0)
             probe.logits(module, logits, rows, heads, h, mask)
@@ -519,14 +524,17 @@ def _eager(
     masked = attention_mask is not None
     out = query.new_empty(b, n_q, h, dv)
     step = max(1, EAGER_BLOCK_ELEMENTS // (b * h * n_k))
+    # As in _observe: the scale on Q, K^T contiguous once (not repacked by every block's matmul).
+    scaled = query * scale
+    key_t = key.transpose(2, 3).contiguous()
     for q0 in range(0, n_q, step):
         rows = slice(q0, min(n_q, q0 + step))
         r = rows.stop - rows.start
         end = _keys_end(n_k, n_q, rows, causal, masked)
         # Grouped query attention without copying K: the rep query heads of a KV head in one
         # matmul, (B, Hkv, rep * r, d) @ (B, Hkv, d, K).
-        q = query[:, :, rows].reshape(b, hkv, rep * r, -1)
-        logits = torch.matmul(q, key[:, :, :end].transpose(2, 3)).mul_(scale).view(b, h, r, end)
+        q = scaled[:, :, rows].reshape(b, hkv, rep * r, -1)
+        logits = torch.matmul(q, key_t[..., :end]).view(b, h, r, end)
         mask = BlockMask.of(attention_mask, rows, end, causal, query.device)
         # Zeros where no key is attended: they leave the absmax (and the probe's counts) alone.
         mask.fill_(logits, 0.0)
