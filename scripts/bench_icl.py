@@ -141,6 +141,9 @@ class Plan:
     n_query_tokens: int  # summed over the test queries
     n_label_tokens: list[int]
     boundary_mismatches: int  # queries whose tokens differ from tokenizing prefix + query whole
+    # (request, label) pairs whose tokens from tokens.encode_choices (the context's tail encoded
+    # with each label) differ from lm-eval's split (context + label encoded whole): must be 0
+    split_mismatches: int = 0
 
 
 def icl_config(dataset: str, shots: int, test_size: int) -> Any:
@@ -189,6 +192,9 @@ def build_plan(n_labels: int, data_dir: Path, args: argparse.Namespace, tokenize
         prefix_ids + q != encode_prompt(tokenizer, prefix + r.query)
         for q, r in zip(query_ids, requests, strict=True)
     )
+    split = sum(lmeval_split_mismatches(tokenizer, r) for r in requests)
+    if split:
+        raise SystemExit(f"bench_icl: {split} (query, label) pairs split unlike lm-eval")
     return Plan(
         n_labels=n_labels, dataset=str(data), shots=args.shots, test_size=len(tests),
         seed=args.seed, prefix=prefix, demos=demos, tests=tests, labels=labels,
@@ -196,8 +202,27 @@ def build_plan(n_labels: int, data_dir: Path, args: argparse.Namespace, tokenize
         n_query_tokens=sum(len(q) for q in query_ids),
         n_label_tokens=[len(tokenizer(c, add_special_tokens=False)["input_ids"])
                         for c in requests[0].choices],
-        boundary_mismatches=int(mismatches),
+        boundary_mismatches=int(mismatches), split_mismatches=split,
     )  # fmt: skip
+
+
+def lmeval_split_mismatches(tokenizer: Any, r: Any) -> int:
+    """Choices whose (context, continuation) tokens from diffbench differ from lm-eval's
+    `_encode_pair`: trailing whitespace moved to the choice, context + choice encoded whole,
+    the continuation what follows the context's own token count."""
+    from diffbench.backends.hf import encode_choices, encode_prompt
+
+    got = encode_choices(tokenizer, r)
+    context = r.prefix + r.query
+    stripped = context.rstrip()
+    moved = context[len(stripped) :]
+    ctx = encode_prompt(tokenizer, stripped)
+    if got.context != ctx:
+        return len(r.choices)
+    return sum(
+        encode_prompt(tokenizer, stripped + moved + c)[len(ctx) :] != cont
+        for c, cont in zip(r.choices, got.choices, strict=True)
+    )
 
 
 def write_lmeval_task(plan: Plan, out_dir: Path) -> str:
@@ -589,6 +614,7 @@ def summarise(
             "label_tokens": plan.n_label_tokens,
             "lower_bound_tokens": plan.n_prefix_tokens + plan.n_query_tokens,
             "queries_tokenized_unlike_whole_prompt": plan.boundary_mismatches,
+            "labels_split_unlike_lmeval": sum(p.split_mismatches for p in plans.values()),
             "lmeval_batch_size": args.lmeval_batch_size, "cpu_count": os.cpu_count(),
             "torch_threads": args.threads or _torch_threads(),
         },

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffbench.api import ChoiceRequest, GenerateRequest, RollingRequest
 from diffbench.backends import hf_score
-from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget, encode_prompt
+from diffbench.backends.hf import HFBackend, HFOptions, LoadTarget, encode_choices, encode_prompt
 from diffbench.backends.trie import ROOT, ChoiceTrie
 from diffbench.errors import DiffbenchError
 from diffbench.tasks import haystack
@@ -294,3 +294,21 @@ def test_rolling_windows_of_a_long_text_condition_each_token_on_its_window(tiny_
     assert max(abs(x - y) for x, y in zip(got.logprobs, want, strict=True)) < 1e-4
     with pytest.raises(DiffbenchError, match=r"stride of 65 tokens is outside 1\.\.64"):
         b.rolling_logprobs([RollingRequest(text, stride=65)])
+
+
+def test_choice_tokens_equal_lmevals_whole_text_split_token_for_token(tiny_pair):
+    # Each choice is encoded with the context's tail only; the tokens must still be those of
+    # lm-eval's split of the whole text, whatever the context ends in.
+    b = backend(tiny_pair["tiny-base"])
+    demos = haystack.procedural_text(3, 300)
+    endings = ("\nAnswer:", "\nAnswer: ", "Answer:\n", " 12", "x", "(a) b.", "  two  spaces")
+    choices = (" red", "green apple", "1234567", " 42", "\n\nno", "-", " a b c")
+    for end in endings:
+        r = ChoiceRequest(demos, end, choices)
+        got = encode_choices(b.tokenizer, r)
+        stripped = (demos + end).rstrip()
+        moved = (demos + end)[len(stripped) :]
+        ctx = encode_prompt(b.tokenizer, stripped)
+        assert got.context == ctx
+        for c, cont in zip(choices, got.choices, strict=True):
+            assert cont == encode_prompt(b.tokenizer, stripped + moved + c)[len(ctx) :], (end, c)

@@ -12,6 +12,7 @@ Python interface.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,21 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Per tokenizer (so per backend), whether it adds a BOS token: asked once, not per request.
+_ADDS_BOS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, bool] = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS token in front of a text (decided once per tokenizer:
+    two tokenizer calls, then cached beside it)."""
+    known = _ADDS_BOS.get(tok)
+    if known is None:
+        bos = tok.bos_token_id
+        known = bos is not None and len(tok("x", add_special_tokens=True)["input_ids"]) > len(
+            tok("x", add_special_tokens=False)["input_ids"]
+        )
+        _ADDS_BOS[tok] = known
+    return known
 
 
 def encode_prompt(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -49,14 +65,10 @@ def encode_prompt(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
 def encode_prompts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """`encode_prompt` of several texts in one tokenizer call."""
     encoded: list[list[int]] = tok(texts, add_special_tokens=False)["input_ids"]
-    bos = tok.bos_token_id
-    adds_bos = bos is not None and len(tok("x", add_special_tokens=True)["input_ids"]) > len(
-        tok("x", add_special_tokens=False)["input_ids"]
-    )
-    return [
-        [int(bos), *ids] if adds_bos and not (ids and ids[0] == bos) else list(ids)
-        for ids in encoded
-    ]
+    if not adds_bos(tok):
+        return [list(ids) for ids in encoded]
+    bos = int(tok.bos_token_id)
+    return [list(ids) if ids and ids[0] == bos else [bos, *ids] for ids in encoded]
 
 
 @dataclass(frozen=True)
@@ -72,14 +84,21 @@ class EncodedChoices:
 def encode_choices(tok: PreTrainedTokenizerBase, r: ChoiceRequest) -> EncodedChoices:
     """Tokens of a choice request, split as lm-eval's `_encode_pair` splits them: trailing
     whitespace of the context moves to the choice, `context + choice` is encoded whole, and the
-    choice's tokens are what follows the context's own token count."""
+    choice's tokens are what follows the context's own token count.
+
+    The context is encoded once; each choice is encoded only with the context's tail from its
+    last word boundary (see `context_tail`), whose tokens are checked to be the context's last
+    tokens: the head before it is the context's own tokens, shared by every choice."""
     context = r.prefix + r.query
     stripped = context.rstrip()
     moved = context[len(stripped) :]
-    ctx, *whole = encode_prompts(tok, [stripped, *(stripped + moved + c for c in r.choices)])
+    (ctx,) = encode_prompts(tok, [stripped])
     if not ctx:
         raise DiffbenchError("a choice request has an empty context and the model has no BOS token")
-    conts = [w[len(ctx) :] for w in whole]
+    tail, n_tail = context_tail(tok, stripped, ctx)
+    # lm-eval's split: whole[len(ctx):], whole = ctx[: len(ctx) - n_tail] + tail's encoding.
+    pieces = tok([tail + moved + c for c in r.choices], add_special_tokens=False)["input_ids"]
+    conts = [[int(t) for t in p[n_tail:]] for p in pieces]
     if any(not c for c in conts):
         raise DiffbenchError("a choice encodes to no tokens")
     end_tokens: list[int | None] = [None] * len(conts)
@@ -88,8 +107,25 @@ def encode_choices(tok: PreTrainedTokenizerBase, r: ChoiceRequest) -> EncodedCho
             i for i, c in enumerate(conts) for o in conts if len(o) > len(c) and o[: len(c)] == c
         }
         for i in sorted(extended):
-            end_tokens[i] = _end_token(tok, stripped + moved + r.choices[i], whole[i], r.end)
+            whole = ctx[: len(ctx) - n_tail] + list(pieces[i])
+            end_tokens[i] = _end_token(tok, stripped + moved + r.choices[i], whole, r.end)
     return EncodedChoices(ctx, conts, end_tokens)
+
+
+def context_tail(tok: PreTrainedTokenizerBase, context: str, ids: list[int]) -> tuple[str, int]:
+    """The context's tail that its choices are encoded with, and its token count: from the
+    start of the context's last word (a space or newline after a non-space character), where
+    a pre-tokenizer splits whatever follows, provided the tail alone encodes to the context's
+    last tokens (`ids`, the context's encoding); else the whole context (and BOS)."""
+    for cut in range(len(context) - 1, 0, -1):
+        if context[cut] in " \n" and not context[cut - 1].isspace():
+            tail = context[cut:]
+            alone = tok(tail, add_special_tokens=False)["input_ids"]
+            n = len(alone)
+            if 0 < n < len(ids) and ids[len(ids) - n :] == list(alone):
+                return tail, n
+            break
+    return context, len(ids) - int(adds_bos(tok) and bool(ids) and ids[0] == tok.bos_token_id)
 
 
 def _end_token(tok: PreTrainedTokenizerBase, text: str, ids: list[int], end: str) -> int:
