@@ -4,10 +4,13 @@
 `AttentionMaskInterface` (with transformers' own SDPA mask builder: a boolean mask, or none for an
 unpadded causal batch). Any model family whose attention modules call
 `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)` then runs it: Llama once
-per layer, DiffLlama twice per layer (the same Q, K and mask, the two halves of V). It computes
-eager attention in blocks of query rows, so no L x L matrix ever exists for a long sequence, and
-applies causality itself where no mask arrives (SDPA's `is_causal` path, upper-left aligned as SDPA
-aligns it). Nothing of the model's code is copied or patched.
+per layer, DiffLlama twice per layer (the same Q, K and mask, the two halves of V). Without
+quantization the output is transformers' own SDPA (what the model runs by default), and a probe
+reads the logits beside it: QK^T in blocks of query rows per KV head, each block reduced to
+statistics and dropped. With quantization it computes eager attention in blocks of query rows
+(every head at once). Either way no L x L matrix ever exists for a long sequence, and causality
+is applied where no mask arrives (SDPA's `is_causal` path, upper-left aligned as SDPA aligns it).
+Nothing of the model's code is copied or patched.
 
 On that function ride, per model (`attach`):
 - logit quantization (`Quantization`): symmetric absmax round-to-nearest quantization of the
