@@ -119,7 +119,7 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(cli, tiny_pair, tm
         "--tasks",
         "niah",
         "--set",
-        "niah.lengths=512,1024",
+        "niah.lengths=256,512",
         "--set",
         "niah.samples=2",
         "--models",
