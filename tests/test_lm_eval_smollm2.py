@@ -14,7 +14,7 @@ from diffbench.runner import RunConfig, run
 
 # CI runs this tier: 6 documents x 4 choices of a 2-shot prompt keep it to minutes (20 documents
 # 5-shot took about 20 on the shared 2-core machine, lm-eval's side alone 80 full 564-token passes).
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.models
 
 TASK = "diffbench_magic_mc"
 TASK_DIR = Path(__file__).resolve().parent.parent / "tasks" / "lm_eval_local"

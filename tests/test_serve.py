@@ -171,7 +171,7 @@ def test_judge_command_keeps_judged_rows_when_the_endpoint_goes_down(tmp_path: P
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["r0", "r1"]
 
 
-@pytest.mark.slow
+@pytest.mark.models
 def test_llm_judge_through_smollm2_served(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct is far too small to judge well: this checks the plumbing only."""
     server = _serve("smollm2", tmp_path, "smollm2")

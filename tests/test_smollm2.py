@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.models
 
 
 def test_smollm2_finds_single_needles_at_1k_and_2k_tokens(cli, tmp_path):
