@@ -15,7 +15,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,21 +93,32 @@ class Plan:
     problems: tuple[Problem, ...] = ()
 
 
-def prepare_tasks(cfg: RunConfig) -> dict[str, PreparedTask]:
-    """Load each task plugin and build its config; all bad options fail before any model loads."""
-    out = {}
-    for name in cfg.tasks:
-        task = registry.load(name)
-        presets = getattr(task, "presets", {})
-        out[name] = PreparedTask(
-            task, build_config(name, task.config_type, presets, cfg.task_options.get(name, {}))
-        )
+def prepare_task(name: str, options: dict[str, Any]) -> PreparedTask:
+    """Load a task plugin and build its config from `options` (bad options fail here)."""
+    task = registry.load(name)
+    presets = getattr(task, "presets", {})
+    return PreparedTask(task, build_config(name, task.config_type, presets, options))
+
+
+def check_task_options(cfg: RunConfig) -> None:
+    """Refuse options given for a task the run does not have."""
     unknown = set(cfg.task_options) - set(cfg.tasks)
     if unknown:
         raise DiffbenchError(
             f"options given for tasks not in this run: {', '.join(sorted(unknown))}"
         )
+
+
+def prepare_tasks(cfg: RunConfig) -> dict[str, PreparedTask]:
+    """Load each task plugin and build its config; all bad options fail before any model loads."""
+    out = {name: prepare_task(name, cfg.task_options.get(name, {})) for name in cfg.tasks}
+    check_task_options(cfg)
     return out
+
+
+def task_sources(p: PreparedTask) -> tuple[str, ...]:
+    """The hub datasets (bench/sources.py) a task's config reads (its optional `sources`)."""
+    return tuple(getattr(p.task, "sources", lambda _config: ())(p.config))
 
 
 def check_answers(
@@ -183,15 +194,14 @@ def resolve(cfg: RunConfig, suite: str | None = None, keep_going: bool = False) 
     if keep_going:
         prepared: dict[str, PreparedTask] = {}
         for name in cfg.tasks:
-            one = replace(cfg, tasks=(name,), task_options={name: cfg.task_options.get(name, {})})
-            prepared.update(attempt(name, "", partial(prepare_tasks, one)) or {})
-        unknown = ", ".join(sorted(set(cfg.task_options) - set(cfg.tasks)))
-        if unknown:
-            problems.append(Problem("", "", f"options given for tasks not in this run: {unknown}"))
+            one = attempt(name, "", partial(prepare_task, name, cfg.task_options.get(name, {})))
+            if one is not None:
+                prepared[name] = one
+        attempt("", "", partial(check_task_options, cfg))
     else:
         prepared = prepare_tasks(cfg)
     for name, p in prepared.items():
-        for source in getattr(p.task, "sources", lambda _config: ())(p.config):
+        for source in task_sources(p):
             attempt(name, "", partial(_check_cached, source))
     models = []
     for spec in cfg.models:
@@ -330,9 +340,7 @@ def dry_run(plan: Plan) -> int:
     rows, problems = estimate(plan)
     print(f"run directory: {plan.output}")
     print("models: " + ", ".join(f"{pm.spec.label}={pm.spec.spec}" for pm in plan.models))
-    named = {
-        s for p in plan.tasks.values() for s in getattr(p.task, "sources", lambda _c: ())(p.config)
-    }
+    named = {s for p in plan.tasks.values() for s in task_sources(p)}
     if named:
         from diffbench import sources
 
