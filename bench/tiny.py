@@ -1,4 +1,4 @@
-"""Tiny matched Llama / DiffLlama checkpoints: a trained BPE tokenizer and paired configs.
+"""Tiny matched Llama / DiffLlama / DIFF V2 checkpoints: a BPE tokenizer and matched configs.
 
 Used by the test suite (random-init pairs) and by scripts/train_pair.py (the shipped pair).
 The matching rule follows the paper: same layers, width, head dimension and parameter count.
@@ -6,13 +6,21 @@ transformers' DiffLlama counts `num_attention_heads` as the *baseline's* heads a
 i with head i + H/2 (V heads concatenated), so giving both configs the same head count, head dim
 and KV heads yields identical projection shapes: the DIFF model has H/2 differential heads of
 value width 2d, and 4 * head_dim extra lambda parameters per layer.
+
+DIFF V2 keeps the baseline's h heads of size d as its output heads; its query projection makes 2h
+heads and its lambda projection h values per token, (h * d + h) x hidden parameters more per
+layer than the baseline's attention. Its MLP gives them back: 3 x hidden parameters per unit of
+intermediate size, so the intermediate size shrinks by (h * d + h) / 3, rounded, and the totals
+match exactly when that division is exact (the shipped set's 128-wide layers: 256 -> 168).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from diffbench.modeling.diff_v2 import DiffV2Config, DiffV2ForCausalLM
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -93,21 +101,45 @@ def matched_configs(
     return LlamaConfig(**shared), DiffLlamaConfig(**shared)
 
 
+def v2_config(base: LlamaConfig) -> DiffV2Config:
+    """The DIFF V2 config matched to a Llama config: the same heads as its output heads, the MLP
+    narrowed by the extra query and lambda projections' parameters (module docstring)."""
+    h, d, width = base.num_attention_heads, base.head_dim, base.hidden_size
+    extra = (h * d + h) * width * base.num_hidden_layers
+    per_unit = 3 * width * base.num_hidden_layers
+    fields = base.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "dtype"):
+        fields.pop(key, None)
+    fields["intermediate_size"] = base.intermediate_size - round(extra / per_unit)
+    return DiffV2Config(**fields)
+
+
+# Each tiny model: its class and how its config derives from the pair's.
+ARCHITECTURES = {
+    "tiny-base": LlamaForCausalLM,
+    "tiny-diff": DiffLlamaForCausalLM,
+    "tiny-diff2": DiffV2ForCausalLM,
+}
+
+
+def tiny_configs(tokenizer: PreTrainedTokenizerFast, **config_kwargs: int) -> dict[str, Any]:
+    """The matched configs of tiny-base, tiny-diff and tiny-diff2, by name."""
+    base, diff = matched_configs(tokenizer, **config_kwargs)
+    return {"tiny-base": base, "tiny-diff": diff, "tiny-diff2": v2_config(base)}
+
+
 def save_random_pair(
     out_dir: Path, texts: Iterable[str], seed: int = 0, **config_kwargs: int
 ) -> dict[str, Path]:
-    """Random-init Llama and DiffLlama checkpoints sharing one tokenizer; returns their folders."""
+    """Random-init Llama, DiffLlama and DIFF V2 checkpoints sharing one tokenizer; returns their
+    folders by name (tiny-base, tiny-diff, tiny-diff2)."""
     import torch
 
     tokenizer = train_tokenizer(texts, vocab_size=512)
-    base_cfg, diff_cfg = matched_configs(tokenizer, **config_kwargs)
     paths = {}
-    for name, cls, cfg in (
-        ("tiny-base", LlamaForCausalLM, base_cfg),
-        ("tiny-diff", DiffLlamaForCausalLM, diff_cfg),
-    ):
+    for name, cfg in tiny_configs(tokenizer, **config_kwargs).items():
         torch.manual_seed(seed)
-        model = cls(cfg)
+        model = ARCHITECTURES[name](cfg)
         path = out_dir / name
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

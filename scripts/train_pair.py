@@ -51,14 +51,8 @@ from diffbench.store import RunStore, write_atomic
 from diffbench.tasks import hallucination, icl_datasets
 from diffbench.tasks.hallucination_data import generate as hallucination_data
 from diffbench.tasks.haystack import ANSWER_PREFIX, CITIES, NEEDLE, QUESTION, magic_number, sentence
-from diffbench.tiny import matched_configs, train_tokenizer
-from transformers import (
-    DiffLlamaForCausalLM,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    get_wsd_schedule,
-)
+from diffbench.tiny import ARCHITECTURES, tiny_configs, train_tokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, get_wsd_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 LN10 = math.log(10)
@@ -684,9 +678,20 @@ class Run:
     last_val: dict = field(default_factory=dict)
 
 
-def build_runs(preset: Preset, tokenizer: PreTrainedTokenizerFast, seed: int) -> list[Run]:
-    """The Llama baseline and the matched DiffLlama, identically seeded and optimized."""
-    base_cfg, diff_cfg = matched_configs(
+MODELS = tuple(ARCHITECTURES)  # tiny-base, tiny-diff, tiny-diff2
+KINDS = {
+    "tiny-base": ("Transformer (Llama)", "llama"),
+    "tiny-diff": ("Differential Transformer (DiffLlama)", "diffllama"),
+    "tiny-diff2": ("Differential Transformer V2 (DIFF V2)", "diff-v2"),
+}
+
+
+def build_runs(
+    preset: Preset, tokenizer: PreTrainedTokenizerFast, seed: int, names: tuple[str, ...] = MODELS
+) -> list[Run]:
+    """The Llama baseline and the matched DiffLlama and DIFF V2 (those in `names`), identically
+    seeded and optimized."""
+    configs = tiny_configs(
         tokenizer,
         hidden_size=preset.hidden_size,
         n_layers=preset.n_layers,
@@ -696,12 +701,9 @@ def build_runs(preset: Preset, tokenizer: PreTrainedTokenizerFast, seed: int) ->
         max_context=preset.final_len,
     )
     runs = []
-    for name, cls, cfg in (
-        ("tiny-base", LlamaForCausalLM, base_cfg),
-        ("tiny-diff", DiffLlamaForCausalLM, diff_cfg),
-    ):
+    for name in names:
         torch.manual_seed(seed)
-        model = cls(cfg)
+        model = ARCHITECTURES[name](configs[name])
         model.train()
         opt = torch.optim.AdamW(
             model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=preset.weight_decay
@@ -725,9 +727,17 @@ def wsd_schedule(
 
 
 def train(
-    preset: Preset, runs: list[Run], seg: SegmentLengths, seed: int, out: Path, resume: bool
+    preset: Preset,
+    runs: list[Run],
+    seg: SegmentLengths,
+    seed: int,
+    out: Path,
+    resume: bool,
+    expect_tokens: dict[int, int] | None = None,
 ) -> tuple[list[dict], list[int]]:
-    """Lockstep training of all runs on one batch stream; the logged rows and steps per stage."""
+    """Lockstep training of all runs on one batch stream; the logged rows and steps per stage.
+    `expect_tokens` (step -> tokens seen, from a set being joined) stops training at the first
+    logged step whose batch stream has diverged from it."""
     names = preset.intent_names
     rng = random.Random(seed)
     vrng = random.Random(seed + 10_000)
@@ -853,6 +863,12 @@ def train(
                     run.break_step = step
                     print(f"[{run.name}] answer loss broke below {BREAK_NATS} at step {step}")
             if step % preset.log_every == 0:
+                if expect_tokens is not None and expect_tokens.get(step, tokens) != tokens:
+                    raise SystemExit(
+                        f"error: at step {step} {tokens:,} tokens seen, the set saw "
+                        f"{expect_tokens[step]:,}: not the set's batch stream (other tokenizer, "
+                        "seed or preset)"
+                    )
                 for run in runs:
                     n = run.sums[3]
                     run.last_train = {
@@ -908,7 +924,8 @@ def write_curves(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".csv")
     with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # A set trained before a loss was logged has no column for it: the union, blank there.
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     Path(tmp).chmod(0o644)
@@ -920,7 +937,7 @@ def write_curves(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for name, colour in (("tiny-base", "tab:blue"), ("tiny-diff", "tab:red")):
+    for name, colour in zip(MODELS, ("tab:blue", "tab:red", "tab:green"), strict=True):
         for split, style in (("train", "-"), ("val", "o--")):
             rs = [r for r in rows if r["model"] == name and r["split"] == split]
             if not rs:
@@ -929,7 +946,7 @@ def write_curves(rows: list[dict], out: Path) -> None:
             kw = dict(color=colour, label=f"{name} {split}", markersize=3)
             axes[0].plot(x, [r["lm_loss"] for r in rs], style, **kw)
             axes[1].plot(x, [r["answer_loss"] for r in rs], style, **kw)
-            axes[2].plot(x, [r["label_loss"] for r in rs], style, **kw)
+            axes[2].plot(x, [r.get("label_loss", math.nan) for r in rs], style, **kw)
     axes[0].set_title("LM loss (all tokens)")
     axes[1].set_title("answer-digit loss (nats/digit)")
     axes[1].axhline(LN10, color="grey", lw=0.8, ls=":", label="chance (ln 10)")
@@ -1053,10 +1070,11 @@ def write_cards(
     evals: dict[tuple[str, str, str], float],
     icl: dict[tuple[str, int], float],
     out: Path,
+    joined: tuple[str, ...] = (),
 ) -> None:
     """Each saved folder's README.md (not part of a model's fingerprint), written atomically."""
     for run in runs:
-        card = model_card(run, runs, preset, preset_name, seed, steps, tokens, evals, icl)
+        card = model_card(run, runs, preset, preset_name, seed, steps, tokens, evals, icl, joined)
         write_atomic(out / run.name / "README.md", card)
 
 
@@ -1084,10 +1102,11 @@ def model_card(
     tokens: int,
     evals: dict[tuple[str, str, str], float],
     icl: dict[tuple[str, int], float],
+    joined: tuple[str, ...] = (),
 ) -> str:
     """A README.md describing recipe, data, matching rule and results of one checkpoint."""
-    base, diff = runs
-    kind = "Differential Transformer (DiffLlama)" if run is diff else "Transformer (Llama)"
+    kind, tag = KINDS[run.name]
+    names = " / ".join(f"`{r.name}`" for r in runs)
     stages = "\n".join(
         f"| {i} | {n} | {s.seq_len} | {s.batch_size} | {s.facts[0]}-{s.facts[1]} | "
         f"{s.questions[0]}-{s.questions[1]} | {s.classification:.0%} | {s.intents:.0%} | "
@@ -1120,13 +1139,39 @@ def model_card(
     pair = preset.eval_needles[0]
     first = [evals[(r.name, pair, "score")] for r in runs]
     learned = (
-        f"both retrieve the queried needle's number at context {preset.niah_len} ({pair} needles: "
+        f"all retrieve the queried needle's number at context {preset.niah_len} ({pair} needles: "
         f"score accuracy at least {min(first):.2f}), so a score near chance points at the "
         "harness, not the model"
         if min(first) >= 0.9
-        else f"NOT both retrieve reliably at context {preset.niah_len} ({pair} needles: score "
-        f"accuracy base {first[0]:.2f}, diff {first[1]:.2f}), so low scores may be the model's, "
-        "not the harness's"
+        else f"NOT all retrieve reliably at context {preset.niah_len} ({pair} needles: score "
+        "accuracy "
+        + ", ".join(f"{r.name} {a:.2f}" for r, a in zip(runs, first, strict=True))
+        + "), so low scores may be the model's, not the harness's"
+    )
+    h = preset.n_heads
+    params = ", ".join(f"{r.name} {n_params(r.model):,}" for r in runs)
+    mlp_note = " (DIFF V2: below)" if any(r.name == "tiny-diff2" for r in runs) else ""
+    v2 = next((r for r in runs if r.name == "tiny-diff2"), None)
+    v2_rule = (
+        f"""
+
+DIFF V2 (`tiny-diff2`, `diffbench.modeling.diff_v2`) keeps the baseline's {h} heads of
+{preset.head_dim} as its output heads: its query projection makes {2 * h} heads (heads 2i and
+2i+1 a pair in one GQA group), its lambda projection {h} values per token (lambda = sigmoid), and
+out_i = attn_2i - lambda_i attn_2i+1 goes through the baseline's o_proj shape. Those two
+projections add {(h * preset.head_dim + h) * preset.hidden_size:,} parameters per layer; its MLP
+gives them back (intermediate size {v2.model.config.intermediate_size} instead of
+{preset.intermediate_size}), so the attention differs and the budget does not."""
+        if v2 is not None
+        else ""
+    )
+    joined_note = "".join(
+        f"""
+- `{name}` joined the set later (`--join`): the set's own tokenizer, the same batch stream from
+  seed {seed}, the set's stage steps as recorded in training_curves.csv (no stage lengthened),
+  and the set's token counts checked at every logged step, so it saw exactly the batches the
+  others saw."""
+        for name in joined
     )
     niah_set = set_flags("niah", niah_options(preset))
     model_set = ", ".join(f"`{k}={v}`" for k, v in model_options(preset).items())
@@ -1135,10 +1180,9 @@ def model_card(
         if preset.niah_len > preset.final_len
         else ""
     )
-    h = preset.n_heads
     return f"""---
 library_name: transformers
-tags: [diffbench, tiny, {"diffllama" if run is diff else "llama"}, synthetic]
+tags: [diffbench, tiny, {tag}, synthetic]
 ---
 
 # {run.name}: tiny {kind} for diffbench
@@ -1146,12 +1190,12 @@ tags: [diffbench, tiny, {"diffllama" if run is diff else "llama"}, synthetic]
 A {n_params(run.model):,}-parameter {kind} trained from scratch on a procedural retrieval
 curriculum (needle retrieval, many-shot intent episodes, document QA and summaries) by
 `scripts/train_pair.py --preset {preset_name} --seed {seed}`. It ships with
-diffbench as one half of a matched pair (`tiny-base` / `tiny-diff`) so the harness's tasks run
+diffbench as one of a matched set ({names}) so the harness's tasks run
 end to end on a CPU with models that *can* retrieve. It is a test fixture, not a language model.
 
 ## Matching rule
-Both models have {preset.n_layers} layers, hidden size {preset.hidden_size}, MLP size
-{preset.intermediate_size}, `num_attention_heads = num_key_value_heads = {h}`, head dim
+All models have {preset.n_layers} layers, hidden size {preset.hidden_size}, MLP size
+{preset.intermediate_size}{mlp_note}, `num_attention_heads = num_key_value_heads = {h}`, head dim
 {preset.head_dim}, vocab {run.model.config.vocab_size}, untied embeddings, RoPE, context
 {preset.final_len}. transformers' DiffLlama counts `num_attention_heads` as the *baseline's*
 heads: Q/K head i is paired with head i + {h // 2}, and the values of the pair are concatenated,
@@ -1159,13 +1203,15 @@ so it has {h // 2} differential heads of value width {2 * preset.head_dim} and p
 matrices of exactly the baseline's shapes. This is the paper's rule (DIFF heads = Transformer
 heads / 2, same width and head dimension, parameter count matched). The only extra parameters
 are the 4 x {preset.head_dim} lambda vectors per layer ({4 * preset.head_dim * preset.n_layers}
-in total): tiny-base {n_params(base.model):,} vs tiny-diff {n_params(diff.model):,} parameters.
+in total).{v2_rule}
 
-## Training (identical for both models)
+Parameters: {params}.
+
+## Training (identical for every model)
 - Tokenizer: byte-level BPE (`diffbench.tiny.train_tokenizer`) trained on generated text,
   digits split one per token, so a 7-digit number is always 7 tokens. No chat template.
-- Data order: one batch stream (seed {seed}); both models consume the same batches in the same
-  order (in lockstep, or with `--parallel` in two processes that generate the identical stream).
+- Data order: one batch stream (seed {seed}); every model consumes the same batches in the same
+  order (in lockstep, or with `--parallel` in processes generating the same stream).{joined_note}
 - Optimizer: AdamW, lr {preset.lr}, betas (0.9, 0.95), weight decay {preset.weight_decay},
   grad-norm clip 1.0. Schedule: `transformers.get_wsd_schedule`, {preset.warmup_steps} warmup
   steps, constant, cosine decay to {preset.min_lr_ratio} x lr over the last {preset.decay_steps}
@@ -1239,7 +1285,7 @@ of the generated intents with their own names as labels (chance
 {icl_rows}
 
 ## What a score on this pair means
-The pair is matched in everything but the attention mechanism; {learned}. A diffbench task run
+The set is matched in everything but the attention mechanism; {learned}. A diffbench task run
 on it checks the harness end to end and gives a small, noisy signal about DIFF vs Transformer
 behaviour on *in-distribution* synthetic retrieval. It says nothing about natural language,
 knowledge or the paper's scale: contexts beyond {preset.final_len} tokens are out of
@@ -1280,7 +1326,7 @@ def train_one(args: argparse.Namespace, preset: Preset) -> int:
     if not tok_dir.is_dir():
         raise SystemExit(f"error: no tokenizer at {tok_dir}; --only is started by --parallel")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    runs = [r for r in build_runs(preset, tokenizer, args.seed) if r.name == args.only]
+    runs = build_runs(preset, tokenizer, args.seed, (args.only,))
     work = child_dir(args.out, args.only)
     work.mkdir(parents=True, exist_ok=True)
     rows, steps = train(preset, runs, SegmentLengths(tokenizer), args.seed, work, args.resume)
@@ -1301,7 +1347,7 @@ def train_parallel(
     The caller has checked the preset (`check_parallel`) before training the tokenizer."""
     if not (args.out / TOKENIZER_DIR).is_dir():
         tokenizer.save_pretrained(args.out / TOKENIZER_DIR)
-    runs = build_runs(preset, tokenizer, args.seed)
+    runs = build_runs(preset, tokenizer, args.seed, args.names)
     procs = {}
     for run in runs:
         if args.resume and (child_dir(args.out, run.name) / "result.pt").exists():
@@ -1337,6 +1383,86 @@ def train_parallel(
     return runs, rows, steps
 
 
+# ---------------------------------------------------------------------------------------------
+# Joining a trained set: another model on the same tokenizer, batch stream and stage steps.
+
+CURVE_INTS = ("step", "stage", "seq_len", "tokens_seen")
+
+
+def read_curves(out: Path) -> list[dict]:
+    """OUT/training_curves.csv's rows, numbers parsed."""
+    path = out / "training_curves.csv"
+    if not path.is_file():
+        raise SystemExit(f"error: --join needs a trained set in {out}: no {path.name} there")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("model", "split"):
+                r[k] = int(v) if k in CURVE_INTS else float(v or "nan")
+    return rows
+
+
+def stage_steps(rows: list[dict], n_stages: int) -> list[int]:
+    """Steps per stage as the set trained them (a stage's last logged row ends it)."""
+    ends = [max((r["step"] for r in rows if r["stage"] == si), default=0) for si in range(n_stages)]
+    return [e - (ends[i - 1] if i else 0) for i, e in enumerate(ends)]
+
+
+def card_record(card: Path, name: str) -> tuple[int | None, float]:
+    """A trained model's break step and training minutes, from its card's results row."""
+    for line in card.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == name and len(cells) == 6:
+            return (None if cells[4] == "never" else int(cells[4])), float(cells[5]) * 60
+    raise SystemExit(f"error: {card} has no results row for {name}")
+
+
+def join(args: argparse.Namespace, preset: Preset, names: tuple[str, ...]) -> int:
+    """`--join`: train `names` beside the set in OUT on its tokenizer, batch stream and stage
+    steps; merge the curves; check and describe the whole set."""
+    out: Path = args.out
+    set_rows = read_curves(out)
+    present = tuple(m for m in MODELS if m not in names and any(r["model"] == m for r in set_rows))
+    if not present:
+        raise SystemExit(f"error: {out} holds no trained model besides {', '.join(names)}")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / present[0])
+    steps = stage_steps(set_rows, len(preset.stages))
+    preset = replace(
+        preset,
+        stages=tuple(
+            replace(s, steps=n, max_extra_steps=0)
+            for s, n in zip(preset.stages, steps, strict=True)
+        ),
+    )
+    expect = {r["step"]: r["tokens_seen"] for r in set_rows if r["model"] == present[0]}
+    t0 = time.time()
+    print(f"joining {', '.join(names)} to {', '.join(present)}: stages {steps}", flush=True)
+    runs = build_runs(preset, tokenizer, args.seed, names)
+    rows, _ = train(preset, runs, SegmentLengths(tokenizer), args.seed, out, args.resume, expect)
+    save_pair(runs, tokenizer, preset, out)
+    order = {m: i for i, m in enumerate(MODELS)}
+    merged = [r for r in set_rows if r["model"] not in names] + rows
+    merged.sort(key=lambda r: (r["step"], r["split"] != "train", order[r["model"]]))
+    write_curves(merged, out)
+    # The set's models, as the cards describe them: weights from their folders, losses from the
+    # curves, break step and minutes from their cards.
+    for run in (kept := build_runs(preset, tokenizer, args.seed, present)):
+        run.model = ARCHITECTURES[run.name].from_pretrained(out / run.name)
+        for split in ("train", "val"):
+            last = [r for r in set_rows if r["model"] == run.name and r["split"] == split][-1]
+            setattr(run, f"last_{split}", {k: last.get(k, math.nan) for k in LOSS_KEYS})
+        run.break_step, run.seconds = card_record(out / run.name / "README.md", run.name)
+    every = sorted([*kept, *runs], key=lambda r: order[r.name])
+    evals, icl = evaluate([r.name for r in every], preset, out)
+    tokens = rows[-1]["tokens_seen"]
+    write_cards(every, preset, args.preset, args.seed, steps, tokens, evals, icl, out, names)
+    for run in runs:
+        print(f"{run.name}: {n_params(run.model):,} params, break step {run.break_step}")
+    print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -1352,14 +1478,32 @@ def main(argv: list[str] | None = None) -> int:
         help="train the two models in two processes of one thread each (same batches, same "
         "pair; about twice as fast on two cores)",
     )
-    ap.add_argument("--only", choices=("tiny-base", "tiny-diff"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated models to train (default: {','.join(MODELS)})",
+    )
+    ap.add_argument(
+        "--join",
+        action="store_true",
+        help="train --models beside the set already in OUT: its tokenizer, its batch stream and "
+        "stage steps (OUT/training_curves.csv), curves merged, the check and cards over the set",
+    )
+    ap.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    names = args.names = tuple(m for m in args.models.split(",") if m)
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        bad = ", ".join(unknown) or "empty"
+        ap.error(f"--models: unknown {bad}; choose from {', '.join(MODELS)}")
     preset = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.only:
         return train_one(args, preset)
+    if args.join:
+        return join(args, preset, names)
     if args.parallel:
         check_parallel(preset)
     t0 = time.time()
@@ -1381,7 +1525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel:
         runs, rows, steps = train_parallel(args, preset, tokenizer)
     else:
-        runs = build_runs(preset, tokenizer, args.seed)
+        runs = build_runs(preset, tokenizer, args.seed, args.names)
         rows, steps = train(preset, runs, SegmentLengths(tokenizer), args.seed, out, args.resume)
     print(", ".join(f"{r.name} {n_params(r.model):,} params" for r in runs), flush=True)
     tokens = rows[-1]["tokens_seen"]

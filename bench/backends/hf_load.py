@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import diffbench.modeling  # noqa: F401  (registers DIFF V2 with the Auto classes)
 import torch
 from diffbench.api import ModelInfo
 from diffbench.backends import probes
