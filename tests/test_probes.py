@@ -1,4 +1,4 @@
-"""Probes inside the HF backend, on real tiny Llama and DiffLlama checkpoints: activation
+"""Probes inside the HF backend, on real tiny Llama, DiffLlama and DIFF V2 checkpoints: activation
 statistics against an independent eager computation, logit quantization, attention allocation."""
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def eager_logits(b: HFBackend, ids: list[int]) -> list[torch.Tensor]:
             q = attn.q_proj(h).view(shape).transpose(1, 2)
             k = attn.k_proj(h).view(shape).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA (DIFF V2: 2h queries)
             logits = (q @ k.transpose(2, 3))[0] * attn.head_dim**-0.5
             out.append(logits[:, causal])
     return out
@@ -145,7 +146,7 @@ def test_streaming_top_k_equals_torch_topk_and_the_histogram_median_is_within_it
     assert math.isclose(summary_kurtosis(merged), kurt, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff", "tiny-diff2"])
 def test_a_padded_batch_gives_each_text_the_statistics_it_has_alone(tiny_pair, arch):
     b = backend(tiny_pair[arch])
     long, short = ActivationRequest(text(3, 600)), ActivationRequest(text(4, 200))
@@ -174,7 +175,7 @@ def scores(b: HFBackend) -> tuple[list, list, list]:
     )
 
 
-@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff"])
+@pytest.mark.parametrize("arch", ["tiny-base", "tiny-diff", "tiny-diff2"])
 def test_logit_bits_16_leaves_every_score_bit_identical_and_4_bits_change_them(tiny_pair, arch):
     plain = scores(backend(tiny_pair[arch]))
     assert scores(backend(tiny_pair[arch], logit_bits=16)) == plain

@@ -27,6 +27,11 @@ DiffLlama pairs Q/K head h with head h + H/2 (the first call's probabilities of 
 are softmax1, of [H/2, H) softmax2; see `DiffLlamaAttention.forward`): logit maps "1" and "2"
 are those head halves, "both" all heads. Its second call per layer is recognised by its Q and K
 being the very tensors of the first, and counted once.
+
+DIFF V2 (`diffbench.modeling.diff_v2`) makes one call per layer over 2h query heads, heads 2i and
+2i+1 a pair: map "1" is the even heads, "2" the odd ones. Its lambda is per token and head, so
+the allocation probe reads it from the model (a forward hook on the layer's `lambda_sigmoid`,
+which runs before the attention call) instead of re-deriving it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 import torch
 from diffbench.api import ACTIVATION_TYPES, HIST_BINS_PER_OCTAVE, ZERO_BIN, ActivationSummary
 from diffbench.errors import DiffbenchError
+from diffbench.modeling.diff_v2 import DiffV2Attention
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -224,8 +230,26 @@ class Probe:
 
 
 def is_diff(module: torch.nn.Module) -> bool:
-    """Whether an attention module is differential (DiffLlama: lambda parameters, lambda_init)."""
+    """Whether an attention module is DIFF V1 (DiffLlama: lambda parameters, lambda_init)."""
     return hasattr(module, "lambda_init") and hasattr(module, "lambda_q1")
+
+
+def diff_maps(module: torch.nn.Module, heads: slice, n_heads: int) -> dict[str, slice]:
+    """A differential layer's logit maps "1" and "2" among the block of heads `heads` of
+    `n_heads`, as slices of the block (V1: the first and second half of the heads; V2: the even
+    and the odd heads); {"": every head} for a Transformer layer."""
+    if isinstance(module, DiffV2Attention):
+        first = heads.start % 2  # the block's first even head
+        return {"1": slice(first, None, 2), "2": slice(1 - first, None, 2)}
+    if not is_diff(module):
+        return {"": slice(None)}
+    half = n_heads // 2
+    maps = {}
+    for name, (lo, hi) in {"1": (0, half), "2": (half, n_heads)}.items():
+        first, last = max(lo, heads.start), min(hi, heads.stop)
+        if first < last:
+            maps[name] = slice(first - heads.start, last - heads.start)
+    return maps
 
 
 def diff_lambda(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -270,10 +294,7 @@ class ActivationProbe(Probe):
             return
         b = logits.shape[0]
         layer = int(getattr(module, "layer_idx", -1))
-        if is_diff(module):
-            halves = {"1": (0, n_heads // 2), "2": (n_heads // 2, n_heads)}
-        else:
-            halves = {"": (0, n_heads)}
+        maps = diff_maps(module, heads, n_heads)
         for row in range(b):
             part = logits[row]
             hidden = masked.rows(row)
@@ -285,12 +306,10 @@ class ActivationProbe(Probe):
             # Masked positions are zeros (the attention zeroed them) that the accumulator is told
             # to discount: cheaper than gathering the causal positions of every block.
             n_masked = int(hidden.sum()) if hidden is not None else 0
-            for name, (lo, hi) in halves.items():
-                first, last = max(lo, heads.start), min(hi, heads.stop)
-                if first < last:
-                    values = part[first - heads.start : last - heads.start]
-                    acc = self._acc(self.logit_stats, (row, layer, name))
-                    acc.add(values, n_masked * (last - first))
+            for name, block_heads in maps.items():
+                values = part[block_heads]
+                acc = self._acc(self.logit_stats, (row, layer, name))
+                acc.add(values, n_masked * values.shape[0])
 
     def hidden(self, layer: int, output: torch.Tensor) -> None:
         """A decoder layer's output (B, L, D) over each sequence's real tokens."""
@@ -326,7 +345,9 @@ class AllocationProbe(Probe):
     the differential map (softmax1_i - lambda softmax2_i) / (1 - lambda): it then sums to 1 over
     the keys, as a softmax does, and positive minus negative mass over every key is 1. Where
     lambda >= 1 (within LAMBDA_GUARD) dividing would flip or blow up the map: the layer keeps
-    softmax1_i - lambda softmax2_i, and a line in `warnings` says so."""
+    softmax1_i - lambda softmax2_i, and a line in `warnings` says so. DIFF V2 the same per output
+    head i, with softmax_{2i}, softmax_{2i+1} and the last token's own lambda_i (`lambdas`, read
+    from the model)."""
 
     def __init__(self, spans: torch.Tensor) -> None:
         super().__init__()
@@ -334,6 +355,12 @@ class AllocationProbe(Probe):
         self.masses: dict[int, list[float]] = {}
         self.negative: dict[int, list[float]] = {}
         self.warnings: list[str] = []
+        # DIFF V2: layer -> the last token's lambda per output head, as the model computed it.
+        self.lambdas: dict[int, torch.Tensor] = {}
+
+    def lambda_(self, layer: int, lam: torch.Tensor) -> None:
+        """A DIFF V2 layer's lambda (B, L, h), as its forward computed it."""
+        self.lambdas[layer] = lam[0, -1].detach().float()
 
     def wants_probs(self, rows: slice, n_rows: int) -> bool:
         return rows.stop == n_rows
@@ -341,7 +368,17 @@ class AllocationProbe(Probe):
     def probs(self, module: torch.nn.Module, probs: torch.Tensor, rows: slice, n_rows: int) -> None:
         last = probs[0, :, -1, :].float()  # (H, keys): batch of one, the prompt's last token
         layer = int(getattr(module, "layer_idx", -1))
-        if is_diff(module):
+        if isinstance(module, DiffV2Attention):
+            lam = self.lambdas[layer].to(last.device)[:, None]  # (h, 1)
+            last = last[0::2] - lam * last[1::2]
+            ok = lam < 1 - LAMBDA_GUARD
+            last = torch.where(ok, last / torch.where(ok, 1 - lam, 1.0), last)
+            if not bool(ok.all()):
+                self.warnings.append(
+                    f"layer {layer}: lambda >= 1 in {int((~ok).sum())} heads, whose differential "
+                    "maps are not divided by 1 - lambda (they do not sum to 1)"
+                )
+        elif is_diff(module):
             h = last.shape[0]
             lam = float(diff_lambda(module, torch.float32))
             last = last[: h // 2] - lam * last[h // 2 :]
@@ -642,6 +679,14 @@ def probing(model: PreTrainedModel, probe: Probe) -> Iterator[Probe]:
                 probe.hidden(i, output[0] if isinstance(output, tuple) else output)
 
             hooks.append(layer.register_forward_hook(hook))
+    if isinstance(probe, AllocationProbe):
+        for module in model.modules():
+            if isinstance(module, DiffV2Attention):
+
+                def read(_m: Any, _a: Any, lam: Any, layer: int = module.layer_idx) -> None:
+                    probe.lambda_(layer, lam)
+
+                hooks.append(module.lambda_sigmoid.register_forward_hook(read))
     try:
         yield probe
     finally:
@@ -678,6 +723,7 @@ __all__ = [
     "check_routed",
     "decoder_layers",
     "diff_lambda",
+    "diff_maps",
     "probing",
     "token_span_mask",
 ]
