@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import random
+import shutil
 import subprocess
 import sys
 import types
@@ -43,14 +44,15 @@ def test_smoke_training_loss_goes_down(smoke_run: Path) -> None:
     with (smoke_run / "training_curves.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert (smoke_run / "training_curves.png").stat().st_size > 0
-    for model in ("tiny-base", "tiny-diff"):
+    for model in ("tiny-base", "tiny-diff", "tiny-diff2"):
         train = [float(r["lm_loss"]) for r in rows if r["model"] == model and r["split"] == "train"]
         assert len(train) >= 2
         assert train[-1] < train[0]
 
 
 @pytest.mark.parametrize(
-    ("name", "model_type"), [("tiny-base", "llama"), ("tiny-diff", "diffllama")]
+    ("name", "model_type"),
+    [("tiny-base", "llama"), ("tiny-diff", "diffllama"), ("tiny-diff2", "diff_v2")],
 )
 @pytest.mark.slow
 def test_smoke_checkpoint_loads_and_runs_forward(
@@ -77,13 +79,14 @@ def test_smoke_niah_numbers_are_the_harness_runs(smoke_train: tuple[Path, str]) 
     assert {m["architecture"] for m in run["models"].values()} == {
         "LlamaForCausalLM",
         "DiffLlamaForCausalLM",
+        "DiffV2ForCausalLM",
     }
     niah = run["config"]["tasks"]["niah"]
     assert niah["mode"] == "both" and niah["lengths"] == [256]
     with (run_dir / "metrics.csv").open() as f:
         overall = [r for r in csv.DictReader(f) if r["depth"] == "all"]
-    # Two models x two N/R settings x two modes, each an average over niah's five depths.
-    assert len(overall) == 8 and {r["n"] for r in overall} == {"5"}
+    # Three models x two N/R settings x two modes, each an average over niah's five depths.
+    assert len(overall) == 12 and {r["n"] for r in overall} == {"5"}
     acc = {
         (r["model"], f"{r['needles']}/{r['queries']}", r["mode"]): float(r["value"])
         for r in overall
@@ -185,6 +188,14 @@ def test_smoke_pair_is_matched(smoke_run: Path) -> None:
     assert n_diff - n_base == 4 * cfg.head_dim * cfg.num_hidden_layers
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
         assert getattr(base.config, key) == getattr(cfg, key)
+    # DIFF V2: the same output heads; its extra query and lambda projections paid by its MLP.
+    v2 = AutoModelForCausalLM.from_pretrained(smoke_run / "tiny-diff2")
+    h, d, width = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+    assert v2.config.num_attention_heads == h and v2.config.head_dim == d
+    extra = (h * d + h) * width * cfg.num_hidden_layers
+    mlp = 3 * width * cfg.num_hidden_layers * (cfg.intermediate_size - v2.config.intermediate_size)
+    n_v2 = sum(p.numel() for p in v2.parameters())
+    assert n_v2 - n_base == extra - mlp and abs(extra - mlp) <= 3 * width * cfg.num_hidden_layers
 
 
 @pytest.mark.slow
@@ -194,7 +205,7 @@ def test_parallel_training_gives_the_lockstep_pair(smoke_run: Path, tmp_path: Pa
     out = tmp_path / "pair"
     cmd = [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--seed", "0"]
     subprocess.run([*cmd, "--parallel"], check=True, capture_output=True, text=True, timeout=600)
-    for name in ("tiny-base", "tiny-diff"):
+    for name in ("tiny-base", "tiny-diff", "tiny-diff2"):
         lockstep = AutoModelForCausalLM.from_pretrained(smoke_run / name).state_dict()
         parallel = AutoModelForCausalLM.from_pretrained(out / name).state_dict()
         assert lockstep.keys() == parallel.keys()
@@ -207,6 +218,54 @@ def test_parallel_training_gives_the_lockstep_pair(smoke_run: Path, tmp_path: Pa
     assert a == b
     # The two processes' folders and the shared tokenizer are gone once the pair is saved.
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".pair_check"]
+
+
+@pytest.mark.slow
+def test_a_model_joined_to_a_trained_set_is_the_one_lockstep_training_gives(
+    smoke_run: Path, tmp_path: Path
+) -> None:
+    """--join trains tiny-diff2 beside a trained pair on its tokenizer, batch stream and stage
+    steps: the weights are bit-for-bit those of the three trained together; the curves are
+    merged and every card describes the set."""
+    out = tmp_path / "set"
+    cmd = [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--seed", "0"]
+    run = dict(check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run([*cmd, "--models", "tiny-base,tiny-diff"], **run)  # type: ignore[call-overload]
+    assert not (out / "tiny-diff2").exists()
+    subprocess.run([*cmd, "--models", "tiny-diff2", "--join"], **run)  # type: ignore[call-overload]
+    lockstep = AutoModelForCausalLM.from_pretrained(smoke_run / "tiny-diff2").state_dict()
+    joined = AutoModelForCausalLM.from_pretrained(out / "tiny-diff2").state_dict()
+    for key, value in lockstep.items():
+        assert torch.equal(value, joined[key]), key
+    with (smoke_run / "training_curves.csv").open() as f, (out / "training_curves.csv").open() as g:
+        keep = ("model", "split", "step", "tokens_seen", "loss")
+        a = sorted(tuple(r[k] for k in keep) for r in csv.DictReader(f))
+        b = sorted(tuple(r[k] for k in keep) for r in csv.DictReader(g))
+    assert a == b
+    for name in ("tiny-base", "tiny-diff", "tiny-diff2"):
+        card = (out / name / "README.md").read_text()
+        assert "`tiny-base` / `tiny-diff` / `tiny-diff2`" in card
+        assert "`tiny-diff2` joined the set later (`--join`)" in card
+        assert sum(line.startswith("| tiny-diff2 | ") for line in card.splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_joining_with_another_seed_stops_at_the_first_logged_step(
+    smoke_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "set"
+    out.mkdir()
+    for name in ("tiny-base", "training_curves.csv"):
+        src = smoke_run / name
+        if src.is_dir():
+            shutil.copytree(src, out / name)
+        else:
+            shutil.copy(src, out / name)
+    cmd = [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--seed", "1"]
+    res = subprocess.run([*cmd, "--models", "tiny-diff2", "--join"], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "error: at step 5" in res.stderr and "not the set's batch stream" in res.stderr
+    assert not (out / "tiny-diff2").exists()
 
 
 def test_parallel_refuses_a_preset_that_extends_stages(monkeypatch: pytest.MonkeyPatch) -> None:
