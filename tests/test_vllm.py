@@ -1,8 +1,10 @@
 """The vLLM backend against the HF backend on the shipped tiny-base (Llama) and tiny-diff
-(DiffLlama, through the out-of-tree model): the same greedy continuations, the same choices and
-log-likelihoods within LOGPROB_TOL. Runs only where vLLM is installed (`make test-vllm`); the
-default environment skips the whole module. One engine per model for the module: a vLLM engine
-takes tens of seconds to start on a CPU."""
+(DiffLlama, through the out-of-tree model), on a random-init DIFF V2 (diffbench's own
+transformers model against the out-of-tree vLLM one) and on the shipped tiny-diff2 when its folder
+exists: the same greedy continuations, the same choices and log-likelihoods within LOGPROB_TOL.
+Runs only where vLLM is installed (`make test-vllm`); the default environment skips the whole
+module. One engine per model for the module: a vLLM engine takes tens of seconds to start on a
+CPU."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import diffbench
 import pytest
+from conftest import tokenizer_corpus
 from diffbench.api import (
     ActivationRequest,
     AttentionRequest,
@@ -24,6 +27,7 @@ from diffbench.api import (
 from diffbench.errors import DiffbenchError
 from diffbench.models import ModelSpec
 from diffbench.tasks import haystack
+from diffbench.tiny import save_random_pair
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make test-vllm` builds .venv-vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -37,13 +41,38 @@ SHIPPED = Path(diffbench.__file__).parent / "models"
 LOGPROB_TOL = 2e-4
 
 
-@pytest.fixture(scope="module", params=["tiny-base", "tiny-diff"])
-def pair(request: pytest.FixtureRequest) -> Iterator[tuple[HFBackend, VLLMBackend]]:
-    """The same shipped checkpoint on the HF backend and on the vLLM backend (float32)."""
+def _random_diff2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-init DIFF V2 checkpoint, as conftest's tiny_pair builds its models, with heads of
+    32 (vLLM's CPU attention runs head sizes from 32; DiffLlama's call runs 2 x 16)."""
+    folder = tmp_path_factory.mktemp("tiny-v2")
+    paths = save_random_pair(folder, tokenizer_corpus(), max_context=1024, head_dim=32)
+    return str(paths["tiny-diff2"])
+
+
+def _shipped_diff2() -> str:
+    """The shipped tiny-diff2's folder; skips while it is absent or not yet complete."""
+    folder = SHIPPED / "tiny-diff2"
+    if not (folder / "config.json").exists() or not list(folder.glob("*.safetensors")):
+        pytest.skip(f"{folder} is absent (scripts/train_pair.py trains it)")
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["tiny-base", "tiny-diff", "random-diff2", "tiny-diff2"])
+def pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[HFBackend, VLLMBackend]]:
+    """The same checkpoint on the HF backend and on the vLLM backend (float32): the shipped
+    tiny-base and tiny-diff (built-ins), a random-init DIFF V2, the shipped tiny-diff2."""
     name = request.param
-    hf = HFBackend.load(ModelSpec(name, name, {"dtype": "float32"}))
+    if name == "random-diff2":
+        location = _random_diff2(tmp_path_factory)
+    elif name == "tiny-diff2":
+        location = _shipped_diff2()
+    else:
+        location = name
+    hf = HFBackend.load(ModelSpec(name, location, {"dtype": "float32"}))
     vl = VLLMBackend.load(
-        ModelSpec(name, f"vllm:{name}", {"dtype": "float32", "enforce_eager": "true"})
+        ModelSpec(name, f"vllm:{location}", {"dtype": "float32", "enforce_eager": "true"})
     )
     yield hf, vl
     vl.close()
@@ -136,3 +165,15 @@ def test_bad_options_are_refused_before_loading():
         VLLMBackend.check(ModelSpec("m", "vllm:tiny-base", {"batch_size": "8"}))
     with pytest.raises(DiffbenchError, match="tensor_parallel_size"):
         VLLMBackend.check(ModelSpec("m", "vllm:tiny-base", {"tensor_parallel_size": "x"}))
+
+
+def test_plugin_registers_both_diff_architectures_and_the_v2_config():
+    from diffbench.backends.vllm import plugin
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    plugin.register()
+    plugin.register()  # vLLM calls it in every process, possibly more than once
+    archs = ModelRegistry.get_supported_archs()
+    assert {"DiffLlamaForCausalLM", "DiffV2ForCausalLM"} <= set(archs)
+    assert type(AutoConfig.for_model("diff_v2")).__name__ == "DiffV2Config"
