@@ -313,3 +313,28 @@ def test_the_icl_probe_finds_the_shipped_diff_binding_keys_to_numbers(tmp_path):
     # docs/pair_copy.md: tiny-diff copies the number that followed a repeated key (chance
     # 0.25); tiny-base copies a number, not the key's.
     assert acc["tiny-diff"]["keyed-digits"] >= 0.7 > acc["tiny-base"]["keyed-digits"]
+
+
+@pytest.mark.slow
+def test_the_default_presets_batch_stream_is_the_one_that_trained_the_shipped_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default preset regenerates the shipped set's batches: the same non-pad token counts
+    at every logged step through the first of stage 1, where the documents (and their summaries'
+    wording, which the task changed after the set was trained) enter the stream."""
+    train_pair = train_pair_module(monkeypatch)
+    from transformers import PreTrainedTokenizerFast
+
+    shipped = SCRIPT.parents[1] / "bench" / "models"
+    rows = train_pair.read_curves(shipped)
+    steps = train_pair.stage_steps(rows, 4)
+    through = steps[0] + 50  # two logged steps into stage 1
+    cut = [min(n, max(0, through - sum(steps[:i]))) for i, n in enumerate(steps)]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(shipped / "tiny-base")
+    seen = train_pair.stream_tokens(train_pair.PRESETS["default"], tokenizer, 0, cut)
+    want = {
+        r["step"]: r["tokens_seen"]
+        for r in rows
+        if r["model"] == "tiny-base" and r["split"] == "train" and r["step"] <= through
+    }
+    assert len(want) == through // 25 and seen == want

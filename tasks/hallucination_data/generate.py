@@ -182,8 +182,20 @@ def tempting_rows(rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
-def summary_rows(rng: random.Random) -> list[dict[str, str]]:
-    """News-style reports of invented events with a one-sentence reference summary."""
+# The one-sentence reference summary. "drew" repeats the document's own verb, as the overlap
+# judge needs (it counts every content word as a fact); "attended" is the wording before that
+# change, which the shipped tiny models trained on (scripts/train_pair.py keeps their stream).
+SUMMARY_REFERENCES = {
+    "drew": "The {event} in {town} drew {crowd} people; {person} said it cost {cost} thousand "
+    "pounds.",
+    "attended": "{crowd} people attended the {event} in {town}, which {person} said cost {cost} "
+    "thousand pounds.",
+}
+
+
+def summary_rows(rng: random.Random, reference: str = "drew") -> list[dict[str, str]]:
+    """News-style reports of invented events with a one-sentence reference summary, worded as
+    SUMMARY_REFERENCES[reference]."""
     rows = []
     for i in range(PER_FILE):
         town, event, person = rng.choice(TOWNS), rng.choice(EVENTS), rng.choice(PEOPLE)
@@ -198,11 +210,11 @@ def summary_rows(rng: random.Random) -> list[dict[str, str]]:
             rng.choice(FILLER),
             f"{person.split()[0]} thanked the volunteers and said a second phase may follow.",
         ])  # fmt: skip
-        # The document's own verb: the overlap judge counts every content word as a fact.
-        reference = (f"The {event} in {town} drew {crowd} people; {person} said it cost "
-                     f"{cost} thousand pounds.")  # fmt: skip
+        text = SUMMARY_REFERENCES[reference].format(
+            event=event, town=town, crowd=crowd, person=person, cost=cost
+        )
         rows.append({"id": f"summary-{i:02d}", "document": document, "question": "",
-                     "reference": reference})  # fmt: skip
+                     "reference": text})  # fmt: skip
     return rows
 
 
