@@ -80,14 +80,17 @@ class Quantization:
         """`logits` (B, H, rows, keys) rounded, in place, to the grid of their row's (or
         row-head's) absmax over the `allowed` keys (None: every key, or masked keys already 0)."""
         levels = 2 ** (self.bits - 1) - 1
-        visible = logits.abs() if allowed is None else logits.abs().masked_fill(~allowed, 0)
-        # One reduction over keys, then heads: amax over (1, 3) at once is a strided reduction.
-        scale = visible.amax(dim=3, keepdim=True)
+        visible = logits if allowed is None else logits.masked_fill(~allowed, 0)
+        # max |x| as max(-min, max): one read of the block, where abs() then amax() wrote a copy
+        # and read it. One reduction over keys, then heads: amax over (1, 3) at once is strided.
+        low, high = torch.aminmax(visible, dim=3, keepdim=True)
+        scale = torch.maximum(low.neg_(), high)
         if self.mode == "tensor":
             scale = scale.amax(dim=1, keepdim=True)
         scale = scale.div_(levels)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return logits.div_(scale).round_().clamp_(-levels, levels).mul_(scale)
+        # |x| / scale <= levels up to one rounding, so round() stays within +-levels: no clamp.
+        return logits.div_(scale).round_().mul_(scale)
 
 
 def check_quantization(label: str, bits: int, mode: str) -> None:
