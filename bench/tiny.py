@@ -104,7 +104,8 @@ def matched_configs(
 def v2_config(base: LlamaConfig) -> DiffV2Config:
     """The DIFF V2 config matched to a Llama config: the same heads as its output heads, the MLP
     narrowed by the extra query and lambda projections' parameters (module docstring)."""
-    h, d, width = base.num_attention_heads, base.head_dim, base.hidden_size
+    h, width = base.num_attention_heads, base.hidden_size
+    d = int(base.head_dim or width // h)
     extra = (h * d + h) * width * base.num_hidden_layers
     per_unit = 3 * width * base.num_hidden_layers
     fields = base.to_dict()

@@ -372,10 +372,10 @@ class AllocationProbe(Probe):
         last = probs[0, :, -1, :].float()  # (H, keys): batch of one, the prompt's last token
         layer = int(getattr(module, "layer_idx", -1))
         if isinstance(module, DiffV2Attention):
-            lam = self.lambdas[layer].to(last.device)[:, None]  # (h, 1)
-            last = last[0::2] - lam * last[1::2]
-            ok = lam < 1 - LAMBDA_GUARD
-            last = torch.where(ok, last / torch.where(ok, 1 - lam, 1.0), last)
+            lams = self.lambdas[layer].to(last.device)[:, None]  # (h, 1)
+            last = last[0::2] - lams * last[1::2]
+            ok = lams < 1 - LAMBDA_GUARD
+            last = torch.where(ok, last / torch.where(ok, 1 - lams, 1.0), last)
             if not bool(ok.all()):
                 self.warnings.append(
                     f"layer {layer}: lambda >= 1 in {int((~ok).sum())} heads, whose differential "

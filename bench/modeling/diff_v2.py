@@ -21,7 +21,7 @@ output rows ordered head by head (head 2i then 2i+1). docs/diff-v2.md has the co
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -49,7 +49,7 @@ class DiffV2Config(LlamaConfig):
     def validate_architecture(self) -> None:
         """Refuse head counts that would split a pair across GQA groups."""
         super().validate_architecture()
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads}) so that query heads 2i and "
@@ -65,14 +65,16 @@ class DiffV2Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
+        # Set by the config's __post_init__ (typed optional there).
+        self.head_dim = int(config.head_dim or config.hidden_size // config.num_attention_heads)
         self.num_heads = config.num_attention_heads
-        self.num_key_value_groups = 2 * config.num_attention_heads // config.num_key_value_heads
+        n_kv = int(config.num_key_value_heads or self.num_heads)
+        self.num_key_value_groups = 2 * self.num_heads // n_kv
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         bias = config.attention_bias
-        width, kv = config.hidden_size, config.num_key_value_heads * self.head_dim
+        width, kv = config.hidden_size, n_kv * self.head_dim
         self.q_proj = nn.Linear(width, 2 * self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(width, kv, bias=bias)
         self.v_proj = nn.Linear(width, kv, bias=bias)
@@ -135,7 +137,7 @@ class DiffV2Model(LlamaModel):
     """Llama's decoder stack with DIFF V2 layers."""
 
     config_class = DiffV2Config
-    _no_split_modules: ClassVar[list[str]] = ["DiffV2DecoderLayer"]
+    _no_split_modules = ["DiffV2DecoderLayer"]  # noqa: RUF012 (transformers' own type)
     _can_record_outputs = _RECORDED
 
     def __init__(self, config: DiffV2Config) -> None:
@@ -150,7 +152,7 @@ class DiffV2ForCausalLM(LlamaForCausalLM):
     """DIFF V2 with a language-modelling head (Llama's)."""
 
     config_class = DiffV2Config
-    _no_split_modules: ClassVar[list[str]] = ["DiffV2DecoderLayer"]
+    _no_split_modules = ["DiffV2DecoderLayer"]  # noqa: RUF012 (transformers' own type)
     _can_record_outputs = _RECORDED
 
     def __init__(self, config: DiffV2Config) -> None:

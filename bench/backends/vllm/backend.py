@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import diffbench.modeling  # noqa: F401  (DIFF V2's config for AutoConfig, read before vLLM starts)
 from diffbench.api import (
     Backend,
     ChoiceRequest,
