@@ -9,6 +9,8 @@ CPU."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +179,26 @@ def test_plugin_registers_both_diff_architectures_and_the_v2_config():
     archs = ModelRegistry.get_supported_archs()
     assert {"DiffLlamaForCausalLM", "DiffV2ForCausalLM"} <= set(archs)
     assert type(AutoConfig.for_model("diff_v2")).__name__ == "DiffV2Config"
+
+
+FRESH_LOAD = """
+import sys
+from diffbench.backends.vllm.backend import VLLMBackend
+from diffbench.models import ModelSpec
+options = {"dtype": "float32", "enforce_eager": "true"}
+VLLMBackend.load(ModelSpec("v2", "vllm:" + sys.argv[1], options)).close()
+print("loaded")
+"""
+
+
+def test_a_v2_checkpoint_loads_on_vllm_in_a_fresh_process(tmp_path_factory):
+    # The backend reads config.json through AutoConfig before vLLM (and its plugin) start: the
+    # fresh process must know diff_v2 from importing the backend alone.
+    res = subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, _random_diff2(tmp_path_factory)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "loaded"
