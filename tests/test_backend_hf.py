@@ -82,25 +82,42 @@ def test_pruned_and_greedy_searches_agree_with_naive_scoring(tiny_pair, arch, me
 
 
 @pytest.mark.parametrize("method", ["best", "greedy", "full"])
-def test_first_tokens_in_the_query_pass_save_passes_and_change_nothing(
+def test_trie_nodes_in_the_query_pass_save_passes_and_change_nothing(
     tiny_pair, method, monkeypatch
 ):
-    def scored(lookahead: int) -> tuple[list, int]:
-        monkeypatch.setattr(hf_score, "LOOKAHEAD_MAX", lookahead)
+    def scored(ahead: bool) -> tuple[list, int]:
+        if not ahead:
+            monkeypatch.setattr(hf_score, "lookahead", lambda trie, method: [])
         b = backend(tiny_pair["tiny-diff"])
         passes = []
         b.model.register_forward_pre_hook(lambda *_: passes.append(1))
         return b.score_choices(label_requests(method)), len(passes)
 
-    without, n_without = scored(0)
-    with_, n_with = scored(32)
+    with_, n_with = scored(True)
+    without, n_without = scored(False)
     assert [s.chosen for s in with_] == [s.chosen for s in without]
     for w, wo in zip(with_, without, strict=True):
         assert [x is None for x in w.logprobs] == [x is None for x in wo.logprobs]
         pairs = zip(w.logprobs, wo.logprobs, strict=True)
         assert all(x is None or abs(x - y) < 1e-4 for x, y in pairs)
-    # `full` expands every internal node in one pass anyway; the searches save theirs.
-    assert n_with < n_without if method != "full" else n_with <= n_without
+    assert n_with < n_without
+
+
+def test_the_lookahead_takes_what_each_search_expands_next():
+    # Labels of 2-3 tokens under two first tokens, plus one of one token in the second trie.
+    two = ChoiceTrie([[5, 1], [5, 2], [6, 1, 3], [6, 1, 4], [7, 2]])
+    internal = [i for i in range(1, len(two.nodes)) if two.nodes[i].children]
+    first = [i for i in internal if two.nodes[i].parent == ROOT]
+    assert hf_score.lookahead(two, "full") == internal
+    assert hf_score.lookahead(two, "greedy") == first
+    assert hf_score.lookahead(two, "best") == internal  # within LOOKAHEAD_MAX: all of it
+    one = ChoiceTrie([[9]] + [[k, j] for k in range(10, 50) for j in (1, 2)])
+    # A one-token choice bounds the search: speculation stops at LOOKAHEAD_MAX nodes.
+    assert len(hf_score.lookahead(one, "best")) == hf_score.LOOKAHEAD_MAX
+    no_single = ChoiceTrie([[k, j] for k in range(10, 50) for j in (1, 2)])
+    # Without one, every first-level node is expanded next: all 40 ride along.
+    assert len(hf_score.lookahead(no_single, "best")) == 40
+    assert hf_score.lookahead(no_single, "greedy") == []
 
 
 def test_best_first_search_leaves_unpromising_labels_uncomputed(tiny_pair):

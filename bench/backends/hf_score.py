@@ -8,9 +8,8 @@ cache; each request's rest of the context extends it, and all of the request's c
 scored in *one* forward pass as a token tree (each choice attends to the cached context and to
 its own earlier tokens through a 4-D additive mask, with positions restarting after the query),
 after which the cache is cropped back to the prefix. No cache is ever copied, and only the
-positions that are scored reach the LM head. The query's own pass also carries the choices'
-distinct first tokens (up to LOOKAHEAD_MAX), so a label search that needs the second token of a
-few labels usually needs no pass of its own for it.
+positions that are scored reach the LM head. The query's own pass also carries trie nodes the
+search is likely to expand (`lookahead`), so a label search usually needs no pass of its own.
 """
 
 from __future__ import annotations
@@ -32,9 +31,38 @@ from diffbench.backends.tokens import (
 from diffbench.backends.trie import ROOT, ChoiceTrie, Method, search_pair_passes
 from diffbench.errors import DiffbenchError
 
-# Most choices' first tokens that ride along in a query's pass; more would cost more compute than
-# the pass they save (a CPU pass over a cached context costs about as much as ~30 new tokens).
+# Most trie nodes that ride along in a query's pass on speculation; more would cost more compute
+# than the pass they may save (a CPU pass over a cached context costs about as much as ~30 new
+# tokens). Nodes the search surely expands next ride along whatever their number.
 LOOKAHEAD_MAX = 32
+
+
+def lookahead(trie: ChoiceTrie, method: Method) -> list[int]:
+    """Internal trie nodes (parents first) whose next-token log-probabilities the query's pass
+    computes beside it, held until the search asks for them (so the search, and every score it
+    reports, is the same as without them).
+
+    `full` expands every internal node: all of them. `best` expands every first-level internal
+    node next unless a one-token choice already bounds it: those, then deeper nodes breadth
+    first while the total stays within LOOKAHEAD_MAX. `greedy` expands one node per level: the
+    first level only, and only within LOOKAHEAD_MAX."""
+    nodes = trie.nodes
+    internal = [i for i in range(1, len(nodes)) if nodes[i].children]  # parents first
+    first = [i for i in internal if nodes[i].parent == ROOT]
+    if method == "full":
+        return internal
+    if method == "greedy":
+        return first if len(first) <= LOOKAHEAD_MAX else []
+    # A one-token choice is complete once the root is expanded: it bounds the first level.
+    bounded = any(nodes[i].ends for i in nodes[ROOT].children.values())
+    sure = [] if bounded else first
+    chosen = set(sure)
+    for i in internal:
+        if len(chosen) >= LOOKAHEAD_MAX:
+            break
+        if i not in chosen and (nodes[i].parent == ROOT or nodes[i].parent in chosen):
+            chosen.add(i)
+    return [i for i in internal if i in chosen]
 
 
 def score_choices(m: HFModel, requests: Sequence[ChoiceRequest]) -> list[ChoiceScores]:
@@ -96,13 +124,9 @@ def _score_shared(
         query, choices = e.context[n_prefix:], e.choices
         trie = ChoiceTrie(choices, e.end_tokens)
         n_context = len(e.context)
-        # The query's pass also runs the choices' first tokens (each seeing the query and
-        # itself), so the trie's first level is known without a pass of its own. Those
-        # results are held back and handed to the search only when it asks for them: the
-        # search, and so every score it reports, is the same as without them.
-        ahead = [i for i in trie.nodes[ROOT].children.values() if trie.nodes[i].children]
-        if not query or len(ahead) > LOOKAHEAD_MAX:
-            ahead = []
+        # The query's pass also runs trie nodes the search will likely expand (each seeing the
+        # query and its own path), held back until the search asks for them.
+        ahead = lookahead(trie, method) if query else []
         held: dict[int, dict[int, float]] = {}
         if query and not ahead:  # a plain causal pass: no mask to build, however long
             step = m.model(
@@ -114,16 +138,18 @@ def _score_shared(
             trie.expand(ROOT, _children_logprobs(step.logits[0, -1], trie, ROOT))
         elif query:
             n_q = len(query)
+            row = {i: n_q + k for k, i in enumerate(ahead)}
             visible = [list(range(r + 1)) for r in range(n_q)]
-            visible += [[*range(n_q), n_q + k] for k in range(len(ahead))]
+            visible += [[*range(n_q), *(row[a] for a in trie.path(i))] for i in ahead]
             logits = _tree_pass(
                 m,
                 cache,
                 n_prefix,
                 query + [trie.nodes[i].token for i in ahead],
                 visible,
-                [n_prefix + r for r in range(n_q)] + [n_context] * len(ahead),
-                [n_q - 1] + [n_q + k for k in range(len(ahead))],
+                [n_prefix + r for r in range(n_q)]
+                + [n_context + trie.nodes[i].depth - 1 for i in ahead],
+                [n_q - 1] + [row[i] for i in ahead],
             )
             trie.expand(ROOT, _children_logprobs(logits[0], trie, ROOT))
             held = {i: _children_logprobs(logits[1 + k], trie, i) for k, i in enumerate(ahead)}
