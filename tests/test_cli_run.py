@@ -98,16 +98,17 @@ def test_default_run_dir_of_the_default_suite_is_short_stable_and_follows_the_co
 
     first = run_dir()
     assert first.parent == Path("results") and len(str(first)) < 60, first
-    assert re.fullmatch(r"default__tiny-base\+tiny-diff__[0-9a-f]{10}", first.name), first
+    shipped = "tiny-base+tiny-diff+tiny-diff2"
+    assert re.fullmatch(rf"default__{re.escape(shipped)}__[0-9a-f]{{10}}", first.name), first
     assert run_dir() == first  # the same command resumes the same directory
     reseeded = run_dir("--seed", "7")
-    assert reseeded != first and reseeded.name.startswith("default__tiny-base+tiny-diff__")
+    assert reseeded != first and reseeded.name.startswith(f"default__{shipped}__")
     # A copy of the suite is named after its file; the same identity keeps the same hash.
     (tmp_path / "paper.yaml").write_text(DEFAULT_SUITE.read_text(encoding="utf-8"))
     copy = run_dir("--config", "paper.yaml")
     assert copy.name == first.name.replace("default__", "paper__", 1)
     assert run_dir("--tasks", "niah,icl,nll,zeroshot").name.startswith(
-        "niah+icl+nll+1more__tiny-base+tiny-diff__"
+        f"niah+icl+nll+1more__{shipped}__"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["paper.yaml"]  # nothing written
 
@@ -208,15 +209,16 @@ def test_list_shows_tasks_options_metrics_and_builtin_models(cli):
     assert not [line for line in res.stdout.splitlines() if "tiny-" in line and "[not" in line]
 
 
-def test_run_without_models_evaluates_the_shipped_pair(cli, tmp_path):
+def test_run_without_models_evaluates_the_shipped_set(cli, tmp_path):
     out = tmp_path / "run"
     res = cli("run", "--tasks", "niah", "--limit", "1", "--set", "niah.depths=50",
               "--output", str(out), "--no-report")  # fmt: skip
     assert res.returncode == 0, res.stderr
     run = json.loads((out / "run.json").read_text())
-    assert set(run["models"]) == {"tiny-diff", "tiny-base"}
+    assert set(run["models"]) == {"tiny-diff", "tiny-base", "tiny-diff2"}
     assert run["models"]["tiny-diff"]["architecture"] == "DiffLlamaForCausalLM"
     assert run["models"]["tiny-base"]["architecture"] == "LlamaForCausalLM"
+    assert run["models"]["tiny-diff2"]["architecture"] == "DiffV2ForCausalLM"
     # The default NIAH grid fits inside the pair's training context.
     assert run["models"]["tiny-diff"]["max_context"] >= max(
         run["config"]["tasks"]["niah"]["lengths"]

@@ -14,7 +14,7 @@ from diffbench.models import ModelSpec
 from diffbench.store import RunStore
 
 SUITE = yaml.safe_load(DEFAULT_SUITE.read_text(encoding="utf-8"))
-PAIR = ("tiny-base", "tiny-diff")
+PAIR = ("tiny-base", "tiny-diff", "tiny-diff2")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_the_default_suite_covers_every_task_family_of_the_paper() -> None:
 
 
 @pytest.mark.slow
-def test_the_default_suite_with_limit_writes_rows_for_every_task_and_both_models(
+def test_the_default_suite_with_limit_writes_rows_for_every_task_and_all_three_models(
     limited_run: Path,
 ) -> None:
     metrics = RunStore(limited_run).metrics()

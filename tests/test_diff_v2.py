@@ -226,3 +226,24 @@ def test_v2_allocation_uses_the_models_own_lambda_per_head(tiny_pair):
         pos, neg = diff.clamp(min=0).mean(0), (-diff).clamp(min=0).mean(0)
         assert math.isclose(mass.masses[layer][0], float(pos[1:].sum()), abs_tol=1e-5)
         assert math.isclose(mass.negative[layer][0], float(neg[1:].sum()), abs_tol=1e-5)
+
+
+def test_niah_attention_and_outliers_write_rows_for_base_v1_and_v2(tmp_path):
+    from conftest import run_cli
+    from diffbench.store import RunStore
+
+    models = "base=tiny-base,v1=tiny-diff,v2=tiny-diff2"
+    sets = ["--set", "niah.mode=attention", "--set", "niah.lengths=512",
+            "--set", "outliers.tokens=1024"]  # fmt: skip
+    res = run_cli(tmp_path, "run", "--tasks", "niah,outliers", "--models", models, *sets,
+                  "--limit", "1", "--output", "run", "-q")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = RunStore(tmp_path / "run").metrics()
+    for task in ("niah", "outliers"):
+        assert set(metrics[metrics["task"] == task]["model"]) == {"base", "v1", "v2"}, task
+    attention = metrics[(metrics["task"] == "niah") & (metrics["mode"] == "attention")]
+    assert set(attention["model"]) == {"base", "v1", "v2"}
+    negative = attention[attention["metric"] == "attention_negative"]
+    assert set(negative[negative["value"] > 0]["model"]) <= {"v1", "v2"}
+    outliers = metrics[metrics["task"] == "outliers"]
+    assert {"1", "2"} <= set(outliers[outliers["model"] == "v2"]["map"].astype(str))

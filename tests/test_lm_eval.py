@@ -134,9 +134,11 @@ def test_generation_with_until_equals_lm_evals_hf_model(task_dir, tmp_path):
     assert sum(s["exact_match"] for s in theirs) > 0  # the tiny DIFF model does retrieve
 
 
-def test_diffbench_as_an_lm_eval_model_matches_the_run_task(task_dir):
-    """The LM adapter, driven by lm-eval's own evaluator, gives the numbers diffbench's runner
-    gives; backend options pass through `--model_args` unchanged."""
+@pytest.mark.parametrize("model", ["tiny-base", "tiny-diff2"])
+def test_diffbench_as_an_lm_eval_model_matches_the_run_task(task_dir, model):
+    """The LM adapter, driven by lm-eval's own evaluator, gives the numbers lm-eval's own HF
+    model gives (DIFF V2 included, which transformers knows once diffbench is imported); backend
+    options pass through `--model_args` unchanged."""
     from diffbench.lm_eval import DiffbenchLM, register
     from lm_eval import simple_evaluate
     from lm_eval.api.registry import get_model
@@ -144,12 +146,12 @@ def test_diffbench_as_an_lm_eval_model_matches_the_run_task(task_dir):
 
     register()
     assert get_model("diffbench") is DiffbenchLM
-    lm = DiffbenchLM.create_from_arg_string("model=tiny-base,prefix_cache=False,batch_size=2")
+    lm = DiffbenchLM.create_from_arg_string(f"model={model},prefix_cache=False,batch_size=2")
     assert lm.backend.options.prefix_cache is False
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=[MC], task_manager=manager, limit=6,
                           bootstrap_iters=0, log_samples=True)  # fmt: skip
-    theirs = lm_eval_own(MC, task_dir, MODELS_DIR / "tiny-base", limit=6)
+    theirs = lm_eval_own(MC, task_dir, MODELS_DIR / model, limit=6)
     ours = sorted(out["samples"][MC], key=lambda s: s["doc_id"])
     for a, b in zip(ours, theirs, strict=True):
         la = [float(r[0]) for r in a["filtered_resps"]]
@@ -303,3 +305,10 @@ def test_an_lm_eval_task_is_found_without_importing_lm_eval_and_holds_only_its_n
     assert state == ["description", "lm_name", "name"]
     assert config == ["bootstrap_iters", "include_path", "limit", "num_fewshot", "preset"]
     assert imported == []
+
+
+def test_the_lm_eval_command_runs_the_shipped_diff_v2(task_dir, tmp_path):
+    res = run_cli(tmp_path, "lm-eval", "--model", "diffbench", "--model_args", "model=tiny-diff2",
+                  "--tasks", MC, "--include_path", str(task_dir), "--limit", "4")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert MC in res.stdout and "acc" in res.stdout
