@@ -20,17 +20,13 @@ holds whole pairs with their lambdas: tensor_parallel_size must divide h.
 from __future__ import annotations
 
 import torch
+from diffbench.backends.vllm.projections import llama_projections
 from torch import nn
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import (
-    ColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
+from vllm.model_executor.layers.linear import ColumnParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.v1.attention.backend import AttentionType
 
@@ -84,15 +80,11 @@ class DiffV2Attention(nn.Module):
         self.q_size = 2 * self.num_heads * d
         self.kv_size = self.num_kv_heads * d
 
-        self.qkv_proj = QKVParallelLinear(
-            hidden_size=hidden_size,
-            head_size=d,
-            total_num_heads=2 * num_heads,
-            total_num_kv_heads=num_kv_heads,
-            bias=bias,
-            quant_config=quant_config,
-            prefix=f"{prefix}.qkv_proj",
-        )
+        # 2h query heads; o_proj from the h output heads.
+        self.qkv_proj, self.o_proj, self.rotary_emb = llama_projections(
+            config, hidden_size, d, 2 * num_heads, num_kv_heads, num_heads,
+            max_position_embeddings, quant_config, bias, bias_o_proj, prefix,
+        )  # fmt: skip
         self.lambda_proj = ColumnParallelLinear(
             input_size=hidden_size,
             output_size=num_heads,
@@ -100,19 +92,6 @@ class DiffV2Attention(nn.Module):
             gather_output=False,
             quant_config=quant_config,
             prefix=f"{prefix}.lambda_proj",
-        )
-        self.o_proj = RowParallelLinear(
-            input_size=num_heads * d,
-            output_size=hidden_size,
-            bias=bias_o_proj,
-            quant_config=quant_config,
-            prefix=f"{prefix}.o_proj",
-        )
-        self.rotary_emb = get_rope(
-            d,
-            max_position=max_position_embeddings,
-            rope_parameters=getattr(config, "rope_parameters", None),
-            is_neox_style=True,
         )
         self.attn = Attention(
             2 * self.num_heads,

@@ -24,13 +24,12 @@ import math
 from collections.abc import Iterable
 
 import torch
+from diffbench.backends.vllm.projections import llama_projections
 from torch import nn
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
@@ -99,28 +98,10 @@ class DiffLlamaAttention(nn.Module):
         self.lambda_init = lambda_init_fn(layer_idx)
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
 
-        self.qkv_proj = QKVParallelLinear(
-            hidden_size=hidden_size,
-            head_size=d,
-            total_num_heads=num_heads,
-            total_num_kv_heads=num_kv_heads,
-            bias=bias,
-            quant_config=quant_config,
-            prefix=f"{prefix}.qkv_proj",
-        )
-        self.o_proj = RowParallelLinear(
-            input_size=num_heads * d,
-            output_size=hidden_size,
-            bias=bias_o_proj,
-            quant_config=quant_config,
-            prefix=f"{prefix}.o_proj",
-        )
-        self.rotary_emb = get_rope(
-            d,
-            max_position=max_position_embeddings,
-            rope_parameters=getattr(config, "rope_parameters", None),
-            is_neox_style=True,
-        )
+        self.qkv_proj, self.o_proj, self.rotary_emb = llama_projections(
+            config, hidden_size, d, num_heads, num_kv_heads, num_heads,
+            max_position_embeddings, quant_config, bias, bias_o_proj, prefix,
+        )  # fmt: skip
         self.attn = Attention(
             self.num_heads,
             2 * d,
