@@ -87,7 +87,7 @@ def test_unreachable_hub_dataset_is_one_clear_line(
     assert "prefetch it: hf download --repo-type dataset EdinburghNLP/xsum" in str(err.value)
 
 
-def test_default_run_with_the_overlap_judge_on_the_shipped_pair(tmp_path: Path) -> None:
+def test_default_run_with_the_overlap_judge_on_the_shipped_set(tmp_path: Path) -> None:
     res = run_cli(
         tmp_path,
         "run",
@@ -103,7 +103,7 @@ def test_default_run_with_the_overlap_judge_on_the_shipped_pair(tmp_path: Path) 
     assert res.returncode == 0, res.stderr
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     rates = metrics[metrics["metric"] == "hallucination_free"]
-    assert set(rates["model"]) == {"tiny-base", "tiny-diff"} and len(rates) == 6
+    assert set(rates["model"]) == {"tiny-base", "tiny-diff", "tiny-diff2"} and len(rates) == 9
     assert set(metrics["metric"]) == {"hallucination_free", "support", "rouge_l", "unparseable"}
     assert (tmp_path / "run" / "figures" / "hallucination_hallucination_free.png").is_file()
     samples = pd.read_json(

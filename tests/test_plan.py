@@ -90,11 +90,11 @@ def test_problems_shared_by_models_are_said_once():
     assert lines == ["niah on a, b: too long", "model c: no weights", "icl: no dataset"]
 
 
-def test_dry_run_of_a_prompt_beyond_the_context_is_one_line_for_both_models(cli, tmp_path):
+def test_dry_run_of_a_prompt_beyond_the_context_is_one_line_for_all_models(cli, tmp_path):
     res = cli("run", "--tasks", "niah", "--set", "niah.lengths=4096", "--dry-run")
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
-        "diffbench: error: niah on tiny-base, tiny-diff: niah length 4096 is beyond the model's "
-        "maximum context of 1024 tokens; lower --set niah.lengths"
+        "diffbench: error: niah on tiny-base, tiny-diff, tiny-diff2: niah length 4096 is beyond "
+        "the model's maximum context of 1024 tokens; lower --set niah.lengths"
     ]
     assert "task  model" in res.stdout and not (tmp_path / "results").exists()

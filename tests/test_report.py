@@ -272,6 +272,7 @@ def sweep_suite_run(basetemp: Path) -> Path:
     """The default suite in small: NIAH's attention rows on the shipped pair (two lengths, depths
     0 and 100, N/R 1/1 and 2/2), and zeroshot under a logit_bits sweep of 16 and 4 scoped to it
     (--sweep-tasks). Made once per test session."""
+    pair = ("--models", "tiny-base=tiny-base,tiny-diff=tiny-diff")
     sets = [
         *("--set", "niah.mode=attention", "--set", "niah.lengths=192,256"),
         *("--set", "niah.depths=0,100", "--set", "niah.needles=1/1,2/2", "--set", "niah.samples=2"),
@@ -279,7 +280,7 @@ def sweep_suite_run(basetemp: Path) -> Path:
         *("--set", "zeroshot.facts=1,2"),
     ]
     sweep = ("--sweep", "logit_bits=16,4", "--sweep-tasks", "zeroshot")
-    return cached_run(basetemp, "sweep-suite", "--tasks", "niah,zeroshot", *sweep, *sets)
+    return cached_run(basetemp, "sweep-suite", "--tasks", "niah,zeroshot", *pair, *sweep, *sets)
 
 
 @pytest.fixture(scope="module")
