@@ -115,7 +115,7 @@ def v2_config(base: LlamaConfig) -> DiffV2Config:
     return DiffV2Config(**fields)
 
 
-# Each tiny model: its class and how its config derives from the pair's.
+# Each tiny model's class (its config: tiny_configs).
 ARCHITECTURES = {
     "tiny-base": LlamaForCausalLM,
     "tiny-diff": DiffLlamaForCausalLM,

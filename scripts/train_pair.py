@@ -1159,8 +1159,8 @@ def model_card(
     )
     h = preset.n_heads
     params = ", ".join(f"{r.name} {n_params(r.model):,}" for r in runs)
-    mlp_note = " (DIFF V2: below)" if any(r.name == "tiny-diff2" for r in runs) else ""
     v2 = next((r for r in runs if r.name == "tiny-diff2"), None)
+    mlp_note = " (DIFF V2: below)" if v2 is not None else ""
     v2_rule = (
         f"""
 
